@@ -1,0 +1,251 @@
+//! The command line: every option, its environment variable, and the manual that `--help` prints.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ABOUT: &str = "Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.";
+
+const LONG_ABOUT: &str = "\
+Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.
+
+nginx-graceful is the container ENTRYPOINT: it runs nginx as its child, is a correct PID 1 (it
+reaps every zombie) and turns the kubelet's SIGTERM into an ordered drain instead of nginx's fast
+shutdown, which cuts requests in flight.
+
+Every option can also be set through an environment variable, named after the option:
+--grace-period is NGINX_GRACEFUL_GRACE_PERIOD. Durations read like 500ms, 5s, 1m30s.";
+
+const RUN_AFTER_HELP: &str = "\
+THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
+  0s       readiness fails: GET /readyz answers 503
+  0s       keep-alive clients are told to close: every response carries `Connection: close`
+           (needs the snippet nginx-conf/graceful-drain.conf in your config)
+  0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
+  then     --propagation-delay: nginx keeps serving new connections while the endpoint removal
+           reaches every kube-proxy, ingress and load balancer
+  then     SIGQUIT to the nginx master; requests in flight finish, and the supervisor waits for
+           the master and every worker (old generations from reloads too)
+  G - M    the budget runs out (G = --grace-period, M = --safety-margin): SIGTERM to the master
+  G - M/2  SIGKILL to every nginx process left; the supervisor exits before the kubelet's SIGKILL
+
+SIGNALS:
+  SIGTERM          the drain above; a repeated SIGTERM is logged and changes nothing
+  SIGINT           the same drain; a second SIGINT skips what is left of the propagation delay
+  SIGQUIT          the drain without the propagation delay
+  SIGHUP           reload: `nginx -t` first; a config that fails the test is not loaded
+  SIGUSR1/USR2/WINCH  forwarded to the nginx master
+
+EXIT CODES:
+  0    nginx quit cleanly within the budget
+  3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
+  10   the drain plan does not fit in --grace-period
+  11   the nginx binary (or COMMAND) cannot be started
+  12   the nginx config fails `nginx -t`
+  13   the runtime directory cannot be used
+  14   the health address cannot be bound
+  70   internal error
+  other  nginx exited on its own: its exit code, or 128 + the signal that killed it
+
+EXAMPLES:
+  nginx-graceful run
+      nginx with the bundled config on port 8080, health on 8081; Ctrl-C shows the drain
+  nginx-graceful run --grace-period 60s -- nginx -g 'daemon off;'
+      your own nginx, for a pod with terminationGracePeriodSeconds: 60";
+
+#[derive(Debug, Parser)]
+#[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run nginx as a child and drain it in order on SIGTERM (the container ENTRYPOINT).
+    #[command(after_long_help = RUN_AFTER_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log format: `text` for a terminal, `json` (one object per line) for containers.
+    #[arg(
+        long,
+        global = true,
+        env = "NGINX_GRACEFUL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Least severe level logged: error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "NGINX_GRACEFUL_LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The drain budget; `drain` will share these with `run`.
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// The pod's terminationGracePeriodSeconds: the whole drain, hooks included, must end within it.
+    #[arg(long, env = "NGINX_GRACEFUL_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// How long nginx keeps accepting new connections after the drain starts, while the endpoint
+    /// removal reaches every kube-proxy, ingress and load balancer.
+    #[arg(long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub propagation_delay: Duration,
+
+    /// Kept free at the end of the grace period: SIGTERM goes to nginx at grace-period minus this,
+    /// SIGKILL at grace-period minus half of it, so the supervisor exits before the kubelet kills it.
+    #[arg(long, env = "NGINX_GRACEFUL_SAFETY_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    pub safety_margin: Duration,
+
+    /// A command run at the start of the drain, before the propagation delay, e.g. to deregister
+    /// from nacos, consul or eureka. Split like a shell would, but run without one: write
+    /// `sh -c '...'` for pipes or variables. Repeatable; hooks run in order; a failing hook is
+    /// logged and the drain goes on. In the variable, one command per line.
+    #[arg(long = "pre-drain-exec", value_name = "CMD", env = "NGINX_GRACEFUL_PRE_DRAIN_EXEC", value_delimiter = '\n', value_parser = parse_hook)]
+    pub pre_drain_exec: Vec<Vec<String>>,
+
+    /// How long each --pre-drain-exec hook may run before it is killed.
+    #[arg(long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub pre_drain_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    /// Where /healthz (liveness) and /readyz (readiness) are served, or `off`.
+    #[arg(long, env = "NGINX_GRACEFUL_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    pub health_listen: HealthListen,
+
+    /// Directory for what the supervisor creates at run time: the drain flag, the bundled config,
+    /// a lock. Two supervisors on one host need two directories.
+    #[arg(
+        long,
+        env = "NGINX_GRACEFUL_RUNTIME_DIR",
+        default_value = "/run/nginx-graceful"
+    )]
+    pub runtime_dir: PathBuf,
+
+    /// Address the bundled config listens on (only without COMMAND).
+    #[arg(long, env = "NGINX_GRACEFUL_LISTEN", default_value = "8080")]
+    pub listen: String,
+
+    /// The command to supervise; default: nginx in the foreground with the bundled config.
+    /// Give nginx `-g 'daemon off;'` so that it stays in the foreground.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthListen {
+    Off,
+    On(SocketAddr),
+}
+
+impl FromStr for HealthListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::On)
+            .map_err(|_| format!("`{s}` is not an address like 0.0.0.0:8081, nor `off`"))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s or 1m30s ({e})"))
+}
+
+fn parse_hook(s: &str) -> Result<Vec<String>, String> {
+    let argv = shell_words::split(s).map_err(|e| format!("cannot split `{s}`: {e}"))?;
+    if argv.is_empty() {
+        return Err("an empty command".into());
+    }
+    Ok(argv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_read_like_a_person_writes_them() {
+        for (text, ms) in [
+            ("5s", 5000),
+            ("1m30s", 90_000),
+            ("500ms", 500),
+            ("0s", 0),
+            (" 2s ", 2000),
+        ] {
+            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+        }
+        for bad in ["", "5", "five seconds", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hooks_are_split_like_a_shell_but_not_run_by_one() {
+        assert_eq!(
+            parse_hook("curl -X DELETE 'http://nacos/v1?ip=1 2'").unwrap(),
+            ["curl", "-X", "DELETE", "http://nacos/v1?ip=1 2"]
+        );
+        assert_eq!(parse_hook("sh -c 'a; b'").unwrap(), ["sh", "-c", "a; b"]);
+        assert!(parse_hook("  ").is_err());
+        assert!(parse_hook("echo 'unclosed").is_err());
+    }
+
+    #[test]
+    fn health_listen_takes_an_address_or_off() {
+        assert_eq!("off".parse(), Ok(HealthListen::Off));
+        assert_eq!(
+            "127.0.0.1:9".parse(),
+            Ok(HealthListen::On("127.0.0.1:9".parse().unwrap()))
+        );
+        assert!("8081".parse::<HealthListen>().is_err());
+    }
+
+    #[test]
+    fn every_option_has_an_environment_variable() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        for arg in run.get_arguments().chain(cmd.get_arguments()) {
+            let id = arg.get_id().as_str();
+            if ["command", "help", "version"].contains(&id) {
+                continue;
+            }
+            let expected = format!("NGINX_GRACEFUL_{}", id.to_uppercase());
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(expected.as_str()),
+                "--{id}"
+            );
+        }
+    }
+}

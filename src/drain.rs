@@ -1,0 +1,237 @@
+//! The ordered drain: readiness, keep-alive flag, hooks, propagation delay, SIGQUIT, wait,
+//! escalation. One implementation, whoever asked for the drain.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::sync::Notify;
+use tokio::time::sleep_until;
+
+use crate::hooks;
+use crate::keepalive::KeepAliveFlag;
+use crate::nginx::connections;
+use crate::nginx::pidfd::{PidFd, Processes};
+use crate::nginx::tree::ProcessTable;
+use crate::phase::{Phase, Phases};
+use crate::plan::DrainPlan;
+use crate::reaper::Reaper;
+
+/// How often, at most, a drain reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Which processes are nginx's: every process named like the master below `root`.
+#[derive(Debug, Clone)]
+pub struct NginxTree {
+    /// The supervisor (for `run`: orphaned workers are reparented to it) or the master itself.
+    pub root: i32,
+    pub include_root: bool,
+    /// The master's command name; a hook's leftover `sleep` below the supervisor is not nginx.
+    pub comm: String,
+}
+
+impl NginxTree {
+    /// Tracks every nginx process not tracked yet; returns how many were added.
+    pub fn track(&self, processes: &mut Processes) -> usize {
+        let Ok(table) = ProcessTable::read() else {
+            return 0;
+        };
+        let mut seen = table.descendants(self.root);
+        if self.include_root {
+            seen.extend(table.get(self.root));
+        }
+        seen.into_iter()
+            .filter(|stat| stat.comm == self.comm && processes.track(stat))
+            .count()
+    }
+}
+
+pub struct Drain<'a> {
+    pub plan: &'a DrainPlan,
+    pub phases: &'a Phases,
+    pub reaper: &'a Reaper,
+    pub flag: &'a KeepAliveFlag,
+    pub master: &'a PidFd,
+    pub tree: NginxTree,
+    /// Notified to cut the propagation delay short (a second Ctrl-C).
+    pub skip_delay: &'a Notify,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// The budget ran out and nginx was stopped by SIGTERM or SIGKILL.
+    pub escalated: bool,
+    pub connections_at_quit: usize,
+    pub killed: usize,
+    pub elapsed: Duration,
+}
+
+impl Drain<'_> {
+    /// Runs the whole drain; `started` is when the trigger arrived, where the budget starts.
+    pub async fn run(self, started: Instant) -> DrainOutcome {
+        let plan = self.plan;
+        self.phases
+            .enter(Phase::Unready, "drain started: readiness fails from now on");
+        match self.flag.raise() {
+            Ok(()) => self
+                .phases
+                .enter(Phase::KeepAliveClose, "keep-alive clients are told to close"),
+            Err(err) => {
+                tracing::warn!(flag = %self.flag.path().display(), %err, "cannot create the drain flag: keep-alive clients will not be told to close")
+            }
+        }
+        if !plan.hooks.is_empty() {
+            self.phases.enter(Phase::PreDrainHooks, "running pre-drain hooks");
+            hooks::run_all(self.reaper, &plan.hooks, plan.hook_timeout).await;
+        }
+        if !plan.propagation_delay.is_zero() {
+            self.phases.enter(
+                Phase::PropagationDelay,
+                "nginx keeps serving while endpoint removal propagates",
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(plan.propagation_delay) => {}
+                _ = self.skip_delay.notified() => tracing::info!("propagation delay cut short"),
+            }
+        }
+
+        let mut processes = Processes::default();
+        self.tree.track(&mut processes);
+        let connections_at_quit = count_connections(&processes).iter().map(|(_, n)| n).sum();
+        self.master.signal(Signal::SIGQUIT);
+        self.phases.enter(
+            Phase::Quitting,
+            "SIGQUIT sent to the nginx master: requests in flight finish",
+        );
+        let (escalated, killed) = self.stop(&mut processes, started).await;
+        self.phases
+            .enter(Phase::Stopped, "every nginx process has exited");
+        let outcome = DrainOutcome {
+            escalated,
+            connections_at_quit,
+            killed,
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            outcome = if escalated { "escalated" } else { "clean" },
+            elapsed_ms = outcome.elapsed.as_millis() as u64,
+            connections_at_quit,
+            killed,
+            "drain finished"
+        );
+        outcome
+    }
+
+    /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
+    /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
+    pub async fn orphans(self, started: Instant) -> DrainOutcome {
+        let mut processes = Processes::default();
+        self.tree.track(&mut processes);
+        let connections_at_quit = count_connections(&processes).iter().map(|(_, n)| n).sum();
+        let told = processes.signal_all(Signal::SIGQUIT);
+        if told > 0 {
+            self.phases.enter(
+                Phase::Quitting,
+                &format!("SIGQUIT sent to {told} orphaned nginx processes"),
+            );
+        }
+        let (escalated, killed) = self.stop(&mut processes, started).await;
+        self.phases
+            .enter(Phase::Stopped, "every nginx process has exited");
+        DrainOutcome {
+            escalated,
+            connections_at_quit,
+            killed,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
+    /// master, SIGKILL to everything left. Returns (escalated, processes killed).
+    pub async fn stop(&self, processes: &mut Processes, started: Instant) -> (bool, usize) {
+        let fast_shutdown_at = started + self.plan.fast_shutdown_at;
+        if wait_for_all(
+            processes,
+            &self.tree,
+            fast_shutdown_at,
+            started + self.plan.grace_period,
+        )
+        .await
+        {
+            return (false, 0);
+        }
+        self.master.signal(Signal::SIGTERM);
+        self.phases
+            .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
+        if wait_for_all(
+            processes,
+            &self.tree,
+            started + self.plan.kill_at,
+            started + self.plan.grace_period,
+        )
+        .await
+        {
+            return (true, 0);
+        }
+        let killed = processes.signal_all(Signal::SIGKILL);
+        self.phases.enter(
+            Phase::Killing,
+            &format!("SIGKILL to the {killed} nginx processes left"),
+        );
+        if !wait_for_all(
+            processes,
+            &self.tree,
+            started + self.plan.grace_period,
+            started + self.plan.grace_period,
+        )
+        .await
+        {
+            tracing::error!(
+                left = processes.len(),
+                "nginx processes survived SIGKILL (stuck in the kernel?)"
+            );
+        }
+        (true, killed)
+    }
+}
+
+/// Waits until no nginx process is left (true) or `deadline` passes (false), with a progress
+/// event at most every second. `budget_end` is only for the time left in those events.
+async fn wait_for_all(
+    processes: &mut Processes,
+    tree: &NginxTree,
+    deadline: Instant,
+    budget_end: Instant,
+) -> bool {
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    loop {
+        // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
+        if processes.is_empty() && tree.track(processes) == 0 {
+            return true;
+        }
+        tokio::select! {
+            _ = processes.next_exit() => {}
+            _ = progress.tick() => {
+                tree.track(processes);
+                report_progress(processes, budget_end);
+            }
+            _ = sleep_until(deadline.into()) => return false,
+        }
+    }
+}
+
+fn count_connections(processes: &Processes) -> Vec<(i32, usize)> {
+    let pids: Vec<i32> = processes.pids().collect();
+    connections::established(&pids)
+}
+
+fn report_progress(processes: &Processes, budget_end: Instant) {
+    let counts = count_connections(processes);
+    let per_process: Vec<String> = counts.iter().map(|(pid, n)| format!("{pid}:{n}")).collect();
+    tracing::info!(
+        processes_left = processes.len(),
+        connections = counts.iter().map(|(_, n)| n).sum::<usize>(),
+        connections_by_pid = per_process.join(","),
+        time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64,
+        "waiting for nginx to finish"
+    );
+}

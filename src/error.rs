@@ -1,0 +1,70 @@
+//! Every way start-up can fail, each with its cause, its fix and its documented exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Exit codes, as `--help` and the README document them.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ESCALATED: i32 = 3;
+    pub const PLAN_DOES_NOT_FIT: i32 = 10;
+    pub const CANNOT_START: i32 = 11;
+    pub const CONFIG_TEST_FAILED: i32 = 12;
+    pub const RUNTIME_DIR: i32 = 13;
+    pub const HEALTH_LISTEN: i32 = 14;
+    pub const INTERNAL: i32 = 70;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{detail}: {fix}")]
+    PlanDoesNotFit { detail: String, fix: String },
+
+    #[error("cannot start `{program}`: not found: install nginx, or give its full path after `--`")]
+    NotFound { program: String },
+
+    #[error(
+        "cannot start `{program}`: {source}: check that it is an executable the supervisor's user may run"
+    )]
+    Spawn { program: String, source: std::io::Error },
+
+    #[error("the nginx config fails `nginx -t`: {detail}: fix the config; nothing was started")]
+    ConfigTest { detail: String },
+
+    #[error("cannot use runtime directory {}: {source}: pass --runtime-dir with a directory this user can write", path.display())]
+    RuntimeDir { path: PathBuf, source: std::io::Error },
+
+    #[error("runtime directory {} is in use by another supervisor: give each supervisor its own --runtime-dir", path.display())]
+    RuntimeDirBusy { path: PathBuf },
+
+    #[error(
+        "cannot serve health checks on {addr}: {source}: choose a free address with --health-listen, or `off`"
+    )]
+    HealthListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Internal {
+        context: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::PlanDoesNotFit { .. } => exit::PLAN_DOES_NOT_FIT,
+            Error::NotFound { .. } | Error::Spawn { .. } => exit::CANNOT_START,
+            Error::ConfigTest { .. } => exit::CONFIG_TEST_FAILED,
+            Error::RuntimeDir { .. } | Error::RuntimeDirBusy { .. } => exit::RUNTIME_DIR,
+            Error::HealthListen { .. } => exit::HEALTH_LISTEN,
+            Error::Internal { .. } => exit::INTERNAL,
+        }
+    }
+
+    pub fn internal(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Internal { context, source }
+    }
+}

@@ -1,0 +1,185 @@
+//! The nginx command: test its config (`nginx -T`) and start the master as the supervisor's child.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use super::pidfd::PidFd;
+use crate::error::Error;
+use crate::reaper::{Exit, Reaper};
+
+#[derive(Debug, Clone)]
+pub struct NginxCommand {
+    argv: Vec<OsString>,
+}
+
+/// What `nginx -T` said of a config that passed.
+#[derive(Debug)]
+pub struct ConfigReport {
+    /// Every file of the config, as nginx loaded it.
+    pub dump: String,
+    /// nginx's own warnings, e.g. `[warn] ... "user" directive makes sense only if ...`.
+    pub warnings: Vec<String>,
+}
+
+/// The running master: our child, held by pidfd.
+pub struct Master {
+    pub pidfd: PidFd,
+    pub exit: oneshot::Receiver<Exit>,
+}
+
+impl NginxCommand {
+    /// nginx in the foreground with the bundled config. `-e stderr` keeps nginx from opening its
+    /// compiled-in error log before it reads the config, which fails for a non-root user.
+    pub fn bundled(config: &Path) -> Self {
+        let argv = ["nginx", "-e", "stderr", "-c"].map(OsString::from).into_iter();
+        let argv = argv.chain([config.into(), "-g".into(), "daemon off;".into()]);
+        Self { argv: argv.collect() }
+    }
+
+    pub fn custom(argv: Vec<OsString>) -> Self {
+        assert!(!argv.is_empty(), "an empty command");
+        Self { argv }
+    }
+
+    pub fn program(&self) -> String {
+        self.argv[0].to_string_lossy().into_owned()
+    }
+
+    /// Whether the command is nginx itself (so `-T` can be added to test its config), rather
+    /// than a wrapper that starts nginx some other way.
+    pub fn is_nginx(&self) -> bool {
+        let name = Path::new(&self.argv[0]).file_name().and_then(|n| n.to_str());
+        matches!(name, Some("nginx" | "nginx-debug" | "openresty"))
+    }
+
+    /// Runs the command with `-T`: the same binary, config and `-g` directives as the master.
+    pub async fn test(&self, reaper: &Reaper) -> Result<ConfigReport, Error> {
+        let mut command = Command::new(&self.argv[0]);
+        command
+            .args(&self.argv[1..])
+            .arg("-T")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
+        let mut stdout = tokio::process::ChildStdout::from_std(child.stdout.expect("piped"))
+            .map_err(Error::internal("reading nginx -T"))?;
+        let mut stderr = tokio::process::ChildStderr::from_std(child.stderr.expect("piped"))
+            .map_err(Error::internal("reading nginx -T"))?;
+        let (mut dump, mut messages) = (Vec::new(), Vec::new());
+        // Both pipes at once: a large config dump would otherwise fill one while we read the other.
+        let (out, err) = tokio::join!(stdout.read_to_end(&mut dump), stderr.read_to_end(&mut messages));
+        out.and(err).map_err(Error::internal("reading nginx -T"))?;
+        let exit = child.exit.await.map_err(|_| Error::Internal {
+            context: "nginx -T",
+            source: std::io::Error::other("its exit status was lost"),
+        })?;
+        let messages = String::from_utf8_lossy(&messages);
+        let lines = nginx_messages(&messages);
+        if !exit.success() {
+            let problems: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| !l.contains("test failed"))
+                .collect();
+            let detail = if problems.is_empty() {
+                format!("nginx -T failed ({exit})")
+            } else {
+                problems.join("; ")
+            };
+            return Err(Error::ConfigTest { detail });
+        }
+        let warnings = lines
+            .iter()
+            .filter(|l| l.contains("[warn]"))
+            .map(|l| l.to_string())
+            .collect();
+        Ok(ConfigReport {
+            dump: String::from_utf8_lossy(&dump).into_owned(),
+            warnings,
+        })
+    }
+
+    /// Starts the master in its own process group (a Ctrl-C at the terminal reaches the
+    /// supervisor only), killed by the kernel if the supervisor dies first.
+    pub fn spawn(&self, reaper: &Reaper) -> Result<Master, Error> {
+        let mut command = Command::new(&self.argv[0]);
+        command
+            .args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .process_group(0);
+        let supervisor = nix::unistd::getpid();
+        // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
+        // system calls (prctl, getppid), without allocating.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                // The supervisor may have died before prctl: then nobody would kill us.
+                if nix::unistd::getppid() != supervisor {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
+        // Our unreaped child: its pid cannot be reused, so opening the pidfd now is safe.
+        let pidfd =
+            PidFd::open(child.pid.as_raw()).map_err(Error::internal("pidfd_open on the nginx master"))?;
+        Ok(Master {
+            pidfd,
+            exit: child.exit,
+        })
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> Error {
+        let program = self.program();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound { program }
+        } else {
+            Error::Spawn { program, source }
+        }
+    }
+}
+
+/// nginx's stderr lines without the `nginx: ` prefix.
+fn nginx_messages(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| l.strip_prefix("nginx: ").unwrap_or(l))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_is_told_apart_from_wrappers() {
+        let cmd = |argv: &[&str]| NginxCommand::custom(argv.iter().map(OsString::from).collect());
+        assert!(cmd(&["nginx", "-g", "daemon off;"]).is_nginx());
+        assert!(cmd(&["/usr/sbin/nginx"]).is_nginx());
+        assert!(cmd(&["/usr/local/openresty/bin/openresty"]).is_nginx());
+        assert!(!cmd(&["/nginx-ingress-controller"]).is_nginx());
+        assert!(!cmd(&["sh", "-c", "exec nginx"]).is_nginx());
+        assert!(NginxCommand::bundled(Path::new("/x/nginx.conf")).is_nginx());
+    }
+
+    #[test]
+    fn nginx_messages_lose_their_prefix() {
+        let stderr = "nginx: [emerg] unknown directive \"foo\" in /x.conf:3\nnginx: configuration file /x.conf test failed\n\n";
+        assert_eq!(
+            nginx_messages(stderr),
+            [
+                "[emerg] unknown directive \"foo\" in /x.conf:3",
+                "configuration file /x.conf test failed"
+            ]
+        );
+    }
+}

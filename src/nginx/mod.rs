@@ -1,0 +1,7 @@
+//! nginx itself: the command that starts the master, the process tree below it, and the
+//! connections its workers hold.
+
+pub mod command;
+pub mod connections;
+pub mod pidfd;
+pub mod tree;

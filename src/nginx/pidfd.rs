@@ -1,0 +1,130 @@
+//! Processes held by pidfd: waited for without polling, and signalled without any risk of
+//! hitting a process that reused the number.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+use rustix::process::{Pid, PidfdFlags, pidfd_open, pidfd_send_signal};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinSet;
+
+use super::tree::{ProcStat, ProcessTable};
+
+/// One process, pinned: once open, the pidfd names this process and no later one.
+#[derive(Debug)]
+pub struct PidFd {
+    pid: i32,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PidFd {
+    pub fn open(pid: i32) -> std::io::Result<Self> {
+        let raw = Pid::from_raw(pid).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let fd = pidfd_open(raw, PidfdFlags::empty())?;
+        // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for as
+        // long as it is registered.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self { pid, fd })
+    }
+
+    /// Opens a pidfd on the process a snapshot saw, or nothing if that process is gone: the
+    /// start time, read again after the open, proves the number was not reused in between.
+    pub fn open_verified(seen: &ProcStat) -> Option<Self> {
+        let fd = Self::open(seen.pid).ok()?;
+        let now = ProcStat::read(seen.pid)?;
+        (now.start_time == seen.start_time).then_some(fd)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `signal`; false if the process had already exited.
+    pub fn signal(&self, signal: Signal) -> bool {
+        let sig = rustix::process::Signal::from_named_raw(signal as i32).expect("a named signal");
+        pidfd_send_signal(self.fd.get_ref(), sig).is_ok()
+    }
+
+    /// Resolves when the process exits (a pidfd becomes readable then).
+    pub async fn exited(&self) {
+        // An error here means epoll lost the fd, which cannot happen while we own it; treat
+        // it as an exit rather than wait forever.
+        let _ = self.fd.readable().await;
+    }
+}
+
+/// A set of processes waited for together: nginx's master and workers during a drain.
+#[derive(Debug, Default)]
+pub struct Processes {
+    live: HashMap<i32, Arc<PidFd>>,
+    exits: JoinSet<i32>,
+}
+
+impl Processes {
+    /// Tracks every process below `root` not tracked yet, and `root` itself when `with_root`.
+    /// Returns how many were added.
+    pub fn track_below(&mut self, root: i32, with_root: bool) -> usize {
+        let Ok(table) = ProcessTable::read() else {
+            return 0;
+        };
+        let mut seen: Vec<&ProcStat> = table.descendants(root);
+        if with_root {
+            seen.extend(table.get(root));
+        }
+        seen.into_iter().filter(|stat| self.track(stat)).count()
+    }
+
+    pub fn track(&mut self, seen: &ProcStat) -> bool {
+        if self.live.contains_key(&seen.pid) {
+            return false;
+        }
+        let Some(fd) = PidFd::open_verified(seen) else {
+            return false;
+        };
+        let fd = Arc::new(fd);
+        self.live.insert(seen.pid, fd.clone());
+        self.exits.spawn(async move {
+            fd.exited().await;
+            fd.pid()
+        });
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn pids(&self) -> impl Iterator<Item = i32> + '_ {
+        self.live.keys().copied()
+    }
+
+    /// The next process to exit; `None` when none is tracked.
+    pub async fn next_exit(&mut self) -> Option<i32> {
+        loop {
+            match self.exits.join_next().await? {
+                Ok(pid) => {
+                    self.live.remove(&pid);
+                    return Some(pid);
+                }
+                Err(err) => tracing::warn!(%err, "an exit watcher failed"),
+            }
+        }
+    }
+
+    pub fn signal(&self, pid: i32, signal: Signal) -> bool {
+        self.live.get(&pid).is_some_and(|fd| fd.signal(signal))
+    }
+
+    /// Sends `signal` to every tracked process; returns how many received it.
+    pub fn signal_all(&self, signal: Signal) -> usize {
+        self.live.values().filter(|fd| fd.signal(signal)).count()
+    }
+}

@@ -1,0 +1,172 @@
+//! The process tree as procfs shows it: which processes are below the supervisor (or below an
+//! nginx master), read in one pass over /proc.
+
+use std::collections::HashMap;
+
+/// One line of /proc/PID/stat, the fields we need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    /// Clock ticks after boot; with the pid, it names one process for good (pids get reused).
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// Parses `/proc/PID/stat`. The command name sits in parentheses and may itself hold spaces
+    /// and parentheses, so the fields after it are found from the last `)`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let open = line.find('(')?;
+        let close = line.rfind(')')?;
+        let pid = line[..open].trim().parse().ok()?;
+        let comm = line.get(open + 1..close)?.to_owned();
+        let rest: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+        // rest[0] is field 3 (state); starttime is field 22.
+        Some(Self {
+            pid,
+            comm,
+            state: rest.first()?.chars().next()?,
+            ppid: rest.get(1)?.parse().ok()?,
+            start_time: rest.get(19)?.parse().ok()?,
+        })
+    }
+
+    pub fn read(pid: i32) -> Option<Self> {
+        Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+}
+
+/// A snapshot of every process's parent.
+#[derive(Debug, Default)]
+pub struct ProcessTable {
+    by_pid: HashMap<i32, ProcStat>,
+}
+
+impl ProcessTable {
+    pub fn read() -> std::io::Result<Self> {
+        let mut table = Self::default();
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            // A process may exit between readdir and read: not an error.
+            if let Some(stat) = ProcStat::read(pid) {
+                table.by_pid.insert(pid, stat);
+            }
+        }
+        Ok(table)
+    }
+
+    pub fn from_stats(stats: impl IntoIterator<Item = ProcStat>) -> Self {
+        Self {
+            by_pid: stats.into_iter().map(|s| (s.pid, s)).collect(),
+        }
+    }
+
+    pub fn get(&self, pid: i32) -> Option<&ProcStat> {
+        self.by_pid.get(&pid)
+    }
+
+    /// Every process below `root` (not `root` itself), parents before children.
+    pub fn descendants(&self, root: i32) -> Vec<&ProcStat> {
+        let mut children: HashMap<i32, Vec<&ProcStat>> = HashMap::new();
+        for stat in self.by_pid.values() {
+            children.entry(stat.ppid).or_default().push(stat);
+        }
+        let mut found = Vec::new();
+        let mut queue = vec![root];
+        while let Some(parent) = queue.pop() {
+            for child in children.get(&parent).into_iter().flatten() {
+                if child.pid != root {
+                    found.push(*child);
+                    queue.push(child.pid);
+                }
+            }
+        }
+        found
+    }
+
+    pub fn children(&self, parent: i32) -> impl Iterator<Item = &ProcStat> {
+        self.by_pid.values().filter(move |s| s.ppid == parent)
+    }
+}
+
+/// The title nginx gives a process ("nginx: worker process"), for logs.
+pub fn title(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+            text.trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse_even_with_odd_command_names() {
+        let line = "4242 (nginx) S 4241 4241 4241 0 -1 4194624 100 0 0 0 1 2 0 0 20 0 1 0 987654 10000 200 18446744073709551615";
+        let stat = ProcStat::parse(line).unwrap();
+        assert_eq!(
+            (
+                stat.pid,
+                stat.comm.as_str(),
+                stat.state,
+                stat.ppid,
+                stat.start_time
+            ),
+            (4242, "nginx", 'S', 4241, 987654)
+        );
+
+        let odd = "7 (a) b (c)) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
+        let stat = ProcStat::parse(odd).unwrap();
+        assert_eq!(
+            (stat.comm.as_str(), stat.state, stat.ppid, stat.start_time),
+            ("a) b (c)", 'Z', 1, 55)
+        );
+
+        for bad in ["", "12", "12 (x", "x (y) S 1", "12 (x) S notanumber 1 1"] {
+            assert_eq!(ProcStat::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn descendants_include_grandchildren_and_nothing_else() {
+        let stat = |pid, ppid| ProcStat {
+            pid,
+            comm: "nginx".into(),
+            state: 'S',
+            ppid,
+            start_time: 1,
+        };
+        // 1 -> 10 (supervisor) -> 20 (master) -> 30, 31 (workers); 40 was reparented to 10.
+        let table = ProcessTable::from_stats([
+            stat(1, 0),
+            stat(10, 1),
+            stat(20, 10),
+            stat(30, 20),
+            stat(31, 20),
+            stat(40, 10),
+            stat(50, 1),
+        ]);
+        let mut below: Vec<i32> = table.descendants(10).iter().map(|s| s.pid).collect();
+        below.sort();
+        assert_eq!(below, [20, 30, 31, 40]);
+        let mut workers: Vec<i32> = table.children(20).map(|s| s.pid).collect();
+        workers.sort();
+        assert_eq!(workers, [30, 31]);
+        assert!(table.descendants(30).is_empty());
+    }
+
+    #[test]
+    fn this_process_is_in_the_live_table() {
+        let table = ProcessTable::read().unwrap();
+        let me = table.get(std::process::id() as i32).unwrap();
+        assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
+    }
+}

@@ -1,0 +1,159 @@
+//! The supervisor's phases, their order, and the one place that announces a change of phase.
+
+use std::fmt;
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+/// Where the supervisor is in the life of nginx. The drain phases come in this order; a phase
+/// may be skipped (no hooks, no escalation) but never revisited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Signal handlers installed, nginx being tested and started.
+    Starting,
+    /// nginx runs; readiness follows nginx.
+    Serving,
+    /// A drain trigger arrived (SIGTERM, SIGINT, SIGQUIT): /readyz answers 503 from now on.
+    Unready,
+    /// The drain flag exists: every HTTP/1 response tells the client to close its connection.
+    KeepAliveClose,
+    /// The --pre-drain-exec hooks run, in order.
+    PreDrainHooks,
+    /// nginx keeps serving while endpoint removal propagates.
+    PropagationDelay,
+    /// SIGQUIT sent: nginx finishes requests in flight; waiting for every nginx process.
+    Quitting,
+    /// The budget ran out: SIGTERM to the master (nginx's fast shutdown).
+    FastShutdown,
+    /// SIGKILL to every nginx process left.
+    Killing,
+    /// No nginx process is left.
+    Stopped,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Unready => "unready",
+            Phase::KeepAliveClose => "keepalive_close",
+            Phase::PreDrainHooks => "pre_drain_hooks",
+            Phase::PropagationDelay => "propagation_delay",
+            Phase::Quitting => "quitting",
+            Phase::FastShutdown => "fast_shutdown",
+            Phase::Killing => "killing",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    /// True from the first instant of a drain on.
+    pub fn is_draining(self) -> bool {
+        self >= Phase::Unready && self != Phase::Stopped
+    }
+
+    /// Phases only move forward; `Stopped` can follow any phase (nginx may die at any time).
+    pub fn may_follow(self, previous: Phase) -> bool {
+        self > previous
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Announces phase changes: one `info` event each, and a watch channel for readiness and tests.
+#[derive(Debug)]
+pub struct Phases {
+    tx: watch::Sender<Phase>,
+    started: Instant,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self {
+            tx: watch::Sender::new(Phase::Starting),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Phases {
+    pub fn current(&self) -> Phase {
+        *self.tx.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.tx.subscribe()
+    }
+
+    /// Moves to `next` and logs it with `message`; a move backwards is a bug and is ignored.
+    pub fn enter(&self, next: Phase, message: &str) {
+        let previous = self.current();
+        if !next.may_follow(previous) {
+            tracing::debug!(phase = %previous, refused = %next, "phase change refused");
+            return;
+        }
+        self.tx.send_replace(next);
+        tracing::info!(
+            phase = next.name(),
+            since_start_ms = self.started.elapsed().as_millis() as u64,
+            "{message}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_phases_run_forward_only() {
+        use Phase::*;
+        let order = [
+            Starting,
+            Serving,
+            Unready,
+            KeepAliveClose,
+            PreDrainHooks,
+            PropagationDelay,
+            Quitting,
+            FastShutdown,
+            Killing,
+            Stopped,
+        ];
+        for (i, a) in order.iter().enumerate() {
+            for (j, b) in order.iter().enumerate() {
+                assert_eq!(b.may_follow(*a), j > i, "{a} -> {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn draining_means_readiness_must_fail() {
+        use Phase::*;
+        for (phase, draining) in [
+            (Starting, false),
+            (Serving, false),
+            (Unready, true),
+            (PropagationDelay, true),
+            (Quitting, true),
+            (Killing, true),
+            (Stopped, false),
+        ] {
+            assert_eq!(phase.is_draining(), draining, "{phase}");
+        }
+    }
+
+    #[test]
+    fn phases_refuse_to_go_back() {
+        let phases = Phases::default();
+        let rx = phases.subscribe();
+        phases.enter(Phase::Serving, "up");
+        phases.enter(Phase::Quitting, "quit");
+        phases.enter(Phase::Unready, "late signal");
+        assert_eq!(*rx.borrow(), Phase::Quitting);
+    }
+}

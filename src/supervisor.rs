@@ -1,0 +1,187 @@
+//! `run`: the one loop that owns the nginx master, from start-up to the supervisor's exit code.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::cli::{HealthListen, RunArgs};
+use crate::drain::{Drain, DrainOutcome, NginxTree};
+use crate::error::{Error, exit};
+use crate::health::{self, HealthState};
+use crate::nginx::command::{Master, NginxCommand};
+use crate::nginx::tree::ProcStat;
+use crate::phase::{Phase, Phases};
+use crate::plan::DrainPlan;
+use crate::reaper::{self, Exit, Reaper};
+use crate::runtime_dir::RuntimeDir;
+use crate::signals::{Signals, Trigger};
+
+/// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
+pub async fn run(args: RunArgs) -> Result<i32, Error> {
+    // Everything that can refuse to start is checked before nginx exists, so a refusal leaves
+    // nothing behind.
+    let plan = DrainPlan::new(&args.drain)?;
+    let mut signals = Signals::install().map_err(Error::internal("installing signal handlers"))?;
+    let role = reaper::become_reaper().map_err(Error::internal("becoming child subreaper"))?;
+    let runtime = RuntimeDir::prepare(&args.runtime_dir)?;
+    let nginx = if args.command.is_empty() {
+        NginxCommand::bundled(&runtime.write_bundled_config(&args.listen)?)
+    } else {
+        NginxCommand::custom(args.command.clone())
+    };
+    let health_listener = match args.health_listen {
+        HealthListen::On(addr) => Some(health::bind(addr)?),
+        HealthListen::Off => None,
+    };
+    let reaper = Reaper::start(signals.child.take().expect("SIGCHLD stream"));
+    let phases = Phases::default();
+    let flag = runtime.flag();
+    tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, "starting");
+
+    if nginx.is_nginx() {
+        check_config(&nginx, &reaper, &flag).await?;
+    }
+    let mut master = nginx.spawn(&reaper)?;
+    let master_pid = master.pidfd.pid();
+    let health = HealthState::new(phases.subscribe());
+    health.set_master(master_pid);
+    if let Some(listener) = health_listener {
+        tokio::spawn(health::serve(listener, health.clone()));
+    }
+    phases.enter(
+        Phase::Serving,
+        &format!("nginx started (master pid {master_pid})"),
+    );
+
+    let skip_delay = Notify::new();
+    let drain = |plan| {
+        // Read when the drain starts: by then the child has exec'd nginx, even through a wrapper.
+        let comm = ProcStat::read(master_pid).map_or_else(|| command_name(&nginx), |stat| stat.comm);
+        let tree = NginxTree {
+            root: std::process::id() as i32,
+            include_root: false,
+            comm,
+        };
+        Drain {
+            plan,
+            phases: &phases,
+            reaper: &reaper,
+            flag: &flag,
+            master: &master.pidfd,
+            tree,
+            skip_delay: &skip_delay,
+        }
+    };
+
+    // Serving: until a drain trigger, or nginx ends on its own.
+    let (trigger_plan, started) = loop {
+        tokio::select! {
+            trigger = signals.next() => match trigger {
+                Trigger::Drain { signal } => {
+                    tracing::info!(%signal, "drain requested");
+                    break (plan.clone(), Instant::now());
+                }
+                Trigger::DrainNow => {
+                    tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
+                    break (plan.without_delay(), Instant::now());
+                }
+                Trigger::Reload => reload(&nginx, &reaper, &master).await,
+                Trigger::Forward(signal) => forward(&master, signal),
+            },
+            status = &mut master.exit => {
+                let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
+                health.set_master(0);
+                tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
+                drain(&plan).orphans(Instant::now()).await;
+                let _ = flag.lower();
+                return Ok(status.as_exit_code());
+            }
+        }
+    };
+
+    // Draining: signals keep arriving; only a second SIGINT (or a SIGQUIT) changes anything.
+    let draining = drain(&trigger_plan).run(started);
+    tokio::pin!(draining);
+    let outcome: DrainOutcome = loop {
+        tokio::select! {
+            outcome = &mut draining => break outcome,
+            trigger = signals.next() => match trigger {
+                Trigger::Drain { signal: nix::sys::signal::Signal::SIGINT } | Trigger::DrainNow => {
+                    tracing::info!(phase = %phases.current(), "second interrupt: skipping what is left of the propagation delay");
+                    skip_delay.notify_one();
+                }
+                Trigger::Drain { signal } => tracing::info!(%signal, phase = %phases.current(), "already draining: the signal changes nothing"),
+                Trigger::Reload => tracing::warn!("reload refused: a drain has begun"),
+                Trigger::Forward(signal) => forward(&master, signal),
+            },
+        }
+    };
+    health.set_master(0);
+    if let Err(err) = flag.lower() {
+        tracing::warn!(%err, "cannot remove the drain flag");
+    }
+    Ok(if outcome.escalated {
+        exit::ESCALATED
+    } else {
+        exit::OK
+    })
+}
+
+/// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and
+/// a config without the drain snippet is pointed out once.
+async fn check_config(
+    nginx: &NginxCommand,
+    reaper: &Reaper,
+    flag: &crate::keepalive::KeepAliveFlag,
+) -> Result<(), Error> {
+    let report = nginx.test(reaper).await?;
+    for warning in &report.warnings {
+        tracing::warn!(nginx = %warning, "nginx config warning");
+    }
+    if !flag.is_checked_by(&report.dump) {
+        tracing::warn!(
+            flag = %flag.path().display(),
+            "the nginx config does not include the drain snippet: keep-alive clients will not be told to close before nginx quits; include nginx-conf/graceful-drain.conf in every server block"
+        );
+    }
+    Ok(())
+}
+
+/// SIGHUP: test the config first; a config that fails is not loaded.
+async fn reload(nginx: &NginxCommand, reaper: &Reaper, master: &Master) {
+    if nginx.is_nginx() {
+        match nginx.test(reaper).await {
+            Ok(_) => {}
+            Err(err) => {
+                return tracing::error!(%err, "reload refused: nginx keeps serving the previous config");
+            }
+        }
+    }
+    if master.pidfd.signal(nix::sys::signal::Signal::SIGHUP) {
+        tracing::info!(
+            pid = master.pidfd.pid(),
+            "config valid: SIGHUP sent to the nginx master"
+        );
+    }
+}
+
+fn forward(master: &Master, signal: nix::sys::signal::Signal) {
+    let delivered = master.pidfd.signal(signal);
+    tracing::info!(%signal, pid = master.pidfd.pid(), delivered, "signal forwarded to the nginx master");
+}
+
+/// The kernel's name for the processes the command becomes: the file name, cut to 15 bytes.
+fn command_name(nginx: &NginxCommand) -> String {
+    let program = nginx.program();
+    let name = Path::new(&program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("nginx");
+    name.chars()
+        .scan(0, |len, c| {
+            *len += c.len_utf8();
+            (*len <= 15).then_some(c)
+        })
+        .collect()
+}
