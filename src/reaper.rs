@@ -95,6 +95,12 @@ impl Reaper {
         reaper
     }
 
+    /// Reaps what has ended now, without waiting for the SIGCHLD to be handled: before the
+    /// supervisor exits, so no zombie of ours is handed to the host's init.
+    pub fn reap_now(&self) {
+        reap_all(&self.waiters);
+    }
+
     pub fn spawn(&self, command: &mut Command) -> std::io::Result<Spawned> {
         // Held across the fork: the reap loop cannot reap the child before it is registered.
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());

@@ -94,6 +94,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 health.set_master(0);
                 tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
                 drain(&plan).orphans(Instant::now()).await;
+                reaper.reap_now();
                 let _ = flag.lower();
                 return Ok(status.as_exit_code());
             }
@@ -118,6 +119,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         }
     };
     health.set_master(0);
+    reaper.reap_now();
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
     }

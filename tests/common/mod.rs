@@ -1,0 +1,431 @@
+//! Test harness: a real nginx site in a temporary directory, the supervisor as a real process
+//! (optionally PID 1 of its own PID namespace), its log as it arrives, and cleanup that runs even
+//! when a test fails.
+#![allow(dead_code)]
+
+pub mod http;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_nginx-graceful");
+
+/// Bytes per second nginx sends on /slow/ URLs: a file of N * RATE bytes takes about N seconds.
+pub const SLOW_RATE: usize = 100 * 1024;
+
+/// A port that was free a moment ago, on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `condition` with a deadline; for conditions no event announces (a port opening).
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ng-test-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An nginx site of our own: config, document root, runtime directory, loopback port.
+pub struct Site {
+    pub dir: TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl Site {
+    /// A site whose config includes the drain snippet, as the README tells users to.
+    pub fn new() -> Self {
+        Self::build(true, "")
+    }
+
+    pub fn without_snippet() -> Self {
+        Self::build(false, "")
+    }
+
+    /// With `server_extra` added to the server block.
+    pub fn build(snippet: bool, server_extra: &str) -> Self {
+        let dir = TempDir::new("site");
+        let root = dir.0.clone();
+        let runtime = root.join("runtime");
+        std::fs::create_dir_all(root.join("www/slow")).unwrap();
+        let port = free_port();
+        let snippet_path = root.join("graceful-drain.conf");
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/nginx-conf/graceful-drain.conf"
+        ))
+        .unwrap();
+        let snippet_text = shipped.replace(
+            "/run/nginx-graceful/draining",
+            &format!("{}/draining", runtime.display()),
+        );
+        std::fs::write(&snippet_path, snippet_text).unwrap();
+        let include = if snippet {
+            format!("include {};", snippet_path.display())
+        } else {
+            String::new()
+        };
+        let d = root.display();
+        let config = format!(
+            "worker_processes 2;
+pid {d}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    keepalive_timeout 60s;
+    client_body_temp_path {d}/cb; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+    uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        {include}
+        root {d}/www;
+        location = / {{ return 200 \"ok\\n\"; }}
+        location /slow/ {{ limit_rate {SLOW_RATE}; }}
+        {server_extra}
+    }}
+}}
+"
+        );
+        let config_path = root.join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        Self {
+            dir,
+            port,
+            config: config_path,
+            runtime,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A URL path whose response takes about `secs` seconds to send.
+    pub fn slow_path(&self, secs: usize) -> String {
+        let name = format!("{secs}s.bin");
+        let path = self.dir.0.join("www/slow").join(&name);
+        if !path.exists() {
+            std::fs::write(&path, vec![b'x'; secs * SLOW_RATE]).unwrap();
+        }
+        format!("/slow/{name}")
+    }
+
+    /// `run` arguments for this site: its runtime dir, no health listener, JSON logs, and the
+    /// nginx command after `--`.
+    pub fn run_args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--log-format",
+            "json",
+            "run",
+            "--health-listen",
+            "off",
+            "--runtime-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(self.runtime.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.nginx_command());
+        args
+    }
+
+    pub fn nginx_command(&self) -> Vec<String> {
+        [
+            "--",
+            "nginx",
+            "-e",
+            "stderr",
+            "-c",
+            &self.config.display().to_string(),
+            "-g",
+            "daemon off;",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    pub fn serves(&self) -> bool {
+        TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok()
+    }
+}
+
+/// Everything the supervisor (and nginx) wrote to stderr, line by line, as it arrives.
+#[derive(Default)]
+pub struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.grew.notify_all();
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The supervisor's own events (JSON lines); nginx's lines are left out.
+    pub fn events(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Phase names in the order they were entered.
+    pub fn phases(&self) -> Vec<String> {
+        self.events()
+            .iter()
+            .filter_map(|e| e["phase"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Blocks until a line satisfies `predicate`; returns it.
+    pub fn wait_for(&self, what: &str, timeout: Duration, predicate: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        let mut seen = 0;
+        loop {
+            if let Some(line) = lines[seen..].iter().find(|l| predicate(l)) {
+                return line.clone();
+            }
+            seen = lines.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?} waiting for {what}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    pub fn wait_phase(&self, phase: &str, timeout: Duration) -> Value {
+        let needle = format!("\"phase\":\"{phase}\"");
+        let line = self.wait_for(&format!("phase {phase}"), timeout, |l| l.contains(&needle));
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+/// The supervisor under test. Dropping it kills it and every process below it.
+pub struct Supervisor {
+    child: Child,
+    /// The supervisor's pid as the host sees it (inside a PID namespace it is PID 1).
+    pub pid: i32,
+    pub log: Arc<Log>,
+    status: Option<ExitStatus>,
+}
+
+impl Supervisor {
+    pub fn start(args: &[String]) -> Self {
+        Self::spawn(Command::new(BIN).args(args), false)
+    }
+
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::spawn(Command::new(BIN).args(args).envs(env.iter().copied()), false)
+    }
+
+    /// As PID 1 of a new PID namespace, the way a container runs it.
+    pub fn start_as_pid1(args: &[String]) -> Self {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", BIN])
+            .args(args);
+        Self::spawn(&mut command, true)
+    }
+
+    fn spawn(command: &mut Command, in_namespace: bool) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("NG_TEST_ECHO").is_some() {
+                    eprintln!("{line}");
+                }
+                sink.push(line);
+            }
+        });
+        let mut supervisor = Self {
+            pid: child.id() as i32,
+            child,
+            log,
+            status: None,
+        };
+        if in_namespace {
+            supervisor.log.wait_phase("starting", Duration::from_secs(10));
+            supervisor.pid = children_of(supervisor.child.id() as i32)[0];
+        }
+        supervisor
+    }
+
+    /// Waits until nginx has started and accepts connections on `site`.
+    pub fn wait_serving(&self, site: &Site) {
+        self.log.wait_phase("serving", Duration::from_secs(10));
+        wait_until("nginx to accept connections", Duration::from_secs(10), || {
+            site.serves()
+        });
+    }
+
+    pub fn signal(&self, signal: i32) {
+        assert_eq!(
+            unsafe_free_kill(self.pid, signal),
+            0,
+            "signal {signal} to {}",
+            self.pid
+        );
+    }
+
+    /// Waits for the supervisor to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.status = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supervisor still running after {timeout:?}; log:\n{}",
+                self.log.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The nginx master's pid (the supervisor's child that is not a hook).
+    pub fn master(&self) -> i32 {
+        *children_of(self.pid)
+            .iter()
+            .find(|&&pid| comm(pid).as_deref() == Some("nginx"))
+            .expect("an nginx master")
+    }
+
+    /// Every process below the supervisor.
+    pub fn descendants(&self) -> Vec<i32> {
+        descendants_of(self.pid)
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // Leaves first, so no worker is orphaned out of reach.
+        let mut below = descendants_of(self.child.id() as i32);
+        below.reverse();
+        for pid in below {
+            unsafe_free_kill(pid, 9);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_kill(pid: i32, signal: i32) -> i32 {
+    let signal = nix::sys::signal::Signal::try_from(signal).unwrap();
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+        Ok(()) => 0,
+        Err(e) => e as i32,
+    }
+}
+
+pub fn stat_fields(pid: i32) -> Option<(char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+    Some((rest[0].chars().next()?, rest[1].parse().ok()?))
+}
+
+pub fn comm(pid: i32) -> Option<String> {
+    Some(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()?
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// Whether a process with this pid exists, zombie or not.
+pub fn exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| stat_fields(pid).is_some_and(|(_, ppid)| ppid == parent))
+        .collect();
+    pids.sort();
+    pids
+}
+
+pub fn descendants_of(root: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut queue = vec![root];
+    while let Some(parent) = queue.pop() {
+        for child in children_of(parent) {
+            found.push(child);
+            queue.push(child);
+        }
+    }
+    found
+}
+
+/// The run's exit code, or 128 + signal as a shell reports it.
+pub fn code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}

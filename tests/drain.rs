@@ -1,0 +1,359 @@
+//! `run`'s ordered drain against a real nginx: requests in flight, new connections during the
+//! propagation delay, keep-alive clients, escalation, and the signals around it.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::http::{self, keepalive_loop};
+use common::{Site, Supervisor, code};
+
+const SIGINT: i32 = 2;
+const SIGQUIT: i32 = 3;
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+const SIGSTOP: i32 = 19;
+const SECONDS: Duration = Duration::from_secs(1);
+
+fn start(site: &Site, extra: &[&str]) -> Supervisor {
+    let supervisor = Supervisor::start(&site.run_args(extra));
+    supervisor.wait_serving(site);
+    supervisor
+}
+
+#[test]
+fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "300ms"]);
+    let nginx = supervisor.descendants();
+    assert_eq!(nginx.len(), 3, "a master and two workers: {nginx:?}");
+
+    supervisor.signal(SIGTERM);
+    let status = supervisor.wait_exit(10 * SECONDS);
+
+    assert_eq!(code(status), 0, "{:?}", supervisor.log.lines());
+    assert_eq!(
+        supervisor.log.phases(),
+        [
+            "starting",
+            "serving",
+            "unready",
+            "keepalive_close",
+            "propagation_delay",
+            "quitting",
+            "stopped"
+        ]
+    );
+    for pid in nginx {
+        assert!(
+            !common::exists(pid),
+            "nginx process {pid} outlived the supervisor"
+        );
+    }
+    assert!(
+        !site.runtime.join("draining").exists(),
+        "the drain flag is removed at exit"
+    );
+    let summary = supervisor
+        .log
+        .events()
+        .into_iter()
+        .find(|e| e["message"] == "drain finished")
+        .unwrap();
+    assert_eq!(summary["outcome"], "clean");
+}
+
+#[test]
+fn a_request_in_flight_at_sigterm_completes() {
+    let site = Site::new();
+    let path = site.slow_path(2);
+    let mut supervisor = start(&site, &["--propagation-delay", "200ms"]);
+    let started = Instant::now();
+    let request = http::get_in_background(site.addr(), &path);
+    // nginx counts the request as established from the worker's side before we signal.
+    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
+        supervisor.descendants().iter().any(|&pid| {
+            nginx_graceful::nginx::connections::established(&[pid])
+                .first()
+                .is_some_and(|(_, n)| *n > 0)
+        })
+    });
+    supervisor.signal(SIGTERM);
+
+    let reply = request.join().unwrap().expect("the request in flight finishes");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body_len, 2 * common::SLOW_RATE);
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the request really was slow"
+    );
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let quit = supervisor
+        .log
+        .events()
+        .into_iter()
+        .find(|e| e["message"] == "drain finished")
+        .unwrap();
+    assert!(quit["connections_at_quit"].as_u64().unwrap() >= 1, "{quit}");
+}
+
+#[test]
+fn new_connections_during_the_propagation_delay_are_served() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+
+    let mut served = 0;
+    while supervisor.log.phases().last().map(String::as_str) == Some("propagation_delay") {
+        let reply = http::get(site.addr(), "/");
+        // The delay may end between the check and the connect: only then is a refusal expected.
+        if supervisor.log.phases().last().map(String::as_str) != Some("propagation_delay") {
+            break;
+        }
+        let reply = reply.expect("a new connection during the delay is accepted and answered");
+        assert_eq!(reply.status, 200);
+        assert!(reply.close, "responses during the drain tell the client to close");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served >= 10, "only {served} requests during a 2 s delay");
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn keepalive_clients_are_told_to_close_and_see_no_error() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = keepalive_loop(
+        site.addr(),
+        8,
+        Duration::from_millis(20),
+        stop.clone(),
+        20 * SECONDS,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    supervisor.signal(SIGTERM);
+    // Traffic goes on until nginx stops listening, as it does while endpoints propagate.
+    supervisor.log.wait_phase("quitting", 10 * SECONDS);
+    stop.store(true, Ordering::Relaxed);
+    let report = clients.join().unwrap();
+
+    assert!(
+        report.errors.is_empty(),
+        "{} errors, first: {:?}",
+        report.errors.len(),
+        report.errors.first()
+    );
+    assert!(report.ok > 100, "{report:?}");
+    assert!(
+        report.told_to_close >= 8,
+        "every client was told to close: {report:?}"
+    );
+    assert!(
+        report.connections > 8,
+        "clients reconnected after close: {report:?}"
+    );
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period() {
+    let site = Site::new();
+    let path = site.slow_path(30);
+    let grace = Duration::from_secs(4);
+    let mut supervisor = start(
+        &site,
+        &[
+            "--grace-period",
+            "4s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "500ms",
+        ],
+    );
+    let request = http::get_in_background(site.addr(), &path);
+    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
+        supervisor.descendants().len() == 3 && {
+            supervisor.descendants().iter().any(|&pid| {
+                nginx_graceful::nginx::connections::established(&[pid])
+                    .first()
+                    .is_some_and(|(_, n)| *n > 0)
+            })
+        }
+    });
+
+    let signalled = Instant::now();
+    supervisor.signal(SIGTERM);
+    let status = supervisor.wait_exit(10 * SECONDS);
+    let took = signalled.elapsed();
+
+    assert_eq!(code(status), 3, "the documented code for an escalated drain");
+    assert!(
+        took < grace,
+        "exited after {took:?}, past the {grace:?} grace period"
+    );
+    assert!(
+        took >= Duration::from_millis(2900),
+        "SIGTERM to nginx at grace - margin, not before: {took:?}"
+    );
+    let phases = supervisor.log.phases();
+    assert!(
+        phases.ends_with(&["quitting".into(), "fast_shutdown".into(), "stopped".into()]),
+        "{phases:?}"
+    );
+    assert!(
+        request.join().unwrap().is_err(),
+        "the cut request fails: that is what escalation means"
+    );
+}
+
+#[test]
+fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
+    let site = Site::new();
+    let path = site.slow_path(30);
+    let mut supervisor = start(
+        &site,
+        &[
+            "--grace-period",
+            "4s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "0s",
+        ],
+    );
+    let _request = http::get_in_background(site.addr(), &path);
+    let mut busy = None;
+    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
+        busy = supervisor.descendants().into_iter().find(|&pid| {
+            nginx_graceful::nginx::connections::established(&[pid])
+                .first()
+                .is_some_and(|(_, n)| *n > 0)
+        });
+        busy.is_some()
+    });
+    // A stopped worker acts on no signal but SIGKILL: the last step of the escalation.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(busy.unwrap()),
+        nix::sys::signal::Signal::try_from(SIGSTOP).unwrap(),
+    )
+    .unwrap();
+
+    let signalled = Instant::now();
+    supervisor.signal(SIGTERM);
+    let status = supervisor.wait_exit(10 * SECONDS);
+
+    assert_eq!(code(status), 3);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let phases = supervisor.log.phases();
+    assert!(
+        phases.ends_with(&["fast_shutdown".into(), "killing".into(), "stopped".into()]),
+        "{phases:?}"
+    );
+    assert!(!common::exists(busy.unwrap()));
+}
+
+#[test]
+fn a_second_sigterm_changes_nothing() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    let before = Instant::now();
+    supervisor.signal(SIGTERM);
+    supervisor
+        .log
+        .wait_for("the repeat to be logged", 5 * SECONDS, |l| {
+            l.contains("already draining")
+        });
+    supervisor.log.wait_phase("quitting", 5 * SECONDS);
+    assert!(
+        before.elapsed() > Duration::from_millis(700),
+        "the delay was not shortened"
+    );
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(
+        supervisor.log.phases().iter().filter(|p| *p == "unready").count(),
+        1
+    );
+}
+
+#[test]
+fn a_second_sigint_skips_the_rest_of_the_delay() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    supervisor.signal(SIGINT);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    supervisor.signal(SIGINT);
+    supervisor.log.wait_phase("quitting", 5 * SECONDS);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn sigquit_drains_without_the_propagation_delay() {
+    let site = Site::new();
+    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    supervisor.signal(SIGQUIT);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let phases = supervisor.log.phases();
+    assert!(!phases.contains(&"propagation_delay".to_string()), "{phases:?}");
+    assert!(phases.contains(&"quitting".to_string()), "{phases:?}");
+}
+
+#[test]
+fn a_killed_master_leaves_no_process_behind_and_its_status_is_the_exit_code() {
+    let site = Site::new();
+    let path = site.slow_path(2);
+    let mut supervisor = start(&site, &[]);
+    let master = supervisor.master();
+    let workers = common::children_of(master);
+    assert_eq!(workers.len(), 2);
+    let request = http::get_in_background(site.addr(), &path);
+    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
+        workers.iter().any(|&pid| {
+            nginx_graceful::nginx::connections::established(&[pid])
+                .first()
+                .is_some_and(|(_, n)| *n > 0)
+        })
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The workers outlive their master; as subreaper the supervisor adopts them...
+    supervisor
+        .log
+        .wait_for("the crash to be logged", 5 * SECONDS, |l| {
+            l.contains("exited on its own")
+        });
+    let status = supervisor.wait_exit(10 * SECONDS);
+
+    // ...lets the one with a request in flight finish it, and reaps them all.
+    assert_eq!(
+        request
+            .join()
+            .unwrap()
+            .expect("the orphaned worker finished the request")
+            .status,
+        200
+    );
+    assert_eq!(code(status), 128 + SIGKILL);
+    for pid in workers {
+        assert!(
+            !common::exists(pid),
+            "orphaned worker {pid} left behind (as zombie or alive)"
+        );
+    }
+}

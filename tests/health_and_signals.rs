@@ -1,0 +1,140 @@
+//! The health endpoint, reloads on SIGHUP, and signals forwarded to nginx.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Site, Supervisor, code, http};
+
+const SECONDS: Duration = Duration::from_secs(1);
+
+#[test]
+fn readiness_fails_from_the_first_instant_of_a_drain() {
+    let site = Site::new();
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let mut args = site.run_args(&["--propagation-delay", "2s"]);
+    let at = args.iter().position(|a| a == "off").unwrap();
+    args[at] = health.to_string();
+    let mut supervisor = Supervisor::start(&args);
+    supervisor.wait_serving(&site);
+
+    common::wait_until("readiness", 5 * SECONDS, || {
+        http::get(health, "/readyz").is_ok_and(|r| r.status == 200)
+    });
+    assert_eq!(http::get(health, "/healthz").unwrap().status, 200);
+    assert_eq!(http::get(health, "/nothing").unwrap().status, 404);
+
+    supervisor.signal(15);
+    supervisor.log.wait_phase("unready", 5 * SECONDS);
+    assert_eq!(http::get(health, "/readyz").unwrap().status, 503);
+    assert_eq!(
+        http::get(health, "/healthz").unwrap().status,
+        200,
+        "alive while draining"
+    );
+    assert_eq!(
+        http::get(site.addr(), "/").unwrap().status,
+        200,
+        "nginx still serves during the delay"
+    );
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&[]));
+    supervisor.wait_serving(&site);
+    let master = supervisor.master();
+
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config.replace("return 200 \"ok\\n\";", "return 200 \"reloaded\\n\";"),
+    )
+    .unwrap();
+    supervisor.signal(1);
+    supervisor
+        .log
+        .wait_for("the reload", 5 * SECONDS, |l| l.contains("SIGHUP sent"));
+    common::wait_until("the new config to serve", 5 * SECONDS, || {
+        http::get(site.addr(), "/").is_ok_and(|r| r.body_len == "reloaded\n".len())
+    });
+
+    std::fs::write(
+        &site.config,
+        config.replace("events {", "broken_directive;\nevents {"),
+    )
+    .unwrap();
+    supervisor.signal(1);
+    let refusal = supervisor
+        .log
+        .wait_for("the refusal", 5 * SECONDS, |l| l.contains("reload refused"));
+    assert!(refusal.contains("broken_directive"), "{refusal}");
+    assert_eq!(
+        http::get(site.addr(), "/").unwrap().body_len,
+        "reloaded\n".len(),
+        "the old config still serves"
+    );
+    assert_eq!(supervisor.master(), master);
+
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn usr1_is_forwarded_to_the_master_and_sigint_never_reaches_nginx_directly() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&[]));
+    supervisor.wait_serving(&site);
+    let master = supervisor.master();
+    supervisor.signal(10);
+    supervisor.log.wait_for("nginx to get SIGUSR1", 5 * SECONDS, |l| {
+        l.contains("signal 10 (SIGUSR1) received")
+    });
+
+    // nginx has a process group of its own: a terminal's Ctrl-C, sent to the supervisor's
+    // group, reaches the supervisor alone.
+    let group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(master))).unwrap();
+    assert_eq!(group.as_raw(), master);
+    assert_ne!(
+        group,
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(supervisor.pid))).unwrap()
+    );
+
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn pre_drain_hooks_run_in_order_before_the_delay_and_a_failure_does_not_stop_the_drain() {
+    let site = Site::new();
+    let marks = site.dir.0.join("marks");
+    let first = format!("sh -c 'echo deregistered >> {}'", marks.display());
+    let mut supervisor = Supervisor::start(&site.run_args(&[
+        "--propagation-delay",
+        "200ms",
+        "--pre-drain-exec",
+        &first,
+        "--pre-drain-exec",
+        "false",
+        "--pre-drain-exec",
+        "sleep 30",
+        "--pre-drain-timeout",
+        "500ms",
+        "--pre-drain-exec",
+        "echo from-hook",
+    ]));
+    supervisor.wait_serving(&site);
+    supervisor.signal(15);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+
+    assert_eq!(std::fs::read_to_string(&marks).unwrap(), "deregistered\n");
+    let lines = supervisor.log.lines().join("\n");
+    assert!(lines.contains("pre-drain hook failed"), "{lines}");
+    assert!(lines.contains("timed out and was killed"), "{lines}");
+    assert!(lines.contains("from-hook"), "hook output is logged: {lines}");
+    let phases = supervisor.log.phases();
+    let hooks = phases.iter().position(|p| p == "pre_drain_hooks").unwrap();
+    assert_eq!(phases[hooks + 1], "propagation_delay");
+}
