@@ -124,30 +124,39 @@ fn new_connections_during_the_propagation_delay_are_served() {
 }
 
 #[test]
-fn keepalive_clients_are_told_to_close_and_see_no_error() {
+fn keepalive_and_one_shot_clients_see_no_error_through_the_drain() {
     let site = Site::new();
     let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
-    let stop = Arc::new(AtomicBool::new(false));
+    let endpoint_removed = Arc::new(AtomicBool::new(false));
     let clients = keepalive_loop(
         site.addr(),
         8,
         Duration::from_millis(20),
-        stop.clone(),
+        endpoint_removed.clone(),
         20 * SECONDS,
     );
+    let one_shot = http::close_loop(site.addr(), endpoint_removed.clone(), 20 * SECONDS);
     std::thread::sleep(Duration::from_millis(300));
 
     supervisor.signal(SIGTERM);
-    // Traffic goes on until nginx stops listening, as it does while endpoints propagate.
-    supervisor.log.wait_phase("quitting", 10 * SECONDS);
-    stop.store(true, Ordering::Relaxed);
+    // The endpoint removal reaches the Service within the propagation delay, as it should.
+    std::thread::sleep(Duration::from_millis(800));
+    endpoint_removed.store(true, Ordering::Relaxed);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
     let report = clients.join().unwrap();
+    let one_shot = one_shot.join().unwrap();
+    assert!(
+        one_shot.errors.is_empty() && one_shot.ok > 20,
+        "connection-per-request client: {one_shot:?}"
+    );
 
+    // No reset, no EOF on a reused connection, no refusal: every client was told to close,
+    // reconnected while the pod was still an endpoint, and left once it no longer was.
     assert!(
         report.errors.is_empty(),
-        "{} errors, first: {:?}",
+        "{} failures: {:?}",
         report.errors.len(),
-        report.errors.first()
+        report.errors
     );
     assert!(report.ok > 100, "{report:?}");
     assert!(
@@ -158,7 +167,7 @@ fn keepalive_clients_are_told_to_close_and_see_no_error() {
         report.connections > 8,
         "clients reconnected after close: {report:?}"
     );
-    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(report.moved, 8, "every client left the pod: {report:?}");
 }
 
 #[test]

@@ -82,44 +82,69 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, addr: SocketAddr, path: &s
 }
 
 /// What a client loop saw.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub at: Instant,
+    /// The request went out on a connection that had already served one: the keep-alive race.
+    pub reused: bool,
+    pub error: String,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct LoopReport {
     pub ok: usize,
-    pub errors: Vec<String>,
+    pub errors: Vec<Failure>,
     /// Responses that told the client to close; it reconnected for the next request.
     pub told_to_close: usize,
     pub connections: usize,
+    /// Clients that needed a new connection after the endpoint was removed: a Service would
+    /// send them to another pod.
+    pub moved: usize,
 }
 
 /// Keep-alive clients, `clients` of them, each sending a request every `pause` on its own reused
-/// connection until `stop` is set (or `limit` passes). A failed request is recorded, never retried.
+/// connection until `limit` passes. A failed request is recorded, never retried.
+///
+/// `endpoint_removed` models the Service: once set, a client that needs a new connection gets
+/// one to another pod (it stops, counted as moved), while established connections go on being
+/// used, as kube-proxy keeps established flows on their backend.
 pub fn keepalive_loop(
     addr: SocketAddr,
     clients: usize,
     pause: Duration,
-    stop: Arc<AtomicBool>,
+    endpoint_removed: Arc<AtomicBool>,
     limit: Duration,
 ) -> std::thread::JoinHandle<LoopReport> {
     std::thread::spawn(move || {
         runtime().block_on(async move {
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..clients {
-                let stop = stop.clone();
+                let endpoint_removed = endpoint_removed.clone();
                 tasks.spawn(async move {
                     let mut report = LoopReport::default();
                     let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
+                    let mut reused = false;
                     let deadline = Instant::now() + limit;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    while Instant::now() < deadline {
                         // A connection the server closed while idle is gone before we write: a
                         // client notices that and reconnects, which is not a failure.
                         if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                            if endpoint_removed.load(Ordering::Relaxed) {
+                                report.moved += 1;
+                                break;
+                            }
                             match connect(addr).await {
                                 Ok(s) => {
                                     sender = Some(s);
+                                    reused = false;
                                     report.connections += 1;
                                 }
-                                Err(e) => {
-                                    report.errors.push(e);
+                                Err(error) => {
+                                    report.errors.push(Failure {
+                                        at: Instant::now(),
+                                        reused: false,
+                                        error,
+                                    });
                                     tokio::time::sleep(pause).await;
                                     continue;
                                 }
@@ -129,14 +154,26 @@ pub fn keepalive_loop(
                         match send(conn, addr, "/").await {
                             Ok(reply) if reply.status == StatusCode::OK => {
                                 report.ok += 1;
+                                reused = true;
                                 if reply.close {
                                     report.told_to_close += 1;
                                     sender = None;
                                 }
                             }
-                            Ok(reply) => report.errors.push(format!("status {}", reply.status)),
-                            Err(e) => {
-                                report.errors.push(e);
+                            Ok(reply) => {
+                                let error = format!("status {}", reply.status);
+                                report.errors.push(Failure {
+                                    at: Instant::now(),
+                                    reused,
+                                    error,
+                                });
+                            }
+                            Err(error) => {
+                                report.errors.push(Failure {
+                                    at: Instant::now(),
+                                    reused,
+                                    error,
+                                });
                                 sender = None;
                             }
                         }
@@ -152,27 +189,34 @@ pub fn keepalive_loop(
                 total.errors.extend(report.errors);
                 total.told_to_close += report.told_to_close;
                 total.connections += report.connections;
+                total.moved += report.moved;
             }
             total
         })
     })
 }
 
-/// One new connection per request, back to back, until `stop` is set or `limit` passes.
+/// One new connection per request, back to back, until the endpoint is removed (see
+/// [`keepalive_loop`]) or `limit` passes.
 pub fn close_loop(
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    endpoint_removed: Arc<AtomicBool>,
     limit: Duration,
 ) -> std::thread::JoinHandle<LoopReport> {
     std::thread::spawn(move || {
         let mut report = LoopReport::default();
         let deadline = Instant::now() + limit;
         let rt = runtime();
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        while !endpoint_removed.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let failure = |error| Failure {
+                at: Instant::now(),
+                reused: false,
+                error,
+            };
             match rt.block_on(async { send(&mut connect(addr).await?, addr, "/").await }) {
                 Ok(reply) if reply.status == StatusCode::OK => report.ok += 1,
-                Ok(reply) => report.errors.push(format!("status {}", reply.status)),
-                Err(e) => report.errors.push(e),
+                Ok(reply) => report.errors.push(failure(format!("status {}", reply.status))),
+                Err(e) => report.errors.push(failure(e)),
             }
             report.connections += 1;
             std::thread::sleep(Duration::from_millis(5));
