@@ -148,27 +148,19 @@ impl Drain<'_> {
     /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
     /// master, SIGKILL to everything left. Returns (escalated, processes killed).
     pub async fn stop(&self, processes: &mut Processes, started: Instant) -> (bool, usize) {
-        let fast_shutdown_at = started + self.plan.fast_shutdown_at;
-        if wait_for_all(
-            processes,
-            &self.tree,
-            fast_shutdown_at,
-            started + self.plan.grace_period,
-        )
-        .await
+        let end = started + self.plan.grace_period;
+        if self
+            .wait_for_all(processes, started + self.plan.fast_shutdown_at, end)
+            .await
         {
             return (false, 0);
         }
         self.master.signal(Signal::SIGTERM);
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
-        if wait_for_all(
-            processes,
-            &self.tree,
-            started + self.plan.kill_at,
-            started + self.plan.grace_period,
-        )
-        .await
+        if self
+            .wait_for_all(processes, started + self.plan.kill_at, end)
+            .await
         {
             return (true, 0);
         }
@@ -177,14 +169,7 @@ impl Drain<'_> {
             Phase::Killing,
             &format!("SIGKILL to the {killed} nginx processes left"),
         );
-        if !wait_for_all(
-            processes,
-            &self.tree,
-            started + self.plan.grace_period,
-            started + self.plan.grace_period,
-        )
-        .await
-        {
+        if !self.wait_for_all(processes, end, end).await {
             tracing::error!(
                 left = processes.len(),
                 "nginx processes survived SIGKILL (stuck in the kernel?)"
@@ -192,29 +177,37 @@ impl Drain<'_> {
         }
         (true, killed)
     }
-}
 
-/// Waits until no nginx process is left (true) or `deadline` passes (false), with a progress
-/// event at most every second. `budget_end` is only for the time left in those events.
-async fn wait_for_all(
-    processes: &mut Processes,
-    tree: &NginxTree,
-    deadline: Instant,
-    budget_end: Instant,
-) -> bool {
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-    loop {
-        // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
-        if processes.is_empty() && tree.track(processes) == 0 {
-            return true;
-        }
-        tokio::select! {
-            _ = processes.next_exit() => {}
-            _ = progress.tick() => {
-                tree.track(processes);
-                report_progress(processes, budget_end);
+    /// Waits until no nginx process is left (true) or `deadline` passes (false), with a progress
+    /// event at most every second. `budget_end` is only for the time left in those events.
+    async fn wait_for_all(&self, processes: &mut Processes, deadline: Instant, budget_end: Instant) -> bool {
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        loop {
+            // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
+            if processes.is_empty() && (!self.may_have_stragglers() || self.tree.track(processes) == 0) {
+                return true;
             }
-            _ = sleep_until(deadline.into()) => return false,
+            tokio::select! {
+                _ = processes.next_exit() => {}
+                _ = progress.tick() => {
+                    self.tree.track(processes);
+                    report_progress(processes, budget_end);
+                }
+                _ = sleep_until(deadline.into()) => return false,
+            }
+        }
+    }
+
+    /// Whether an untracked nginx process could still exist, answered without reading /proc,
+    /// so the drain ends within a millisecond of the last exit.
+    fn may_have_stragglers(&self) -> bool {
+        if self.tree.root == nix::unistd::getpid().as_raw() {
+            // As reaper, every process that outlived its parent below us is our child.
+            self.reaper.has_children()
+        } else {
+            // Below a master that has exited, nothing can be found by its pid any more.
+            self.master.is_alive()
         }
     }
 }

@@ -9,7 +9,7 @@ use std::fmt;
 use std::process::{ChildStderr, ChildStdout, Command};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::Signal;
 use tokio::sync::oneshot;
@@ -99,6 +99,14 @@ impl Reaper {
     /// supervisor exits, so no zombie of ours is handed to the host's init.
     pub fn reap_now(&self) {
         reap_all(&self.waiters);
+    }
+
+    /// Whether any child, alive or not yet reaped, is left: one system call, where a scan of
+    /// /proc would read every process on the host.
+    pub fn has_children(&self) -> bool {
+        self.reap_now();
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        !matches!(waitid(Id::All, flags), Err(nix::errno::Errno::ECHILD))
     }
 
     pub fn spawn(&self, command: &mut Command) -> std::io::Result<Spawned> {

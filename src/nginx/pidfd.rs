@@ -2,7 +2,7 @@
 //! hitting a process that reused the number.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use nix::sys::signal::Signal;
@@ -47,6 +47,15 @@ impl PidFd {
     pub fn signal(&self, signal: Signal) -> bool {
         let sig = rustix::process::Signal::from_named_raw(signal as i32).expect("a named signal");
         pidfd_send_signal(self.fd.get_ref(), sig).is_ok()
+    }
+
+    /// Whether the process is still running (a pidfd is readable once it has exited).
+    pub fn is_alive(&self) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            self.fd.get_ref().as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n == 0)
     }
 
     /// Resolves when the process exits (a pidfd becomes readable then).

@@ -1,0 +1,216 @@
+//! What the supervisor costs, against the init processes people use today, in one run:
+//!
+//! - exit latency: from the exit of the last nginx process to the exit of the supervisor;
+//! - memory: the supervisor's resident set while nginx serves;
+//! - idle cost: CPU time and context switches (wake-ups) of the supervisor while nginx serves
+//!   and nothing happens.
+//!
+//! `cargo bench --bench supervisor`; BENCH_REPEATS (default 20) and BENCH_IDLE_SECS (default 60)
+//! change the effort. tini and dumb-init are measured when installed.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Site, descendants_of};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+struct Contender {
+    name: &'static str,
+    argv: fn(&Site, u16) -> Vec<String>,
+}
+
+fn ours(site: &Site, health_port: u16) -> Vec<String> {
+    let mut args = vec![
+        common::BIN.to_owned(),
+        "run".into(),
+        "--propagation-delay".into(),
+        "0s".into(),
+    ];
+    args.extend(["--health-listen".into(), format!("127.0.0.1:{health_port}")]);
+    args.extend(["--runtime-dir".into(), site.runtime.display().to_string()]);
+    args.extend(site.nginx_command());
+    args
+}
+
+fn tini(site: &Site, _: u16) -> Vec<String> {
+    let mut args = vec!["tini".to_owned()];
+    args.extend(site.nginx_command());
+    args
+}
+
+fn dumb_init(site: &Site, _: u16) -> Vec<String> {
+    let mut args = vec!["dumb-init".to_owned()];
+    args.extend(site.nginx_command().into_iter().skip(1));
+    args
+}
+
+fn start(contender: &Contender, site: &Site) -> Child {
+    let argv = (contender.argv)(site, common::free_port());
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the contender");
+    let pid = child.id() as i32;
+    common::wait_until("nginx to serve", Duration::from_secs(10), || {
+        site.serves() && descendants_of(pid).len() >= 3
+    });
+    child
+}
+
+fn pidfd(pid: i32) -> Option<OwnedFd> {
+    rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid)?,
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok()
+}
+
+/// SIGTERM, then the time from the last nginx exit to the supervisor's exit.
+fn exit_latency(contender: &Contender) -> Duration {
+    let site = Site::new();
+    let mut child = start(contender, &site);
+    let supervisor = child.id() as i32;
+    let nginx: Vec<OwnedFd> = descendants_of(supervisor).into_iter().filter_map(pidfd).collect();
+    let own = pidfd(supervisor).unwrap();
+    kill(Pid::from_raw(supervisor), Signal::SIGTERM).unwrap();
+
+    let mut exited: Vec<Option<Instant>> = vec![None; nginx.len() + 1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exited.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "{} did not stop", contender.name);
+        let fds: Vec<&OwnedFd> = nginx.iter().chain([&own]).collect();
+        let mut polls: Vec<PollFd> = fds
+            .iter()
+            .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        poll(&mut polls, PollTimeout::from(1000u16)).unwrap();
+        let now = Instant::now();
+        for (i, p) in polls.iter().enumerate() {
+            if exited[i].is_none() && p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+                exited[i] = Some(now);
+            }
+        }
+    }
+    child.wait().unwrap();
+    let last_nginx = exited[..nginx.len()].iter().map(|t| t.unwrap()).max().unwrap();
+    exited[nginx.len()].unwrap().saturating_duration_since(last_nginx)
+}
+
+fn status_field(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// User + system CPU time in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+    rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap()
+}
+
+fn switches(pid: i32) -> u64 {
+    status_field(pid, "voluntary_ctxt_switches:") + status_field(pid, "nonvoluntary_ctxt_switches:")
+}
+
+struct Idle {
+    rss_kib: u64,
+    cpu_ms: u64,
+    wakeups: u64,
+}
+
+fn idle(contender: &Contender, seconds: u64) -> Idle {
+    let site = Site::new();
+    let mut child = start(contender, &site);
+    let pid = child.id() as i32;
+    // Settle: start-up work (nginx -T, the first probe) is not idle cost.
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu0, sw0) = (cpu_ticks(pid), switches(pid));
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (cpu1, sw1) = (cpu_ticks(pid), switches(pid));
+    let rss_kib = status_field(pid, "VmRSS:");
+    let tick_ms = 1000
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as u64;
+    let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    child.wait().unwrap();
+    Idle {
+        rss_kib,
+        cpu_ms: (cpu1 - cpu0) * tick_ms,
+        wakeups: sw1 - sw0,
+    }
+}
+
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let repeats = env_or("BENCH_REPEATS", 20) as usize;
+    let idle_secs = env_or("BENCH_IDLE_SECS", 60);
+    let all = [
+        Contender {
+            name: "nginx-graceful run",
+            argv: ours,
+        },
+        Contender {
+            name: "tini",
+            argv: tini,
+        },
+        Contender {
+            name: "dumb-init",
+            argv: dumb_init,
+        },
+    ];
+    let contenders: Vec<&Contender> = all
+        .iter()
+        .filter(|c| c.name.starts_with("nginx-graceful") || installed(c.name))
+        .collect();
+
+    println!(
+        "| supervisor | exit latency median | p90 | max | RSS serving | CPU over {idle_secs} s idle | wake-ups over {idle_secs} s idle |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for contender in contenders {
+        let mut latencies: Vec<Duration> = (0..repeats).map(|_| exit_latency(contender)).collect();
+        latencies.sort();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        let idle = idle(contender, idle_secs);
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {} ms | {} |",
+            contender.name,
+            at(0.5).as_secs_f64() * 1e3,
+            at(0.9).as_secs_f64() * 1e3,
+            latencies.last().unwrap().as_secs_f64() * 1e3,
+            idle.rss_kib as f64 / 1024.0,
+            idle.cpu_ms,
+            idle.wakeups,
+        );
+    }
+    println!(
+        "\n{repeats} exits each; nginx 1.22 with 2 workers; tini and dumb-init forward SIGTERM (nginx's fast shutdown), nginx-graceful drains with --propagation-delay 0s."
+    );
+}
