@@ -57,6 +57,36 @@ EXAMPLES:
   nginx-graceful run --grace-period 60s -- nginx -g 'daemon off;'
       your own nginx, for a pod with terminationGracePeriodSeconds: 60";
 
+const DRAIN_ABOUT: &str = "\
+Drain nginx and block until it has exited: the preStop hook.
+
+With a `run` supervisor in the container (its control socket in --runtime-dir), drain asks it to
+drain, follows the drain and exits with its outcome; the SIGTERM that the kubelet sends after the
+hook finds the drain under way or done, and starts nothing new. Without one (nginx as PID 1, under
+tini or dumb-init, or started by an ingress controller), drain does the same drain itself: it
+finds the master through the pid file, checks in /proc that it is an nginx master, pins it with
+a pidfd, and never signals anything else. It needs nothing from the image: no shell, sleep or
+pkill.";
+
+const DRAIN_AFTER_HELP: &str = "\
+KUBERNETES:
+  lifecycle:
+    preStop:
+      exec:
+        command: [\"nginx-graceful\", \"drain\"]
+  The grace period counts from the start of the hook: give --grace-period the pod's
+  terminationGracePeriodSeconds.
+
+EXIT CODES:
+  0    nginx quit cleanly within the budget, or was not running
+  3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
+  10   the drain plan does not fit in --grace-period
+  15   the pid file names a process that is not an nginx master (nothing was signalled)
+  16   the nginx master belongs to another user (nothing was signalled)
+  17   the pid file cannot be read, is empty, or holds no pid
+  18   the supervisor stopped answering before it reported the outcome
+  70   internal error";
+
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -72,6 +102,9 @@ pub enum Command {
     /// Run nginx as a child and drain it in order on SIGTERM (the container ENTRYPOINT).
     #[command(after_long_help = RUN_AFTER_HELP)]
     Run(RunArgs),
+    /// Drain nginx and block until it has exited (the preStop hook).
+    #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
+    Drain(PreStopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +184,32 @@ pub struct RunArgs {
     /// Give nginx `-g 'daemon off;'` so that it stays in the foreground.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct PreStopArgs {
+    /// Used only without a supervisor: with one, its own plan and budget apply.
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    /// nginx's pid file (its `pid` directive), read when no supervisor answers. During a binary
+    /// upgrade the old master's FILE.oldbin is drained too.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "NGINX_GRACEFUL_PID_FILE",
+        default_value = "/run/nginx.pid"
+    )]
+    pub pid_file: PathBuf,
+
+    /// The supervisor's runtime directory: its control socket, and the drain flag that the
+    /// keep-alive snippet tests.
+    #[arg(
+        long,
+        env = "NGINX_GRACEFUL_RUNTIME_DIR",
+        default_value = "/run/nginx-graceful"
+    )]
+    pub runtime_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +293,8 @@ mod tests {
     #[test]
     fn every_option_has_an_environment_variable() {
         let cmd = Cli::command();
-        let run = cmd.find_subcommand("run").unwrap();
-        for arg in run.get_arguments().chain(cmd.get_arguments()) {
+        let subcommands = cmd.get_subcommands().flat_map(|sub| sub.get_arguments());
+        for arg in subcommands.chain(cmd.get_arguments()) {
             let id = arg.get_id().as_str();
             if ["command", "help", "version"].contains(&id) {
                 continue;

@@ -7,24 +7,27 @@ use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 use tokio::time::sleep_until;
 
+use crate::error::exit;
 use crate::hooks;
 use crate::keepalive::KeepAliveFlag;
 use crate::nginx::connections;
 use crate::nginx::pidfd::{PidFd, Processes};
 use crate::nginx::tree::ProcessTable;
 use crate::phase::{Phase, Phases};
-use crate::plan::DrainPlan;
+use crate::plan::{DrainPlan, fmt};
 use crate::reaper::Reaper;
+use serde_json::Value;
 
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Which processes are nginx's: every process named like the master below `root`.
+/// Which processes are nginx's: every process named like the master below the roots.
 #[derive(Debug, Clone)]
 pub struct NginxTree {
-    /// The supervisor (for `run`: orphaned workers are reparented to it) or the master itself.
-    pub root: i32,
-    pub include_root: bool,
+    /// The supervisor (for `run`: orphaned workers are reparented to it), or the masters
+    /// themselves (two during a binary upgrade).
+    pub roots: Vec<i32>,
+    pub include_roots: bool,
     /// The master's command name; a hook's leftover `sleep` below the supervisor is not nginx.
     pub comm: String,
 }
@@ -35,9 +38,12 @@ impl NginxTree {
         let Ok(table) = ProcessTable::read() else {
             return 0;
         };
-        let mut seen = table.descendants(self.root);
-        if self.include_root {
-            seen.extend(table.get(self.root));
+        let mut seen = Vec::new();
+        for &root in &self.roots {
+            seen.extend(table.descendants(root));
+            if self.include_roots {
+                seen.extend(table.get(root));
+            }
         }
         seen.into_iter()
             .filter(|stat| stat.comm == self.comm && processes.track(stat))
@@ -50,7 +56,8 @@ pub struct Drain<'a> {
     pub phases: &'a Phases,
     pub reaper: &'a Reaper,
     pub flag: &'a KeepAliveFlag,
-    pub master: &'a PidFd,
+    /// The master, or both masters during a binary upgrade.
+    pub masters: Vec<&'a PidFd>,
     pub tree: NginxTree,
     /// Notified to cut the propagation delay short (a second Ctrl-C).
     pub skip_delay: &'a Notify,
@@ -63,6 +70,28 @@ pub struct DrainOutcome {
     pub connections_at_quit: usize,
     pub killed: usize,
     pub elapsed: Duration,
+}
+
+impl DrainOutcome {
+    pub fn exit_code(&self) -> i32 {
+        if self.escalated {
+            crate::error::exit::ESCALATED
+        } else {
+            crate::error::exit::OK
+        }
+    }
+
+    /// The event that ends a drain, for logs and for `drain` clients.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "event": "outcome",
+            "outcome": if self.escalated { "escalated" } else { "clean" },
+            "exit_code": self.exit_code(),
+            "elapsed_ms": self.elapsed.as_millis() as u64,
+            "connections_at_quit": self.connections_at_quit,
+            "killed": self.killed,
+        })
+    }
 }
 
 impl Drain<'_> {
@@ -97,7 +126,7 @@ impl Drain<'_> {
         let mut processes = Processes::default();
         self.tree.track(&mut processes);
         let connections_at_quit = count_connections(&processes).iter().map(|(_, n)| n).sum();
-        self.master.signal(Signal::SIGQUIT);
+        self.signal_masters(Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
@@ -111,13 +140,6 @@ impl Drain<'_> {
             killed,
             elapsed: started.elapsed(),
         };
-        tracing::info!(
-            outcome = if escalated { "escalated" } else { "clean" },
-            elapsed_ms = outcome.elapsed.as_millis() as u64,
-            connections_at_quit,
-            killed,
-            "drain finished"
-        );
         outcome
     }
 
@@ -155,7 +177,7 @@ impl Drain<'_> {
         {
             return (false, 0);
         }
-        self.master.signal(Signal::SIGTERM);
+        self.signal_masters(Signal::SIGTERM);
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
         if self
@@ -192,7 +214,7 @@ impl Drain<'_> {
                 _ = processes.next_exit() => {}
                 _ = progress.tick() => {
                     self.tree.track(processes);
-                    report_progress(processes, budget_end);
+                    report_progress(self.phases, processes, budget_end);
                 }
                 _ = sleep_until(deadline.into()) => return false,
             }
@@ -202,12 +224,18 @@ impl Drain<'_> {
     /// Whether an untracked nginx process could still exist, answered without reading /proc,
     /// so the drain ends within a millisecond of the last exit.
     fn may_have_stragglers(&self) -> bool {
-        if self.tree.root == nix::unistd::getpid().as_raw() {
+        if self.tree.roots == [nix::unistd::getpid().as_raw()] {
             // As reaper, every process that outlived its parent below us is our child.
             self.reaper.has_children()
         } else {
             // Below a master that has exited, nothing can be found by its pid any more.
-            self.master.is_alive()
+            self.masters.iter().any(|m| m.is_alive())
+        }
+    }
+
+    fn signal_masters(&self, signal: Signal) {
+        for master in &self.masters {
+            master.signal(signal);
         }
     }
 }
@@ -217,14 +245,40 @@ fn count_connections(processes: &Processes) -> Vec<(i32, usize)> {
     connections::established(&pids)
 }
 
-fn report_progress(processes: &Processes, budget_end: Instant) {
+fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
     let counts = count_connections(processes);
     let per_process: Vec<String> = counts.iter().map(|(pid, n)| format!("{pid}:{n}")).collect();
+    let time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64;
+    phases.publish(serde_json::json!({
+        "event": "progress",
+        "processes_left": processes.len(),
+        "connections_by_pid": per_process.join(","),
+        "time_left_ms": time_left_ms,
+    }));
     tracing::info!(
         processes_left = processes.len(),
         connections = counts.iter().map(|(_, n)| n).sum::<usize>(),
         connections_by_pid = per_process.join(","),
-        time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64,
+        time_left_ms,
         "waiting for nginx to finish"
     );
+}
+
+/// The drain's last line, from its outcome event: outcome, total time, connections at SIGQUIT, processes killed.
+pub fn log_summary(outcome: &Value, how: &str) -> i32 {
+    let code = outcome["exit_code"].as_i64().unwrap_or(exit::INTERNAL as i64) as i32;
+    let elapsed = std::time::Duration::from_millis(outcome["elapsed_ms"].as_u64().unwrap_or(0));
+    tracing::info!(
+        outcome = outcome["outcome"].as_str().unwrap_or("unknown"),
+        elapsed_ms = elapsed.as_millis() as u64,
+        connections_at_quit = outcome["connections_at_quit"].as_u64().unwrap_or(0),
+        killed = outcome["killed"].as_u64().unwrap_or(0),
+        exit_code = code,
+        "{how}: {} in {}, {} connections at SIGQUIT, {} processes killed",
+        outcome["outcome"].as_str().unwrap_or("unknown"),
+        fmt(elapsed),
+        outcome["connections_at_quit"],
+        outcome["killed"],
+    );
+    code
 }

@@ -12,6 +12,10 @@ pub mod exit {
     pub const CONFIG_TEST_FAILED: i32 = 12;
     pub const RUNTIME_DIR: i32 = 13;
     pub const HEALTH_LISTEN: i32 = 14;
+    pub const NOT_NGINX: i32 = 15;
+    pub const OTHER_USER: i32 = 16;
+    pub const PID_FILE: i32 = 17;
+    pub const CONTROL_BROKEN: i32 = 18;
     pub const INTERNAL: i32 = 70;
 }
 
@@ -45,6 +49,24 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot read pid file {}: {detail}: point --pid-file at nginx's pid file (the `pid` directive)", path.display())]
+    PidFile { path: PathBuf, detail: String },
+
+    #[error("pid file {} names pid {pid} (`{what}`), which is not an nginx master: nothing was signalled; the pid file is stale or --pid-file is wrong", pid_file.display())]
+    NotNginx {
+        pid_file: PathBuf,
+        pid: i32,
+        what: String,
+    },
+
+    #[error(
+        "the nginx master (pid {pid}) belongs to uid {uid}: nothing was signalled; run drain as that user or as root"
+    )]
+    OtherUser { pid: i32, uid: u32 },
+
+    #[error("the supervisor stopped answering before it reported the drain's outcome: see its log")]
+    ControlBroken,
+
     #[error("{context}: {source}")]
     Internal {
         context: &'static str,
@@ -60,6 +82,10 @@ impl Error {
             Error::ConfigTest { .. } => exit::CONFIG_TEST_FAILED,
             Error::RuntimeDir { .. } | Error::RuntimeDirBusy { .. } => exit::RUNTIME_DIR,
             Error::HealthListen { .. } => exit::HEALTH_LISTEN,
+            Error::PidFile { .. } => exit::PID_FILE,
+            Error::NotNginx { .. } => exit::NOT_NGINX,
+            Error::OtherUser { .. } => exit::OTHER_USER,
+            Error::ControlBroken => exit::CONTROL_BROKEN,
             Error::Internal { .. } => exit::INTERNAL,
         }
     }

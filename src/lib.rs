@@ -19,6 +19,7 @@
 //! 6. `main` maps the outcome or the [`error::Error`] to one exit code and one line.
 
 pub mod cli;
+pub mod control;
 pub mod drain;
 pub mod error;
 pub mod health;
@@ -28,6 +29,7 @@ pub mod logging;
 pub mod nginx;
 pub mod phase;
 pub mod plan;
+pub mod prestop;
 pub mod reaper;
 pub mod runtime_dir;
 pub mod signals;

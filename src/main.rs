@@ -3,7 +3,7 @@
 use clap::Parser;
 use nginx_graceful::cli::{Cli, Command};
 use nginx_graceful::error::exit;
-use nginx_graceful::{logging, supervisor};
+use nginx_graceful::{logging, prestop, supervisor};
 
 fn main() {
     let cli = Cli::parse();
@@ -20,6 +20,7 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => supervisor::run(args).await,
+            Command::Drain(args) => prestop::drain(args).await,
         }
     });
     let code = match result {

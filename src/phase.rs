@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Instant;
 
-use tokio::sync::watch;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
 
 /// Where the supervisor is in the life of nginx. The drain phases come in this order; a phase
 /// may be skipped (no hooks, no escalation) but never revisited.
@@ -64,10 +65,12 @@ impl fmt::Display for Phase {
     }
 }
 
-/// Announces phase changes: one `info` event each, and a watch channel for readiness and tests.
+/// Announces phase changes: one `info` event each, a watch channel for readiness, and a feed
+/// of events for `drain` clients on the control socket.
 #[derive(Debug)]
 pub struct Phases {
     tx: watch::Sender<Phase>,
+    feed: broadcast::Sender<Value>,
     started: Instant,
 }
 
@@ -75,6 +78,7 @@ impl Default for Phases {
     fn default() -> Self {
         Self {
             tx: watch::Sender::new(Phase::Starting),
+            feed: broadcast::Sender::new(64),
             started: Instant::now(),
         }
     }
@@ -89,6 +93,17 @@ impl Phases {
         self.tx.subscribe()
     }
 
+    /// The feed of phase changes and progress events, as JSON objects; each `subscribe()` sees
+    /// the events from then on.
+    pub fn feed_source(&self) -> broadcast::Sender<Value> {
+        self.feed.clone()
+    }
+
+    /// Sends an event to the feed only (the caller logs it).
+    pub fn publish(&self, event: Value) {
+        let _ = self.feed.send(event);
+    }
+
     /// Moves to `next` and logs it with `message`; a move backwards is a bug and is ignored.
     pub fn enter(&self, next: Phase, message: &str) {
         let previous = self.current();
@@ -97,11 +112,9 @@ impl Phases {
             return;
         }
         self.tx.send_replace(next);
-        tracing::info!(
-            phase = next.name(),
-            since_start_ms = self.started.elapsed().as_millis() as u64,
-            "{message}"
-        );
+        let since_start_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(phase = next.name(), since_start_ms, "{message}");
+        self.publish(json!({"event": "phase", "phase": next.name(), "message": message}));
     }
 }
 

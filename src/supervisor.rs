@@ -6,7 +6,8 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::cli::{HealthListen, RunArgs};
-use crate::drain::{Drain, DrainOutcome, NginxTree};
+use crate::control::{ControlServer, DrainRequest};
+use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
 use crate::health::{self, HealthState};
 use crate::nginx::command::{Master, NginxCommand};
@@ -36,6 +37,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let reaper = Reaper::start(signals.child.take().expect("SIGCHLD stream"));
     let phases = Phases::default();
+    let mut control = ControlServer::start(runtime.path(), &phases)?;
     let flag = runtime.flag();
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, "starting");
 
@@ -59,8 +61,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         // Read when the drain starts: by then the child has exec'd nginx, even through a wrapper.
         let comm = ProcStat::read(master_pid).map_or_else(|| command_name(&nginx), |stat| stat.comm);
         let tree = NginxTree {
-            root: std::process::id() as i32,
-            include_root: false,
+            roots: vec![std::process::id() as i32],
+            include_roots: false,
             comm,
         };
         Drain {
@@ -68,7 +70,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             phases: &phases,
             reaper: &reaper,
             flag: &flag,
-            master: &master.pidfd,
+            masters: vec![&master.pidfd],
             tree,
             skip_delay: &skip_delay,
         }
@@ -89,13 +91,21 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 Trigger::Reload => reload(&nginx, &reaper, &master).await,
                 Trigger::Forward(signal) => forward(&master, signal),
             },
+            Some(DrainRequest) = control.requests.recv() => {
+                tracing::info!("drain requested over the control socket (preStop hook)");
+                break (plan.clone(), Instant::now());
+            }
             status = &mut master.exit => {
                 let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
                 health.set_master(0);
                 tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
-                drain(&plan).orphans(Instant::now()).await;
+                let outcome = drain(&plan).orphans(Instant::now()).await;
                 reaper.reap_now();
                 let _ = flag.lower();
+                let mut report = outcome.to_json();
+                report["outcome"] = "nginx_exited".into();
+                report["exit_code"] = status.as_exit_code().into();
+                control.finish(report).await;
                 return Ok(status.as_exit_code());
             }
         }
@@ -116,6 +126,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 Trigger::Reload => tracing::warn!("reload refused: a drain has begun"),
                 Trigger::Forward(signal) => forward(&master, signal),
             },
+            Some(DrainRequest) = control.requests.recv() => {
+                tracing::info!(phase = %phases.current(), "drain requested over the control socket: already draining, the client follows this drain");
+            }
         }
     };
     health.set_master(0);
@@ -123,11 +136,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
-    Ok(if outcome.escalated {
-        exit::ESCALATED
-    } else {
-        exit::OK
-    })
+    let report = outcome.to_json();
+    log_summary(&report, "drain finished");
+    // The preStop hook, if one asked, hears the outcome and exits before we do.
+    control.finish(report).await;
+    Ok(outcome.exit_code())
 }
 
 /// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and

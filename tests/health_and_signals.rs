@@ -60,6 +60,10 @@ fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
     common::wait_until("the new config to serve", 5 * SECONDS, || {
         http::get(site.addr(), "/").is_ok_and(|r| r.body_len == "reloaded\n".len())
     });
+    // The old generation may still accept a connection or two until it has exited.
+    common::wait_until("the old workers to exit", 5 * SECONDS, || {
+        common::children_of(master).len() == 2
+    });
 
     std::fs::write(
         &site.config,

@@ -4,4 +4,5 @@
 pub mod command;
 pub mod connections;
 pub mod pidfd;
+pub mod pidfile;
 pub mod tree;

@@ -276,6 +276,11 @@ impl Supervisor {
         Self::spawn(&mut command, true)
     }
 
+    /// Any command whose stderr is to be followed like the supervisor's.
+    pub fn spawn_command(command: &mut Command) -> Self {
+        Self::spawn(command, false)
+    }
+
     fn spawn(command: &mut Command, in_namespace: bool) -> Self {
         let mut child = command
             .stdin(Stdio::null())
@@ -428,4 +433,82 @@ pub fn code(status: ExitStatus) -> i32 {
     status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// nginx started by hand as a daemon, as an ingress controller or a plain `nginx` entrypoint
+/// does; its log goes to `daemon.log` in the site's directory. Killed on drop if still running.
+pub struct DaemonNginx {
+    pub master: i32,
+    pub log: PathBuf,
+    pids: Vec<i32>,
+}
+
+impl Site {
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.0.join("nginx.pid")
+    }
+
+    pub fn start_daemon(&self) -> DaemonNginx {
+        let log = self.dir.0.join("daemon.log");
+        let status = Command::new("nginx")
+            .args(["-e", "stderr", "-c"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "nginx failed to start: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        wait_until("nginx to serve", Duration::from_secs(5), || self.serves());
+        let master: i32 = std::fs::read_to_string(self.pid_file())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_until("the workers", Duration::from_secs(5), || {
+            children_of(master).len() == 2
+        });
+        let mut pids = vec![master];
+        pids.extend(children_of(master));
+        DaemonNginx { master, log, pids }
+    }
+}
+
+impl DaemonNginx {
+    pub fn all_gone(&self) -> bool {
+        self.pids
+            .iter()
+            .all(|&pid| stat_fields(pid).is_none_or(|(state, _)| state == 'Z'))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonNginx {
+    fn drop(&mut self) {
+        for &pid in self.pids.iter().rev() {
+            if comm(pid).as_deref() == Some("nginx") {
+                unsafe_free_kill(pid, 9);
+            }
+        }
+    }
+}
+
+/// `nginx-graceful drain` for this site, JSON logs.
+pub fn drain_args(site: &Site, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-format", "json", "drain", "--runtime-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(site.runtime.display().to_string());
+    args.push("--pid-file".into());
+    args.push(site.pid_file().display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }

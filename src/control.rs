@@ -1,0 +1,204 @@
+//! The control socket: how `drain` (the preStop hook) asks a `run` supervisor in the same
+//! container to drain, and follows it to the end.
+//!
+//! One JSON object per line. The client sends `{"request":"drain"}`; the server answers with
+//! `{"event":"accepted",...}`, then every phase and progress event, then one
+//! `{"event":"outcome",...}`, and waits for the client to hang up: the hook process exits before
+//! the supervisor does, so the kubelet sees a hook that finished, not one that was killed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Error;
+use crate::phase::Phases;
+
+/// How long the supervisor waits for its `drain` clients to hang up before it exits.
+pub const CLIENT_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How long a client waits for the supervisor to accept before it drains by itself.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("control.sock")
+}
+
+/// A drain asked for over the socket.
+#[derive(Debug)]
+pub struct DrainRequest;
+
+/// The supervisor's end.
+pub struct ControlServer {
+    pub requests: mpsc::Receiver<DrainRequest>,
+    outcome: watch::Sender<Option<Value>>,
+    clients_gone: mpsc::Receiver<()>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlServer {
+    /// Binds the socket, owner-only. The runtime directory is locked by this supervisor, so a
+    /// socket file already there is left over from a dead one.
+    pub fn start(runtime_dir: &Path, phases: &Phases) -> Result<Self, Error> {
+        let path = socket_path(runtime_dir);
+        let fail = |source| Error::RuntimeDir {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path).map_err(fail)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+
+        let (request_tx, requests) = mpsc::channel(8);
+        let (outcome, outcome_rx) = watch::channel(None);
+        let (client_alive, clients_gone) = mpsc::channel::<()>(1);
+        let feed = phases.feed_source();
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let connection = Connection {
+                    events: feed.subscribe(),
+                    outcome: outcome_rx.clone(),
+                    requests: request_tx.clone(),
+                    _alive: client_alive.clone(),
+                };
+                tokio::spawn(connection.serve(stream));
+            }
+        });
+        Ok(Self {
+            requests,
+            outcome,
+            clients_gone,
+            accept_task,
+        })
+    }
+
+    /// Reports the outcome to every client and waits (bounded) until they have hung up.
+    pub async fn finish(mut self, outcome: Value) {
+        self.accept_task.abort();
+        let _ = self.accept_task.await;
+        self.outcome.send_replace(Some(outcome));
+        // Each connection holds a sender: `None` once every one of them is gone.
+        match tokio::time::timeout(CLIENT_EXIT_WAIT, self.clients_gone.recv()).await {
+            Ok(_) => tracing::debug!("every drain client has hung up"),
+            Err(_) => tracing::warn!("a drain client did not hang up in time; exiting anyway"),
+        }
+    }
+}
+
+struct Connection {
+    events: tokio::sync::broadcast::Receiver<Value>,
+    outcome: watch::Receiver<Option<Value>>,
+    requests: mpsc::Sender<DrainRequest>,
+    _alive: mpsc::Sender<()>,
+}
+
+impl Connection {
+    async fn serve(mut self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let request = match tokio::time::timeout(CONNECT_TIMEOUT, lines.next_line()).await {
+            Ok(Ok(Some(line))) => serde_json::from_str::<Value>(&line).unwrap_or(Value::Null),
+            _ => return,
+        };
+        if request["request"] != "drain" {
+            let _ = send(
+                &mut write,
+                &json!({"event": "error", "message": "unknown request"}),
+            )
+            .await;
+            return;
+        }
+        // Subscribed before the request goes in, so no event of this drain is missed.
+        let _ = self.requests.send(DrainRequest).await;
+        if send(&mut write, &json!({"event": "accepted"})).await.is_err() {
+            return;
+        }
+        let outcome = loop {
+            tokio::select! {
+                changed = self.outcome.changed() => {
+                    if changed.is_err() {
+                        break None;
+                    }
+                    let outcome = self.outcome.borrow().clone();
+                    if outcome.is_some() {
+                        break outcome;
+                    }
+                }
+                event = self.events.recv() => match event {
+                    Ok(event) => { let _ = send(&mut write, &event).await; }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break None,
+                },
+            }
+        };
+        // Events published just before the outcome are still queued: send them first.
+        while let Ok(event) = self.events.try_recv() {
+            let _ = send(&mut write, &event).await;
+        }
+        if let Some(outcome) = outcome {
+            let _ = send(&mut write, &outcome).await;
+            // Wait for the client to hang up (it exits once it has the outcome).
+            let _ = tokio::time::timeout(CLIENT_EXIT_WAIT, lines.next_line()).await;
+        }
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, event: &Value) -> std::io::Result<()> {
+    let mut line = event.to_string();
+    line.push('\n');
+    write.write_all(line.as_bytes()).await
+}
+
+/// The client's end: `Ok(None)` when no supervisor answers, so the caller drains by itself.
+pub async fn request_drain(
+    runtime_dir: &Path,
+    mut on_event: impl FnMut(&Value),
+) -> Result<Option<Value>, Error> {
+    let path = socket_path(runtime_dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&path)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::warn!(socket = %path.display(), %err, "the supervisor's control socket does not answer: draining directly");
+            return Ok(None);
+        }
+        Err(_) => {
+            tracing::warn!(socket = %path.display(), "the supervisor's control socket did not answer in time: draining directly");
+            return Ok(None);
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    if send(&mut write, &json!({"request": "drain"})).await.is_err() {
+        tracing::warn!(socket = %path.display(), "the supervisor closed the control socket: draining directly");
+        return Ok(None);
+    }
+    let mut lines = BufReader::new(read).lines();
+    let mut accepted = false;
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        match event["event"].as_str() {
+            Some("outcome") => return Ok(Some(event)),
+            Some("accepted") => accepted = true,
+            _ => on_event(&event),
+        }
+    }
+    if accepted {
+        Err(Error::ControlBroken)
+    } else {
+        tracing::warn!(socket = %path.display(), "the supervisor did not accept the request: draining directly");
+        Ok(None)
+    }
+}

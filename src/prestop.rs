@@ -1,0 +1,162 @@
+//! `drain`: the blocking preStop hook. It asks the `run` supervisor of this container to drain
+//! (control socket), or, with no supervisor, drains nginx itself, found through its pid file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde_json::Value;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+use crate::cli::PreStopArgs;
+use crate::control;
+use crate::drain::{Drain, NginxTree, log_summary};
+use crate::error::{Error, exit};
+use crate::keepalive::KeepAliveFlag;
+use crate::nginx::pidfile::{self, FoundMaster};
+use crate::phase::Phases;
+use crate::plan::DrainPlan;
+use crate::reaper::Reaper;
+
+pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
+    let plan = DrainPlan::new(&args.drain)?;
+    let started = Instant::now();
+    let started_at = SystemTime::now();
+    let sigchld = signal(SignalKind::child()).map_err(Error::internal("installing the SIGCHLD handler"))?;
+
+    let relay = |event: &Value| {
+        let message = event["message"].as_str().unwrap_or("");
+        match event["event"].as_str() {
+            Some("phase") => tracing::info!(
+                phase = event["phase"].as_str().unwrap_or(""),
+                source = "supervisor",
+                "{message}"
+            ),
+            Some("progress") => tracing::info!(
+                processes_left = event["processes_left"].as_u64(),
+                connections_by_pid = event["connections_by_pid"].as_str(),
+                time_left_ms = event["time_left_ms"].as_u64(),
+                "waiting for nginx to finish"
+            ),
+            _ => {}
+        }
+    };
+    if let Some(outcome) = control::request_drain(&args.runtime_dir, relay).await? {
+        return Ok(log_summary(&outcome, "the supervisor drained nginx"));
+    }
+
+    // No supervisor: this process drains nginx. Two hooks at once share one drain.
+    let runtime = RuntimeFiles::prepare(&args.runtime_dir);
+    let _leader = match runtime.as_ref().map(RuntimeFiles::lock) {
+        Some(Err(holder)) => return Ok(follow(holder, &args.runtime_dir, started_at).await),
+        Some(Ok(lock)) => Some(lock),
+        None => None,
+    };
+
+    let mut masters: Vec<FoundMaster> = Vec::new();
+    for path in [args.pid_file.clone(), pidfile::oldbin(&args.pid_file)] {
+        if let Some(master) = pidfile::find_master(&path)? {
+            masters.push(master);
+        }
+    }
+    let Some(first) = masters.first() else {
+        tracing::info!(pid_file = %args.pid_file.display(), "nginx is not running: nothing to drain");
+        return Ok(exit::OK);
+    };
+    if masters.len() > 1 {
+        tracing::info!(pids = ?masters.iter().map(|m| m.pidfd.pid()).collect::<Vec<_>>(), "a binary upgrade is under way: draining the old and the new master");
+    }
+    tracing::info!(pid = first.pidfd.pid(), pid_file = %first.pid_file.display(), "draining nginx directly (no supervisor answered)");
+
+    let reaper = Reaper::start(sigchld);
+    let phases = Phases::default();
+    let flag = KeepAliveFlag::in_dir(&args.runtime_dir);
+    let skip_delay = Notify::new();
+    let tree = NginxTree {
+        roots: masters.iter().map(|m| m.pidfd.pid()).collect(),
+        include_roots: true,
+        comm: first.comm.clone(),
+    };
+    let drain = Drain {
+        plan: &plan,
+        phases: &phases,
+        reaper: &reaper,
+        flag: &flag,
+        masters: masters.iter().map(|m| &m.pidfd).collect(),
+        tree,
+        skip_delay: &skip_delay,
+    };
+    let outcome = drain.run(started).await;
+    if let Err(err) = flag.lower() {
+        tracing::warn!(%err, "cannot remove the drain flag");
+    }
+    let report = outcome.to_json();
+    if let Some(runtime) = &runtime {
+        runtime.record(&report);
+    }
+    Ok(log_summary(&report, "drained nginx"))
+}
+
+/// Waits for the drain another `drain` process leads, and reports its outcome as ours.
+async fn follow(holder: File, runtime_dir: &Path, since: SystemTime) -> i32 {
+    tracing::info!("another drain of this nginx is under way: waiting for its outcome");
+    // The leader holds the lock until it has recorded the outcome.
+    let locked = tokio::task::spawn_blocking(move || Flock::lock(holder, FlockArg::LockExclusive)).await;
+    drop(locked);
+    match RuntimeFiles::recorded_since(runtime_dir, since) {
+        Some(outcome) => log_summary(&outcome, "the other drain finished"),
+        None => {
+            tracing::info!("the other drain finished; nginx is not running");
+            exit::OK
+        }
+    }
+}
+
+/// The files a direct drain keeps in the runtime directory: a lock that makes concurrent hooks
+/// share one drain, and the outcome the followers report.
+struct RuntimeFiles {
+    dir: PathBuf,
+}
+
+impl RuntimeFiles {
+    fn prepare(dir: &Path) -> Option<Self> {
+        match std::fs::create_dir_all(dir) {
+            Ok(()) => Some(Self { dir: dir.to_owned() }),
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), %err, "cannot use the runtime directory: no keep-alive flag, no coordination between hooks; pass --runtime-dir");
+                None
+            }
+        }
+    }
+
+    /// The lock, or the file to wait on when another drain holds it.
+    fn lock(&self) -> Result<Option<Flock<File>>, File> {
+        let open = || {
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.dir.join("drain.lock"))
+        };
+        let Ok(file) = open() else { return Ok(None) };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(_) => open().map_err(|_| ()).map_or(Ok(None), Err),
+        }
+    }
+
+    fn record(&self, outcome: &Value) {
+        let _ = std::fs::write(self.dir.join("drain-outcome.json"), outcome.to_string());
+    }
+
+    fn recorded_since(dir: &Path, since: SystemTime) -> Option<Value> {
+        let path = dir.join("drain-outcome.json");
+        let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+        if written < since {
+            return None;
+        }
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+}

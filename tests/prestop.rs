@@ -1,0 +1,295 @@
+//! `drain`, the preStop hook: through a `run` supervisor in the kubelet's order, and alone against
+//! an nginx found through its pid file.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::http::{self, keepalive_loop};
+use common::{Site, Supervisor, code, drain_args};
+
+const SECONDS: Duration = Duration::from_secs(1);
+
+fn phase_count(supervisor: &Supervisor, phase: &str) -> usize {
+    supervisor.log.phases().iter().filter(|p| *p == phase).count()
+}
+
+#[test]
+fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
+    let site = Site::new();
+    let grace = Duration::from_secs(10);
+    let mut pid1 =
+        Supervisor::start_as_pid1(&site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]));
+    pid1.wait_serving(&site);
+    let removed = Arc::new(AtomicBool::new(false));
+    let keepalive = keepalive_loop(
+        site.addr(),
+        4,
+        Duration::from_millis(20),
+        removed.clone(),
+        20 * SECONDS,
+    );
+    let one_shot = http::close_loop(site.addr(), removed.clone(), 20 * SECONDS);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The kubelet: endpoint removal starts, and the hook runs inside the container (its PID
+    // namespace), where it dies with PID 1 if PID 1 exits first.
+    let terminating = Instant::now();
+    let mut hook = Command::new("nsenter");
+    hook.args(["--target", &pid1.pid.to_string(), "--pid", "--mount", common::BIN])
+        .args(drain_args(&site, &[]));
+    let mut hook = Supervisor::spawn_command(&mut hook);
+    std::thread::sleep(Duration::from_millis(800));
+    removed.store(true, Ordering::Relaxed);
+    let hook_status = hook.wait_exit(grace);
+    // Then SIGTERM to PID 1, which may already be on its way out.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid1.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = pid1.wait_exit(grace);
+
+    assert_eq!(
+        code(hook_status),
+        0,
+        "the hook finished, it was not killed: {:?}",
+        hook.log.lines()
+    );
+    assert_eq!(code(status), 0, "{:?}", pid1.log.lines());
+    assert!(terminating.elapsed() < grace, "{:?}", terminating.elapsed());
+    assert_eq!(phase_count(&pid1, "unready"), 1, "one drain");
+    let relayed: Vec<String> = hook.log.phases();
+    assert!(
+        relayed.contains(&"quitting".to_string()) && relayed.contains(&"stopped".to_string()),
+        "{relayed:?}"
+    );
+    let (keepalive, one_shot) = (keepalive.join().unwrap(), one_shot.join().unwrap());
+    assert!(
+        keepalive.errors.is_empty() && one_shot.errors.is_empty(),
+        "{keepalive:?} {one_shot:?}"
+    );
+    assert!(
+        keepalive.ok > 50 && one_shot.ok > 20,
+        "{keepalive:?} {one_shot:?}"
+    );
+}
+
+#[test]
+fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "1s"]));
+    supervisor.wait_serving(&site);
+    supervisor.signal(15);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+
+    let mut hook = Supervisor::start(&drain_args(&site, &[]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+
+    assert_eq!(phase_count(&supervisor, "unready"), 1);
+    assert!(
+        supervisor
+            .log
+            .lines()
+            .iter()
+            .any(|l| l.contains("already draining, the client follows"))
+    );
+    let summary = hook
+        .log
+        .events()
+        .into_iter()
+        .find(|e| e["outcome"].is_string())
+        .unwrap();
+    assert_eq!(summary["outcome"], "clean");
+    assert!(hook.log.phases().contains(&"quitting".to_string()));
+}
+
+#[test]
+fn two_hooks_through_a_supervisor_share_one_drain() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "500ms"]));
+    supervisor.wait_serving(&site);
+    let mut first = Supervisor::start(&drain_args(&site, &[]));
+    let mut second = Supervisor::start(&drain_args(&site, &[]));
+    assert_eq!(code(first.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(code(second.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(phase_count(&supervisor, "unready"), 1);
+}
+
+#[test]
+fn without_a_supervisor_it_drains_a_daemon_nginx_found_by_its_pid_file() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let path = site.slow_path(2);
+    let request = http::get_in_background(site.addr(), &path);
+    common::wait_until("the request to be in flight", 5 * SECONDS, || {
+        nginx_graceful::nginx::connections::established(&common::children_of(nginx.master))
+            .iter()
+            .any(|(_, n)| *n > 0)
+    });
+
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "300ms"]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+
+    assert_eq!(
+        request
+            .join()
+            .unwrap()
+            .expect("the request in flight finishes")
+            .status,
+        200
+    );
+    assert!(nginx.all_gone(), "the master and every worker have exited");
+    assert_eq!(
+        hook.log.phases(),
+        [
+            "unready",
+            "keepalive_close",
+            "propagation_delay",
+            "quitting",
+            "stopped"
+        ]
+    );
+    let summary = hook
+        .log
+        .events()
+        .into_iter()
+        .find(|e| e["outcome"].is_string())
+        .unwrap();
+    assert_eq!(summary["connections_at_quit"], 1, "{summary}");
+}
+
+#[test]
+fn a_stale_pid_file_is_refused_and_the_process_it_names_is_untouched() {
+    let site = Site::new();
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = bystander.id() as i32;
+    std::fs::write(site.pid_file(), format!("{pid}\n")).unwrap();
+
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 15);
+    let line = hook.log.lines().join("\n");
+    assert!(
+        line.contains(&format!("pid {pid}"))
+            && line.contains("sleep 30")
+            && line.contains("nothing was signalled"),
+        "{line}"
+    );
+    assert_eq!(
+        common::stat_fields(pid).unwrap().0,
+        'S',
+        "the bystander still sleeps"
+    );
+    assert!(bystander.try_wait().unwrap().is_none());
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+#[test]
+fn pid_files_that_are_garbage_empty_or_missing() {
+    let site = Site::new();
+    for (content, expected) in [(Some("not-a-pid\n"), 17), (Some(""), 17), (None, 0)] {
+        match content {
+            Some(text) => std::fs::write(site.pid_file(), text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(site.pid_file());
+            }
+        }
+        let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+        assert_eq!(
+            code(hook.wait_exit(10 * SECONDS)),
+            expected,
+            "{content:?}: {:?}",
+            hook.log.lines()
+        );
+    }
+}
+
+#[test]
+fn two_hooks_at_once_without_a_supervisor_send_one_sigquit() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let mut first = Supervisor::start(&drain_args(&site, &["--propagation-delay", "500ms"]));
+    let mut second = Supervisor::start(&drain_args(&site, &["--propagation-delay", "500ms"]));
+    assert_eq!(code(first.wait_exit(10 * SECONDS)), 0, "{:?}", first.log.lines());
+    assert_eq!(
+        code(second.wait_exit(10 * SECONDS)),
+        0,
+        "{:?}",
+        second.log.lines()
+    );
+    assert!(nginx.all_gone());
+    assert_eq!(
+        nginx.log_text().matches("signal 3 (SIGQUIT) received").count(),
+        1,
+        "{}",
+        nginx.log_text()
+    );
+    let outcomes: Vec<_> = [&first, &second]
+        .iter()
+        .map(|h| {
+            h.log
+                .events()
+                .into_iter()
+                .find(|e| e["outcome"].is_string())
+                .unwrap()["outcome"]
+                .clone()
+        })
+        .collect();
+    assert_eq!(outcomes, ["clean", "clean"]);
+}
+
+#[test]
+fn a_connection_held_past_the_budget_escalates_at_the_deadline() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let _request = http::get_in_background(site.addr(), &site.slow_path(30));
+    common::wait_until("the request to be in flight", 5 * SECONDS, || {
+        nginx_graceful::nginx::connections::established(&common::children_of(nginx.master))
+            .iter()
+            .any(|(_, n)| *n > 0)
+    });
+    let started = Instant::now();
+    let mut hook = Supervisor::start(&drain_args(
+        &site,
+        &[
+            "--grace-period",
+            "3s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "0s",
+        ],
+    ));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(hook.log.phases().contains(&"fast_shutdown".to_string()));
+    assert!(nginx.all_gone());
+}
+
+#[test]
+fn a_control_socket_that_does_not_answer_falls_back_to_draining_directly() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    std::fs::create_dir_all(&site.runtime).unwrap();
+    // A socket file nobody listens on: a supervisor that died without cleaning up.
+    drop(std::os::unix::net::UnixListener::bind(site.runtime.join("control.sock")).unwrap());
+
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert!(
+        hook.log
+            .lines()
+            .iter()
+            .any(|l| l.contains("does not answer: draining directly"))
+    );
+    assert!(nginx.all_gone());
+}
