@@ -134,13 +134,12 @@ impl Drain<'_> {
         let (escalated, killed) = self.stop(&mut processes, started).await;
         self.phases
             .enter(Phase::Stopped, "every nginx process has exited");
-        let outcome = DrainOutcome {
+        DrainOutcome {
             escalated,
             connections_at_quit,
             killed,
             elapsed: started.elapsed(),
-        };
-        outcome
+        }
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
