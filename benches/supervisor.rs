@@ -10,13 +10,14 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "exits.rs"]
+mod exits;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Site, descendants_of};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -66,43 +67,26 @@ fn start(contender: &Contender, site: &Site) -> Child {
     child
 }
 
-fn pidfd(pid: i32) -> Option<OwnedFd> {
-    rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid)?,
-        rustix::process::PidfdFlags::empty(),
-    )
-    .ok()
-}
-
-/// SIGTERM, then the time from the last nginx exit to the supervisor's exit.
-fn exit_latency(contender: &Contender) -> Duration {
+/// SIGTERM, then the time from the last nginx exit to the supervisor's exit, in ms.
+fn exit_latency(contender: &Contender) -> f64 {
     let site = Site::new();
     let mut child = start(contender, &site);
     let supervisor = child.id() as i32;
-    let nginx: Vec<OwnedFd> = descendants_of(supervisor).into_iter().filter_map(pidfd).collect();
-    let own = pidfd(supervisor).unwrap();
-    kill(Pid::from_raw(supervisor), Signal::SIGTERM).unwrap();
-
-    let mut exited: Vec<Option<Instant>> = vec![None; nginx.len() + 1];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while exited.iter().any(Option::is_none) {
-        assert!(Instant::now() < deadline, "{} did not stop", contender.name);
-        let fds: Vec<&OwnedFd> = nginx.iter().chain([&own]).collect();
-        let mut polls: Vec<PollFd> = fds
-            .iter()
-            .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
-            .collect();
-        poll(&mut polls, PollTimeout::from(1000u16)).unwrap();
-        let now = Instant::now();
-        for (i, p) in polls.iter().enumerate() {
-            if exited[i].is_none() && p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
-                exited[i] = Some(now);
-            }
-        }
-    }
+    let nginx: Vec<OwnedFd> = descendants_of(supervisor)
+        .into_iter()
+        .filter_map(exits::pidfd)
+        .collect();
+    let lag = exits::lag_after_last(
+        nginx,
+        || {
+            let own = exits::pidfd(supervisor).unwrap();
+            kill(Pid::from_raw(supervisor), Signal::SIGTERM).unwrap();
+            own
+        },
+        Duration::from_secs(10),
+    );
     child.wait().unwrap();
-    let last_nginx = exited[..nginx.len()].iter().map(|t| t.unwrap()).max().unwrap();
-    exited[nginx.len()].unwrap().saturating_duration_since(last_nginx)
+    lag
 }
 
 fn status_field(pid: i32, field: &str) -> u64 {
@@ -160,17 +144,10 @@ fn installed(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
-    let repeats = env_or("BENCH_REPEATS", 20) as usize;
-    let idle_secs = env_or("BENCH_IDLE_SECS", 60);
+    let repeats = exits::env_or("BENCH_REPEATS", 20) as usize;
+    let idle_secs = exits::env_or("BENCH_IDLE_SECS", 60);
     let all = [
         Contender {
             name: "nginx-graceful run",
@@ -195,16 +172,15 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     for contender in contenders {
-        let mut latencies: Vec<Duration> = (0..repeats).map(|_| exit_latency(contender)).collect();
-        latencies.sort();
-        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        let mut latencies: Vec<f64> = (0..repeats).map(|_| exit_latency(contender)).collect();
+        latencies.sort_by(f64::total_cmp);
         let idle = idle(contender, idle_secs);
         println!(
             "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {} ms | {} |",
             contender.name,
-            at(0.5).as_secs_f64() * 1e3,
-            at(0.9).as_secs_f64() * 1e3,
-            latencies.last().unwrap().as_secs_f64() * 1e3,
+            exits::percentile(&latencies, 0.5),
+            exits::percentile(&latencies, 0.9),
+            latencies.last().unwrap(),
             idle.rss_kib as f64 / 1024.0,
             idle.cpu_ms,
             idle.wakeups,
