@@ -19,6 +19,7 @@ use crate::nginx::pidfile::{self, FoundMaster};
 use crate::phase::Phases;
 use crate::plan::DrainPlan;
 use crate::reaper::Reaper;
+use crate::runtime_dir::{record_outcome, recorded_outcome};
 
 pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     let plan = DrainPlan::new(&args.drain)?;
@@ -62,6 +63,11 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
         }
     }
     let Some(first) = masters.first() else {
+        // Hooks are delivered at least once: a repeat after the end reports the same outcome.
+        let recent = started_at.checked_sub(plan.grace_period).unwrap_or(SystemTime::UNIX_EPOCH);
+        if let Some(outcome) = recorded_outcome(&args.runtime_dir, recent) {
+            return Ok(log_summary(&outcome, "nginx is not running; the last drain ended"));
+        }
         tracing::info!(pid_file = %args.pid_file.display(), "nginx is not running: nothing to drain");
         return Ok(exit::OK);
     };
@@ -94,7 +100,7 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     }
     let report = outcome.to_json();
     if let Some(runtime) = &runtime {
-        runtime.record(&report);
+        record_outcome(&runtime.dir, &report);
     }
     Ok(log_summary(&report, "drained nginx"))
 }
@@ -105,7 +111,7 @@ async fn follow(holder: File, runtime_dir: &Path, since: SystemTime) -> i32 {
     // The leader holds the lock until it has recorded the outcome.
     let locked = tokio::task::spawn_blocking(move || Flock::lock(holder, FlockArg::LockExclusive)).await;
     drop(locked);
-    match RuntimeFiles::recorded_since(runtime_dir, since) {
+    match recorded_outcome(runtime_dir, since) {
         Some(outcome) => log_summary(&outcome, "the other drain finished"),
         None => {
             tracing::info!("the other drain finished; nginx is not running");
@@ -145,18 +151,5 @@ impl RuntimeFiles {
             Ok(lock) => Ok(Some(lock)),
             Err(_) => open().map_err(|_| ()).map_or(Ok(None), Err),
         }
-    }
-
-    fn record(&self, outcome: &Value) {
-        let _ = std::fs::write(self.dir.join("drain-outcome.json"), outcome.to_string());
-    }
-
-    fn recorded_since(dir: &Path, since: SystemTime) -> Option<Value> {
-        let path = dir.join("drain-outcome.json");
-        let written = std::fs::metadata(&path).ok()?.modified().ok()?;
-        if written < since {
-            return None;
-        }
-        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 }

@@ -79,6 +79,25 @@ impl RuntimeDir {
     }
 }
 
+const OUTCOME_FILE: &str = "drain-outcome.json";
+
+/// Keeps a drain's outcome event, for hooks that come late or run twice.
+pub fn record_outcome(dir: &Path, outcome: &serde_json::Value) {
+    if let Err(err) = std::fs::write(dir.join(OUTCOME_FILE), outcome.to_string()) {
+        tracing::debug!(%err, "cannot record the drain's outcome");
+    }
+}
+
+/// The outcome recorded at or after `since`, if any.
+pub fn recorded_outcome(dir: &Path, since: std::time::SystemTime) -> Option<serde_json::Value> {
+    let path = dir.join(OUTCOME_FILE);
+    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if written < since {
+        return None;
+    }
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use crate::nginx::tree::ProcStat;
 use crate::phase::{Phase, Phases};
 use crate::plan::DrainPlan;
 use crate::reaper::{self, Exit, Reaper};
-use crate::runtime_dir::RuntimeDir;
+use crate::runtime_dir::{RuntimeDir, record_outcome};
 use crate::signals::{Signals, Trigger};
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
@@ -138,6 +138,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     }
     let report = outcome.to_json();
     log_summary(&report, "drain finished");
+    record_outcome(runtime.path(), &report);
     // The preStop hook, if one asked, hears the outcome and exits before we do.
     control.finish(report).await;
     Ok(outcome.exit_code())

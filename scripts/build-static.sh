@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# A static nginx-graceful (musl): one file that needs nothing from the image it is copied into,
+# not even a libc. Prints its path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rustup target add x86_64-unknown-linux-musl >&2
+cargo build --release --locked --target x86_64-unknown-linux-musl >&2
+echo target/x86_64-unknown-linux-musl/release/nginx-graceful
