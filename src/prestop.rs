@@ -64,9 +64,14 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     }
     let Some(first) = masters.first() else {
         // Hooks are delivered at least once: a repeat after the end reports the same outcome.
-        let recent = started_at.checked_sub(plan.grace_period).unwrap_or(SystemTime::UNIX_EPOCH);
+        let recent = started_at
+            .checked_sub(plan.grace_period)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         if let Some(outcome) = recorded_outcome(&args.runtime_dir, recent) {
-            return Ok(log_summary(&outcome, "nginx is not running; the last drain ended"));
+            return Ok(log_summary(
+                &outcome,
+                "nginx is not running; the last drain ended",
+            ));
         }
         tracing::info!(pid_file = %args.pid_file.display(), "nginx is not running: nothing to drain");
         return Ok(exit::OK);

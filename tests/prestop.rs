@@ -275,7 +275,17 @@ fn a_connection_held_past_the_budget_escalates_at_the_deadline() {
     assert!(nginx.all_gone());
 
     // Hooks are delivered at least once: a repeat reports the same outcome.
-    let mut again = Supervisor::start(&drain_args(&site, &["--grace-period", "3s", "--safety-margin", "1s", "--propagation-delay", "0s"]));
+    let mut again = Supervisor::start(&drain_args(
+        &site,
+        &[
+            "--grace-period",
+            "3s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "0s",
+        ],
+    ));
     assert_eq!(code(again.wait_exit(10 * SECONDS)), 3, "{:?}", again.log.lines());
 }
 
