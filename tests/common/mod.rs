@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -194,12 +194,32 @@ http {{
 pub struct Log {
     lines: Mutex<Vec<String>>,
     grew: Condvar,
+    closed: AtomicBool,
 }
 
 impl Log {
     fn push(&self, line: String) {
         self.lines.lock().unwrap().push(line);
         self.grew.notify_all();
+    }
+
+    fn close(&self) {
+        let _lines = self.lines.lock().unwrap();
+        self.closed.store(true, Ordering::SeqCst);
+        self.grew.notify_all();
+    }
+
+    /// Waits until every process that held the pipe has closed it: all lines are in.
+    pub fn wait_closed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        while !self.closed.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            lines = self.grew.wait_timeout(lines, left).unwrap().0;
+        }
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -299,6 +319,7 @@ impl Supervisor {
                 }
                 sink.push(line);
             }
+            sink.close();
         });
         let mut supervisor = Self {
             pid: child.id() as i32,
@@ -336,6 +357,8 @@ impl Supervisor {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 self.status = Some(status);
+                // Its last lines may still be in the pipe.
+                self.log.wait_closed(Duration::from_secs(2));
                 return status;
             }
             assert!(
