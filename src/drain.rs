@@ -123,31 +123,19 @@ impl Drain<'_> {
             }
         }
 
-        let mut processes = Processes::default();
-        self.tree.track(&mut processes);
-        let connections_at_quit = count_connections(&processes).iter().map(|(_, n)| n).sum();
+        let (mut processes, connections_at_quit) = self.snapshot();
         self.signal_masters(Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
         );
-        let (escalated, killed) = self.stop(&mut processes, started).await;
-        self.phases
-            .enter(Phase::Stopped, "every nginx process has exited");
-        DrainOutcome {
-            escalated,
-            connections_at_quit,
-            killed,
-            elapsed: started.elapsed(),
-        }
+        self.finish(&mut processes, connections_at_quit, started).await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
     /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
-        let mut processes = Processes::default();
-        self.tree.track(&mut processes);
-        let connections_at_quit = count_connections(&processes).iter().map(|(_, n)| n).sum();
+        let (mut processes, connections_at_quit) = self.snapshot();
         let told = processes.signal_all(Signal::SIGQUIT);
         if told > 0 {
             self.phases.enter(
@@ -155,7 +143,24 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        let (escalated, killed) = self.stop(&mut processes, started).await;
+        self.finish(&mut processes, connections_at_quit, started).await
+    }
+
+    /// Every nginx process, held by pidfd, and the connections they hold now.
+    fn snapshot(&self) -> (Processes, usize) {
+        let mut processes = Processes::default();
+        self.tree.track(&mut processes);
+        let connections = count_connections(&processes).iter().map(|(_, n)| n).sum();
+        (processes, connections)
+    }
+
+    async fn finish(
+        &self,
+        processes: &mut Processes,
+        connections_at_quit: usize,
+        started: Instant,
+    ) -> DrainOutcome {
+        let (escalated, killed) = self.stop(processes, started).await;
         self.phases
             .enter(Phase::Stopped, "every nginx process has exited");
         DrainOutcome {

@@ -12,6 +12,15 @@ use common::http::{self, keepalive_loop};
 use common::{Site, Supervisor, code, drain_args};
 
 const SECONDS: Duration = Duration::from_secs(1);
+/// A budget a 30 s request cannot fit: SIGTERM to nginx at 2 s, SIGKILL at 2.5 s.
+const TIGHT_BUDGET: &[&str] = &[
+    "--grace-period",
+    "3s",
+    "--safety-margin",
+    "1s",
+    "--propagation-delay",
+    "0s",
+];
 
 fn phase_count(supervisor: &Supervisor, phase: &str) -> usize {
     supervisor.log.phases().iter().filter(|p| *p == phase).count()
@@ -254,17 +263,7 @@ fn a_connection_held_past_the_budget_escalates_at_the_deadline() {
             .any(|(_, n)| *n > 0)
     });
     let started = Instant::now();
-    let mut hook = Supervisor::start(&drain_args(
-        &site,
-        &[
-            "--grace-period",
-            "3s",
-            "--safety-margin",
-            "1s",
-            "--propagation-delay",
-            "0s",
-        ],
-    ));
+    let mut hook = Supervisor::start(&drain_args(&site, TIGHT_BUDGET));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 3);
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -275,17 +274,7 @@ fn a_connection_held_past_the_budget_escalates_at_the_deadline() {
     assert!(nginx.all_gone());
 
     // Hooks are delivered at least once: a repeat reports the same outcome.
-    let mut again = Supervisor::start(&drain_args(
-        &site,
-        &[
-            "--grace-period",
-            "3s",
-            "--safety-margin",
-            "1s",
-            "--propagation-delay",
-            "0s",
-        ],
-    ));
+    let mut again = Supervisor::start(&drain_args(&site, TIGHT_BUDGET));
     assert_eq!(code(again.wait_exit(10 * SECONDS)), 3, "{:?}", again.log.lines());
 }
 
