@@ -124,7 +124,7 @@ impl Drain<'_> {
         }
 
         let (mut processes, connections_at_quit) = self.snapshot();
-        self.signal_masters(Signal::SIGQUIT);
+        self.signal_masters(&processes, Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
@@ -181,7 +181,7 @@ impl Drain<'_> {
         {
             return (false, 0);
         }
-        self.signal_masters(Signal::SIGTERM);
+        self.signal_masters(processes, Signal::SIGTERM);
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
         if self
@@ -237,9 +237,18 @@ impl Drain<'_> {
         }
     }
 
-    fn signal_masters(&self, signal: Signal) {
+    /// Signals the masters we were given, and any other master below them: a binary upgrade
+    /// may have started a new one (a child of the old) after we read the pid file.
+    fn signal_masters(&self, processes: &Processes, signal: Signal) {
         for master in &self.masters {
             master.signal(signal);
+        }
+        let known: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
+        for pid in processes.pids().filter(|pid| !known.contains(pid)) {
+            if crate::nginx::pidfile::looks_like_master(&crate::nginx::tree::title(pid), None) {
+                tracing::info!(pid, %signal, "another nginx master below: signalled too");
+                processes.signal(pid, signal);
+            }
         }
     }
 }

@@ -296,3 +296,102 @@ fn a_control_socket_that_does_not_answer_falls_back_to_draining_directly() {
     );
     assert!(nginx.all_gone());
 }
+
+#[test]
+fn a_master_owned_by_another_user_is_refused() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let mut args = vec![
+        "--reuid=nobody".to_string(),
+        "--regid=nogroup".into(),
+        "--clear-groups".into(),
+        common::BIN.into(),
+    ];
+    args.extend(drain_args(&site, &["--propagation-delay", "0s"]));
+    let mut hook = Supervisor::spawn_command(Command::new("setpriv").args(&args));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 16, "{:?}", hook.log.lines());
+    assert!(
+        hook.log.lines().iter().any(|l| l.contains("belongs to uid 0")),
+        "{:?}",
+        hook.log.lines()
+    );
+    assert!(site.serves() && !nginx.all_gone(), "nginx was left alone");
+    assert!(
+        !nginx.log_text().contains("signal"),
+        "no signal reached nginx: {}",
+        nginx.log_text()
+    );
+}
+
+/// Starts a binary upgrade (SIGUSR2) and waits for the new master; returns every nginx pid.
+fn upgrade(site: &Site, nginx: &common::DaemonNginx) -> Vec<i32> {
+    // nginx starts a new master from its binary, a child of the old one, and renames its pid
+    // file to .oldbin.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nginx.master),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let oldbin = site.dir.0.join("nginx.pid.oldbin");
+    common::wait_until("the new master", 5 * SECONDS, || {
+        let new_master: i32 = std::fs::read_to_string(site.pid_file())
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        oldbin.exists()
+            && new_master > 0
+            && new_master != nginx.master
+            && common::children_of(new_master).len() == 2
+    });
+    let mut everything = common::descendants_of(nginx.master);
+    everything.push(nginx.master);
+    everything
+}
+
+#[test]
+fn during_a_binary_upgrade_both_masters_are_drained() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let everything = upgrade(&site, &nginx);
+
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert!(
+        hook.log.lines().iter().any(|l| l.contains("binary upgrade")),
+        "{:?}",
+        hook.log.lines()
+    );
+    for pid in everything {
+        assert!(
+            common::stat_fields(pid).is_none_or(|(state, _)| state == 'Z'),
+            "nginx process {pid} is still running"
+        );
+    }
+    assert!(!site.serves());
+}
+
+#[test]
+fn a_new_master_the_pid_file_does_not_name_yet_is_drained_too() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let everything = upgrade(&site, &nginx);
+    // As if the hook had read the pid file just before the new master wrote it.
+    std::fs::remove_file(site.pid_file()).unwrap();
+
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert!(
+        hook.log
+            .lines()
+            .iter()
+            .any(|l| l.contains("another nginx master below")),
+        "{:?}",
+        hook.log.lines()
+    );
+    for pid in everything {
+        assert!(
+            common::stat_fields(pid).is_none_or(|(state, _)| state == 'Z'),
+            "nginx process {pid} is still running"
+        );
+    }
+}

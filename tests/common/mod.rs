@@ -473,7 +473,8 @@ impl Site {
 
     pub fn start_daemon(&self) -> DaemonNginx {
         let log = self.dir.0.join("daemon.log");
-        let status = Command::new("nginx")
+        // By its full path: on a binary upgrade (SIGUSR2) nginx executes its own argv[0] again.
+        let status = Command::new(nginx_path())
             .args(["-e", "stderr", "-c"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -534,4 +535,15 @@ pub fn drain_args(site: &Site, extra: &[&str]) -> Vec<String> {
     args.push(site.pid_file().display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     args
+}
+
+/// Where `nginx` is on PATH.
+pub fn nginx_path() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|path| path.is_file())
+        .expect("nginx on PATH")
 }
