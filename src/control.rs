@@ -190,7 +190,14 @@ pub async fn request_drain(
             continue;
         };
         match event["event"].as_str() {
-            Some("outcome") => return Ok(Some(event)),
+            Some("outcome") => {
+                // The supervisor exits once this connection closes, and a container's PID 1
+                // takes the hook down with it: keep the socket open until this process exits,
+                // when the kernel closes it after our exit status is set.
+                std::mem::forget(lines);
+                std::mem::forget(write);
+                return Ok(Some(event));
+            }
             Some("accepted") => accepted = true,
             _ => on_event(&event),
         }
