@@ -176,6 +176,11 @@ pub struct RunArgs {
     )]
     pub runtime_dir: PathBuf,
 
+    /// How long a reload may take to show a new generation of workers before it is reported
+    /// as failed.
+    #[arg(long, env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+
     /// Address the bundled config listens on (only without COMMAND).
     #[arg(long, env = "NGINX_GRACEFUL_LISTEN", default_value = "8080")]
     pub listen: String,

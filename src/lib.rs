@@ -31,6 +31,7 @@ pub mod phase;
 pub mod plan;
 pub mod prestop;
 pub mod reaper;
+pub mod reload;
 pub mod runtime_dir;
 pub mod signals;
 pub mod supervisor;

@@ -11,10 +11,12 @@ use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
 use crate::health::{self, HealthState};
 use crate::nginx::command::{Master, NginxCommand};
+use crate::nginx::log::NginxErrors;
 use crate::nginx::tree::ProcStat;
 use crate::phase::{Phase, Phases};
 use crate::plan::DrainPlan;
 use crate::reaper::{self, Exit, Reaper};
+use crate::reload;
 use crate::runtime_dir::{RuntimeDir, record_outcome};
 use crate::signals::{Signals, Trigger};
 
@@ -44,7 +46,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     if nginx.is_nginx() {
         check_config(&nginx, &reaper, &flag).await?;
     }
-    let mut master = nginx.spawn(&reaper)?;
+    let nginx_errors = NginxErrors::default();
+    let mut master = nginx.spawn(&reaper, &nginx_errors)?;
+    let nginx_log = master.log.take();
     let master_pid = master.pidfd.pid();
     let health = HealthState::new(phases.subscribe());
     health.set_master(master_pid);
@@ -88,7 +92,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
                     break (plan.without_delay(), Instant::now());
                 }
-                Trigger::Reload => reload(&nginx, &reaper, &master).await,
+                Trigger::Reload => {
+                    reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, args.reload_timeout).await;
+                }
                 Trigger::Forward(signal) => forward(&master, signal),
             },
             Some(DrainRequest) = control.requests.recv() => {
@@ -106,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 report["outcome"] = "nginx_exited".into();
                 report["exit_code"] = status.as_exit_code().into();
                 control.finish(report).await;
+                flush(nginx_log).await;
                 return Ok(status.as_exit_code());
             }
         }
@@ -141,6 +148,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     record_outcome(runtime.path(), &report);
     // The preStop hook, if one asked, hears the outcome and exits before we do.
     control.finish(report).await;
+    flush(nginx_log).await;
     Ok(outcome.exit_code())
 }
 
@@ -164,21 +172,10 @@ async fn check_config(
     Ok(())
 }
 
-/// SIGHUP: test the config first; a config that fails is not loaded.
-async fn reload(nginx: &NginxCommand, reaper: &Reaper, master: &Master) {
-    if nginx.is_nginx() {
-        match nginx.test(reaper).await {
-            Ok(_) => {}
-            Err(err) => {
-                return tracing::error!(%err, "reload refused: nginx keeps serving the previous config");
-            }
-        }
-    }
-    if master.pidfd.signal(nix::sys::signal::Signal::SIGHUP) {
-        tracing::info!(
-            pid = master.pidfd.pid(),
-            "config valid: SIGHUP sent to the nginx master"
-        );
+/// Lets nginx's last log lines through; the pipe closes with the last nginx process.
+async fn flush(nginx_log: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(log) = nginx_log {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), log).await;
     }
 }
 

@@ -142,3 +142,73 @@ fn pre_drain_hooks_run_in_order_before_the_delay_and_a_failure_does_not_stop_the
     let hooks = phases.iter().position(|p| p == "pre_drain_hooks").unwrap();
     assert_eq!(phases[hooks + 1], "propagation_delay");
 }
+
+#[test]
+fn a_reload_nginx_rolls_back_is_reported_with_nginx_reason_and_the_old_config_serves() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&[]));
+    supervisor.wait_serving(&site);
+    let master = supervisor.master();
+    let workers = common::children_of(master);
+
+    // `nginx -t` does not bind, so this config passes the test and fails only in the master.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config
+            .replace("return 200 \"ok\\n\";", "return 200 \"new\\n\";")
+            .replace(
+                &format!("listen 127.0.0.1:{};", site.port),
+                &format!("listen 127.0.0.1:{}; listen 127.0.0.1:{port};", site.port),
+            ),
+    )
+    .unwrap();
+    supervisor.signal(1);
+    let failure = supervisor.log.wait_for("the failed reload", 10 * SECONDS, |l| {
+        l.contains("\"reload\":\"rolled_back\"")
+    });
+    assert!(
+        failure.contains(&format!("127.0.0.1:{port}")) && failure.contains("bind()"),
+        "{failure}"
+    );
+    assert_eq!(
+        http::get(site.addr(), "/").unwrap().body_len,
+        "ok\n".len(),
+        "the old config serves"
+    );
+    assert_eq!(
+        common::children_of(master),
+        workers,
+        "the old workers still serve"
+    );
+
+    // A good config after that reloads and is confirmed.
+    std::fs::write(
+        &site.config,
+        config.replace("return 200 \"ok\\n\";", "return 200 \"new\\n\";"),
+    )
+    .unwrap();
+    supervisor.signal(1);
+    let confirmed = supervisor
+        .log
+        .wait_for("the confirmed reload", 10 * SECONDS, |l| {
+            l.contains("\"reload\":\"confirmed\"")
+        });
+    let event: serde_json::Value = serde_json::from_str(&confirmed).unwrap();
+    let new_workers: Vec<i32> = event["workers"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    assert!(
+        !new_workers.is_empty() && new_workers.iter().all(|w| !workers.contains(w)),
+        "{confirmed}"
+    );
+    assert_eq!(http::get(site.addr(), "/").unwrap().body_len, "new\n".len());
+
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
+use super::log::NginxErrors;
 use super::pidfd::PidFd;
 use crate::error::Error;
 use crate::reaper::{Exit, Reaper};
@@ -30,6 +31,8 @@ pub struct ConfigReport {
 pub struct Master {
     pub pidfd: PidFd,
     pub exit: oneshot::Receiver<Exit>,
+    /// Copies nginx's stderr; ends when the last nginx process has closed it.
+    pub log: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl NginxCommand {
@@ -107,11 +110,13 @@ impl NginxCommand {
 
     /// Starts the master in its own process group (a Ctrl-C at the terminal reaches the
     /// supervisor only), killed by the kernel if the supervisor dies first.
-    pub fn spawn(&self, reaper: &Reaper) -> Result<Master, Error> {
+    pub fn spawn(&self, reaper: &Reaper, errors: &NginxErrors) -> Result<Master, Error> {
         let mut command = Command::new(&self.argv[0]);
+        // stderr through us (see `log`); stdout (access logs, often) straight to ours.
         command
             .args(&self.argv[1..])
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .process_group(0);
         let supervisor = nix::unistd::getpid();
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
@@ -126,13 +131,18 @@ impl NginxCommand {
                 Ok(())
             });
         }
-        let child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
+        let mut child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
+        let log = child
+            .stderr
+            .take()
+            .map(|pipe| super::log::pass_through(pipe, errors.clone()));
         // Our unreaped child: its pid cannot be reused, so opening the pidfd now is safe.
         let pidfd =
             PidFd::open(child.pid.as_raw()).map_err(Error::internal("pidfd_open on the nginx master"))?;
         Ok(Master {
             pidfd,
             exit: child.exit,
+            log,
         })
     }
 

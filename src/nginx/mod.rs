@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod connections;
+pub mod log;
 pub mod pidfd;
 pub mod pidfile;
 pub mod tree;

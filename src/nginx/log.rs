@@ -1,0 +1,77 @@
+//! nginx's stderr, passed through the supervisor line by line: the container log stays the
+//! same, and a reload can read nginx's own reason when the master rolls a new config back.
+
+use std::io::Write;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::broadcast;
+
+/// Error lines (`[emerg]`, `[alert]`, `[crit]`) as nginx wrote them.
+#[derive(Debug, Clone)]
+pub struct NginxErrors {
+    tx: broadcast::Sender<String>,
+}
+
+impl Default for NginxErrors {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::Sender::new(32),
+        }
+    }
+}
+
+impl NginxErrors {
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.tx.subscribe()
+    }
+}
+
+pub fn is_error_line(line: &str) -> bool {
+    ["[emerg]", "[alert]", "[crit]"]
+        .iter()
+        .any(|level| line.contains(level))
+}
+
+/// Copies `pipe` to our stderr until every nginx process has closed it.
+pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(pipe) = tokio::process::ChildStderr::from_std(pipe) else {
+            return;
+        };
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // stderr is unbuffered and a line is small: this write does not stall the loop.
+                    let _ = std::io::stderr().write_all(&line);
+                    let text = String::from_utf8_lossy(&line);
+                    if is_error_line(&text) {
+                        let _ = errors.tx.send(text.trim_end().to_owned());
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_are_told_from_notices() {
+        assert!(is_error_line(
+            "2026/11/22 00:00:00 [emerg] 12#12: bind() to 127.0.0.1:80 failed (98: Address in use)"
+        ));
+        assert!(is_error_line("[alert] 7#7: worker process 9 exited on signal 9"));
+        assert!(!is_error_line(
+            "2026/11/22 00:00:00 [notice] 12#12: signal process started"
+        ));
+        assert!(!is_error_line(
+            "[warn] 1#1: the \"user\" directive makes sense only if ..."
+        ));
+    }
+}
