@@ -37,6 +37,7 @@ pub struct ControlServer {
     outcome: watch::Sender<Option<Value>>,
     clients_gone: mpsc::Receiver<()>,
     accept_task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
 }
 
 impl ControlServer {
@@ -52,7 +53,11 @@ impl ControlServer {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
             _ => {}
         }
-        let listener = UnixListener::bind(&path).map_err(fail)?;
+        // Owner-only from the first instant: bound under a umask that leaves nobody else a way in.
+        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(&path);
+        nix::sys::stat::umask(umask);
+        let listener = bound.map_err(fail)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
 
         let (request_tx, requests) = mpsc::channel(8);
@@ -62,6 +67,8 @@ impl ControlServer {
         let accept_task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 };
                 let connection = Connection {
@@ -78,12 +85,14 @@ impl ControlServer {
             outcome,
             clients_gone,
             accept_task,
+            path,
         })
     }
 
     /// Reports the outcome to every client and waits (bounded) until they have hung up.
     pub async fn finish(mut self, outcome: Value) {
         self.accept_task.abort();
+        let _ = std::fs::remove_file(&self.path);
         let _ = self.accept_task.await;
         self.outcome.send_replace(Some(outcome));
         // Each connection holds a sender: `None` once every one of them is gone.

@@ -123,20 +123,24 @@ impl Drain<'_> {
             }
         }
 
-        let (mut processes, connections_at_quit) = self.snapshot();
+        let mut processes = self.snapshot();
         self.signal_masters(&processes, Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
         );
+        // Counted after the signal, which must not wait for /proc reads; nginx has not closed
+        // a connection in flight this soon.
+        let connections_at_quit = total(&count_connections(&processes).await);
         self.finish(&mut processes, connections_at_quit, started).await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
     /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
-        let (mut processes, connections_at_quit) = self.snapshot();
+        let mut processes = self.snapshot();
         let told = processes.signal_all(Signal::SIGQUIT);
+        let connections_at_quit = total(&count_connections(&processes).await);
         if told > 0 {
             self.phases.enter(
                 Phase::Quitting,
@@ -146,12 +150,11 @@ impl Drain<'_> {
         self.finish(&mut processes, connections_at_quit, started).await
     }
 
-    /// Every nginx process, held by pidfd, and the connections they hold now.
-    fn snapshot(&self) -> (Processes, usize) {
+    /// Every nginx process, held by pidfd.
+    fn snapshot(&self) -> Processes {
         let mut processes = Processes::default();
         self.tree.track(&mut processes);
-        let connections = count_connections(&processes).iter().map(|(_, n)| n).sum();
-        (processes, connections)
+        processes
     }
 
     async fn finish(
@@ -218,7 +221,7 @@ impl Drain<'_> {
                 _ = processes.next_exit() => {}
                 _ = progress.tick() => {
                     self.tree.track(processes);
-                    report_progress(self.phases, processes, budget_end);
+                    report_progress(self.phases, processes, budget_end).await;
                 }
                 _ = sleep_until(deadline.into()) => return false,
             }
@@ -253,13 +256,21 @@ impl Drain<'_> {
     }
 }
 
-fn count_connections(processes: &Processes) -> Vec<(i32, usize)> {
+/// Reads /proc off the runtime's thread: with many connections it takes a while, and signals
+/// and exits must not wait for it.
+async fn count_connections(processes: &Processes) -> Vec<(i32, usize)> {
     let pids: Vec<i32> = processes.pids().collect();
-    connections::established(&pids)
+    tokio::task::spawn_blocking(move || connections::established(&pids))
+        .await
+        .unwrap_or_default()
 }
 
-fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
-    let counts = count_connections(processes);
+fn total(counts: &[(i32, usize)]) -> usize {
+    counts.iter().map(|(_, n)| n).sum()
+}
+
+async fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
+    let counts = count_connections(processes).await;
     let per_process: Vec<String> = counts.iter().map(|(pid, n)| format!("{pid}:{n}")).collect();
     let time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64;
     phases.publish(serde_json::json!({
@@ -270,7 +281,7 @@ fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) 
     }));
     tracing::info!(
         processes_left = processes.len(),
-        connections = counts.iter().map(|(_, n)| n).sum::<usize>(),
+        connections = total(&counts),
         connections_by_pid = per_process.join(","),
         time_left_ms,
         "waiting for nginx to finish"

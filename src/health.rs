@@ -73,6 +73,8 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<HealthState>) {
     };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, most likely: wait instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let state = state.clone();

@@ -69,11 +69,12 @@ pub async fn run_one(reaper: &Reaper, argv: &[String], timeout: Duration) -> Hoo
     };
     // Output the hook wrote just before it ended is still in the pipes: read it, but do not wait
     // on a background process of the hook's that keeps them open.
-    for reader in readers.into_iter().flatten() {
-        if tokio::time::timeout(Duration::from_millis(200), reader)
+    for mut reader in readers.into_iter().flatten() {
+        if tokio::time::timeout(Duration::from_millis(200), &mut reader)
             .await
             .is_err()
         {
+            reader.abort();
             tracing::debug!(hook, "stopped reading the output of a hook's leftover process");
         }
     }

@@ -50,17 +50,18 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
 
     // No supervisor: this process drains nginx. Two hooks at once share one drain.
     let runtime = RuntimeFiles::prepare(&args.runtime_dir);
-    let _leader = match runtime.as_ref().map(RuntimeFiles::lock) {
-        Some(Err(holder)) => return Ok(follow(holder, &args.runtime_dir, started_at).await),
-        Some(Ok(lock)) => Some(lock),
+    let _turn = match &runtime {
+        Some(runtime) => runtime.take_turn().await,
         None => None,
     };
 
-    let mut masters: Vec<FoundMaster> = Vec::new();
-    for path in [args.pid_file.clone(), pidfile::oldbin(&args.pid_file)] {
-        if let Some(master) = pidfile::find_master(&path)? {
-            masters.push(master);
-        }
+    // After another hook's drain this finds nginx gone and reports that drain's outcome; after
+    // one that failed, it meets the same problem and says so.
+    let mut masters: Vec<FoundMaster> = Vec::from_iter(pidfile::find_master(&args.pid_file)?);
+    // The old master of a binary upgrade, if any; a stale .oldbin must not stop the drain.
+    match pidfile::find_master(&pidfile::oldbin(&args.pid_file)) {
+        Ok(found) => masters.extend(found),
+        Err(err) => tracing::warn!("ignoring the binary upgrade's old pid file: {err}"),
     }
     let Some(first) = masters.first() else {
         // Hooks are delivered at least once: a repeat after the end reports the same outcome.
@@ -110,21 +111,6 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     Ok(log_summary(&report, "drained nginx"))
 }
 
-/// Waits for the drain another `drain` process leads, and reports its outcome as ours.
-async fn follow(holder: File, runtime_dir: &Path, since: SystemTime) -> i32 {
-    tracing::info!("another drain of this nginx is under way: waiting for its outcome");
-    // The leader holds the lock until it has recorded the outcome.
-    let locked = tokio::task::spawn_blocking(move || Flock::lock(holder, FlockArg::LockExclusive)).await;
-    drop(locked);
-    match recorded_outcome(runtime_dir, since) {
-        Some(outcome) => log_summary(&outcome, "the other drain finished"),
-        None => {
-            tracing::info!("the other drain finished; nginx is not running");
-            exit::OK
-        }
-    }
-}
-
 /// The files a direct drain keeps in the runtime directory: a lock that makes concurrent hooks
 /// share one drain, and the outcome the followers report.
 struct RuntimeFiles {
@@ -142,19 +128,28 @@ impl RuntimeFiles {
         }
     }
 
-    /// The lock, or the file to wait on when another drain holds it.
-    fn lock(&self) -> Result<Option<Flock<File>>, File> {
-        let open = || {
-            File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(self.dir.join("drain.lock"))
-        };
-        let Ok(file) = open() else { return Ok(None) };
+    /// Takes the drain lock, waiting while another hook's drain holds it. `None` when no lock
+    /// can be had: the drain goes on alone.
+    async fn take_turn(&self) -> Option<Flock<File>> {
+        let path = self.dir.join("drain.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Some(lock)),
-            Err(_) => open().map_err(|_| ()).map_or(Ok(None), Err),
+            Ok(lock) => Some(lock),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+                tracing::info!("another drain of this nginx is under way: waiting for it");
+                let waited =
+                    tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive)).await;
+                waited.ok()?.ok()
+            }
+            Err((_, err)) => {
+                tracing::warn!(lock = %path.display(), %err, "cannot lock: concurrent hooks will not share one drain");
+                None
+            }
         }
     }
 }

@@ -53,12 +53,12 @@ pub async fn reload(
     timeout: Duration,
 ) -> ReloadOutcome {
     let started = Instant::now();
-    if nginx.is_nginx() {
-        if let Err(err) = nginx.test(reaper).await {
-            let outcome = ReloadOutcome::Invalid(err.to_string());
-            log(&outcome);
-            return outcome;
-        }
+    if nginx.is_nginx()
+        && let Err(err) = nginx.test(reaper).await
+    {
+        let outcome = ReloadOutcome::Invalid(err.to_string());
+        log(&outcome);
+        return outcome;
     }
     let before: HashSet<i32> = serving_workers(master.pid()).into_iter().collect();
     let mut nginx_errors = errors.subscribe();

@@ -10,8 +10,9 @@ use crate::control::{ControlServer, DrainRequest};
 use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
 use crate::health::{self, HealthState};
-use crate::nginx::command::{Master, NginxCommand};
+use crate::nginx::command::NginxCommand;
 use crate::nginx::log::NginxErrors;
+use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree::ProcStat;
 use crate::phase::{Phase, Phases};
 use crate::plan::DrainPlan;
@@ -25,6 +26,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     // Everything that can refuse to start is checked before nginx exists, so a refusal leaves
     // nothing behind.
     let plan = DrainPlan::new(&args.drain)?;
+    PidFd::check_support().map_err(|source| Error::Internal {
+        context: "pidfds are needed to wait for nginx (Linux 5.3 or later, and a seccomp profile that allows pidfd_open)",
+        source,
+    })?;
     let mut signals = Signals::install().map_err(Error::internal("installing signal handlers"))?;
     let role = reaper::become_reaper().map_err(Error::internal("becoming child subreaper"))?;
     let runtime = RuntimeDir::prepare(&args.runtime_dir)?;
@@ -80,31 +85,20 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         }
     };
 
-    // Serving: until a drain trigger, or nginx ends on its own.
+    // Serving: until a drain trigger, or nginx ends on its own. A reload runs beside the loop,
+    // so a SIGTERM never waits for `nginx -T` or for a reload to be confirmed.
+    let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, args.reload_timeout);
+    let mut reloading = None;
+    let mut reload_again = false;
     let (trigger_plan, started) = loop {
         tokio::select! {
-            trigger = signals.next() => match trigger {
-                Trigger::Drain { signal } => {
-                    tracing::info!(%signal, "drain requested");
-                    break (plan.clone(), Instant::now());
-                }
-                Trigger::DrainNow => {
-                    tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
-                    break (plan.without_delay(), Instant::now());
-                }
-                Trigger::Reload => {
-                    reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, args.reload_timeout).await;
-                }
-                Trigger::Forward(signal) => forward(&master, signal),
-            },
-            Some(DrainRequest) = control.requests.recv() => {
-                tracing::info!("drain requested over the control socket (preStop hook)");
-                break (plan.clone(), Instant::now());
-            }
+            // nginx's own end first: its status must not be lost to a signal in the same wake-up.
+            biased;
             status = &mut master.exit => {
                 let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
                 health.set_master(0);
                 tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
+                drop(reloading.take());
                 let outcome = drain(&plan).orphans(Instant::now()).await;
                 reaper.reap_now();
                 let _ = flag.lower();
@@ -115,15 +109,50 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 flush(nginx_log).await;
                 return Ok(status.as_exit_code());
             }
+            trigger = signals.next() => match trigger {
+                Trigger::Drain { signal } => {
+                    tracing::info!(%signal, "drain requested");
+                    break (plan.clone(), Instant::now());
+                }
+                Trigger::DrainNow => {
+                    tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
+                    break (plan.without_delay(), Instant::now());
+                }
+                Trigger::Reload if reloading.is_some() => {
+                    tracing::info!("a reload is under way: another one follows it");
+                    reload_again = true;
+                }
+                Trigger::Reload => reloading = Some(Box::pin(start_reload())),
+                Trigger::Forward(signal) => forward(&master.pidfd, signal),
+            },
+            Some(DrainRequest) = control.requests.recv() => {
+                tracing::info!("drain requested over the control socket (preStop hook)");
+                break (plan.clone(), Instant::now());
+            }
+            _ = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
+                reloading = None;
+                if std::mem::take(&mut reload_again) {
+                    reloading = Some(Box::pin(start_reload()));
+                }
+            }
         }
     };
+    if reloading.take().is_some() {
+        tracing::warn!("the reload under way is abandoned: a drain has begun");
+    }
 
     // Draining: signals keep arriving; only a second SIGINT (or a SIGQUIT) changes anything.
     let draining = drain(&trigger_plan).run(started);
     tokio::pin!(draining);
+    let mut master_status = None;
     let outcome: DrainOutcome = loop {
         tokio::select! {
             outcome = &mut draining => break outcome,
+            status = &mut master.exit, if master_status.is_none() => {
+                // Liveness follows the master even mid-drain.
+                health.set_master(0);
+                master_status = Some(status.unwrap_or(Exit::Code(exit::INTERNAL)));
+            }
             trigger = signals.next() => match trigger {
                 Trigger::Drain { signal: nix::sys::signal::Signal::SIGINT } | Trigger::DrainNow => {
                     tracing::info!(phase = %phases.current(), "second interrupt: skipping what is left of the propagation delay");
@@ -131,7 +160,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 }
                 Trigger::Drain { signal } => tracing::info!(%signal, phase = %phases.current(), "already draining: the signal changes nothing"),
                 Trigger::Reload => tracing::warn!("reload refused: a drain has begun"),
-                Trigger::Forward(signal) => forward(&master, signal),
+                Trigger::Forward(signal) => forward(&master.pidfd, signal),
             },
             Some(DrainRequest) = control.requests.recv() => {
                 tracing::info!(phase = %phases.current(), "drain requested over the control socket: already draining, the client follows this drain");
@@ -143,13 +172,23 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
-    let report = outcome.to_json();
-    log_summary(&report, "drain finished");
+    if master_status.is_none() {
+        reaper.reap_now();
+        master_status = master.exit.try_recv().ok();
+    }
+    let mut report = outcome.to_json();
+    // A master that died during the drain (OOM-killed, say) did not quit cleanly.
+    if let Some(status) = master_status.filter(|s| !s.success() && !outcome.escalated) {
+        tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
+        report["outcome"] = "nginx_failed".into();
+        report["exit_code"] = status.as_exit_code().into();
+    }
+    let code = log_summary(&report, "drain finished");
     record_outcome(runtime.path(), &report);
     // The preStop hook, if one asked, hears the outcome and exits before we do.
     control.finish(report).await;
     flush(nginx_log).await;
-    Ok(outcome.exit_code())
+    Ok(code)
 }
 
 /// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and
@@ -179,9 +218,9 @@ async fn flush(nginx_log: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
-fn forward(master: &Master, signal: nix::sys::signal::Signal) {
-    let delivered = master.pidfd.signal(signal);
-    tracing::info!(%signal, pid = master.pidfd.pid(), delivered, "signal forwarded to the nginx master");
+fn forward(master: &PidFd, signal: nix::sys::signal::Signal) {
+    let delivered = master.signal(signal);
+    tracing::info!(%signal, pid = master.pid(), delivered, "signal forwarded to the nginx master");
 }
 
 /// The kernel's name for the processes the command becomes: the file name, cut to 15 bytes.

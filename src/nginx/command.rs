@@ -13,6 +13,10 @@ use super::pidfd::PidFd;
 use crate::error::Error;
 use crate::reaper::{Exit, Reaper};
 
+/// nginx resolves upstream host names while it tests a config; a DNS server that does not
+/// answer must not stall start-up or a reload for ever.
+const CONFIG_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct NginxCommand {
     argv: Vec<OsString>,
@@ -75,13 +79,29 @@ impl NginxCommand {
         let mut stderr = tokio::process::ChildStderr::from_std(child.stderr.expect("piped"))
             .map_err(Error::internal("reading nginx -T"))?;
         let (mut dump, mut messages) = (Vec::new(), Vec::new());
-        // Both pipes at once: a large config dump would otherwise fill one while we read the other.
-        let (out, err) = tokio::join!(stdout.read_to_end(&mut dump), stderr.read_to_end(&mut messages));
-        out.and(err).map_err(Error::internal("reading nginx -T"))?;
-        let exit = child.exit.await.map_err(|_| Error::Internal {
-            context: "nginx -T",
-            source: std::io::Error::other("its exit status was lost"),
-        })?;
+        let pid = child.pid;
+        let run = async {
+            // Both pipes at once: a large dump would otherwise fill one while we read the other.
+            let (out, err) = tokio::join!(stdout.read_to_end(&mut dump), stderr.read_to_end(&mut messages));
+            out.and(err).map_err(Error::internal("reading nginx -T"))?;
+            child.exit.await.map_err(|_| Error::Internal {
+                context: "nginx -T",
+                source: std::io::Error::other("its exit status was lost"),
+            })
+        };
+        let exit = match tokio::time::timeout(CONFIG_TEST_TIMEOUT, run).await {
+            Ok(exit) => exit?,
+            Err(_) => {
+                // Not reaped yet (we never got its status), so the pid is still this process.
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                return Err(Error::ConfigTest {
+                    detail: format!(
+                        "nginx -T did not finish within {}s (an upstream host name that does not resolve?)",
+                        CONFIG_TEST_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+        };
         let messages = String::from_utf8_lossy(&messages);
         let lines = nginx_messages(&messages);
         if !exit.success() {
@@ -137,8 +157,17 @@ impl NginxCommand {
             .take()
             .map(|pipe| super::log::pass_through(pipe, errors.clone()));
         // Our unreaped child: its pid cannot be reused, so opening the pidfd now is safe.
-        let pidfd =
-            PidFd::open(child.pid.as_raw()).map_err(Error::internal("pidfd_open on the nginx master"))?;
+        let pidfd = match PidFd::open(child.pid.as_raw()) {
+            Ok(pidfd) => pidfd,
+            Err(source) => {
+                // Without a pidfd we could not drain it: leave nothing half-started behind.
+                let _ = nix::sys::signal::kill(child.pid, nix::sys::signal::Signal::SIGKILL);
+                return Err(Error::Internal {
+                    context: "pidfd_open on the nginx master",
+                    source,
+                });
+            }
+        };
         Ok(Master {
             pidfd,
             exit: child.exit,

@@ -6,7 +6,8 @@ use std::io::Write;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::broadcast;
 
-/// Error lines (`[emerg]`, `[alert]`, `[crit]`) as nginx wrote them.
+/// `[emerg]` lines as nginx wrote them: what a master writes when it cannot apply a new
+/// config. (`[crit]` and `[alert]` come from requests too, e.g. failed TLS handshakes.)
 #[derive(Debug, Clone)]
 pub struct NginxErrors {
     tx: broadcast::Sender<String>,
@@ -27,9 +28,7 @@ impl NginxErrors {
 }
 
 pub fn is_error_line(line: &str) -> bool {
-    ["[emerg]", "[alert]", "[crit]"]
-        .iter()
-        .any(|level| line.contains(level))
+    line.contains("[emerg]")
 }
 
 /// Copies `pipe` to our stderr until every nginx process has closed it.
@@ -66,7 +65,9 @@ mod tests {
         assert!(is_error_line(
             "2026/11/22 00:00:00 [emerg] 12#12: bind() to 127.0.0.1:80 failed (98: Address in use)"
         ));
-        assert!(is_error_line("[alert] 7#7: worker process 9 exited on signal 9"));
+        assert!(!is_error_line(
+            "[crit] 7#7: *1 SSL_do_handshake() failed (SSL: error) while SSL handshaking"
+        ));
         assert!(!is_error_line(
             "2026/11/22 00:00:00 [notice] 12#12: signal process started"
         ));

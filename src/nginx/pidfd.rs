@@ -33,10 +33,23 @@ impl PidFd {
 
     /// Opens a pidfd on the process a snapshot saw, or nothing if that process is gone: the
     /// start time, read again after the open, proves the number was not reused in between.
-    pub fn open_verified(seen: &ProcStat) -> Option<Self> {
-        let fd = Self::open(seen.pid).ok()?;
-        let now = ProcStat::read(seen.pid)?;
-        (now.start_time == seen.start_time).then_some(fd)
+    /// `Ok(None)` means gone; any other failure is an error, never "gone": a drain that took
+    /// a pidfd failure for an exit would report nginx stopped while it serves.
+    pub fn open_verified(seen: &ProcStat) -> std::io::Result<Option<Self>> {
+        let fd = match Self::open(seen.pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(ProcStat::read(seen.pid)
+            .filter(|now| now.start_time == seen.start_time)
+            .map(|_| fd))
+    }
+
+    /// Fails with the reason when this kernel or sandbox gives no pidfds (Linux < 5.3, or a
+    /// seccomp profile that blocks pidfd_open): checked before nginx starts.
+    pub fn check_support() -> std::io::Result<()> {
+        Self::open(std::process::id() as i32).map(drop)
     }
 
     pub fn pid(&self) -> i32 {
@@ -91,8 +104,14 @@ impl Processes {
         if self.live.contains_key(&seen.pid) {
             return false;
         }
-        let Some(fd) = PidFd::open_verified(seen) else {
-            return false;
+        let fd = match PidFd::open_verified(seen) {
+            Ok(Some(fd)) => fd,
+            Ok(None) => return false,
+            Err(err) => {
+                // Untracked means unwaited: say so loudly rather than end a drain early.
+                tracing::error!(pid = seen.pid, %err, "cannot hold an nginx process by pidfd; it will not be waited for");
+                return false;
+            }
         };
         let fd = Arc::new(fd);
         self.live.insert(seen.pid, fd.clone());

@@ -102,7 +102,11 @@ pub fn find_master(path: &Path) -> Result<Option<FoundMaster>, Error> {
         });
     }
     // The start time, read again after the open, proves the pidfd holds the process we checked.
-    let Some(pidfd) = PidFd::open_verified(&stat) else {
+    let pidfd = PidFd::open_verified(&stat).map_err(|source| Error::Internal {
+        context: "pidfd_open on the nginx master (needs Linux 5.3 and a seccomp profile that allows it)",
+        source,
+    })?;
+    let Some(pidfd) = pidfd else {
         return Ok(None);
     };
     Ok(Some(FoundMaster {
