@@ -37,7 +37,8 @@ SIGNALS:
   SIGTERM          the drain above; a repeated SIGTERM is logged and changes nothing
   SIGINT           the same drain; a second SIGINT skips what is left of the propagation delay
   SIGQUIT          the drain without the propagation delay
-  SIGHUP           reload: `nginx -t` first; a config that fails the test is not loaded
+  SIGHUP           reload: the config is tested first (nginx -T), a config that fails is not
+                   loaded; then a new generation of workers confirms the reload
   SIGUSR1/USR2/WINCH  forwarded to the nginx master
 
 EXIT CODES:
@@ -45,7 +46,7 @@ EXIT CODES:
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
   10   the drain plan does not fit in --grace-period
   11   the nginx binary (or COMMAND) cannot be started
-  12   the nginx config fails `nginx -t`
+  12   the nginx config fails its test (nginx -T)
   13   the runtime directory cannot be used
   14   the health address cannot be bound
   70   internal error

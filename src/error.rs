@@ -32,7 +32,7 @@ pub enum Error {
     )]
     Spawn { program: String, source: std::io::Error },
 
-    #[error("the nginx config fails `nginx -t`: {detail}: fix the config; nothing was started")]
+    #[error("the nginx config fails its test (nginx -T): {detail}: fix the config; nothing was started")]
     ConfigTest { detail: String },
 
     #[error("cannot use runtime directory {}: {source}: pass --runtime-dir with a directory this user can write", path.display())]

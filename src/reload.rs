@@ -23,7 +23,7 @@ const SERVING: &str = "nginx: worker process";
 pub enum ReloadOutcome {
     /// A new generation serves; the old one was told to quit.
     Reloaded { workers: Vec<i32>, elapsed: Duration },
-    /// `nginx -t` refused the config: no signal was sent.
+    /// The config test (`nginx -T`) refused the config: no signal was sent.
     Invalid(String),
     /// The master kept the old config; nginx's reason.
     RolledBack(String),
