@@ -177,6 +177,35 @@ pub struct RunArgs {
     )]
     pub runtime_dir: PathBuf,
 
+    /// A file or directory whose changes reload nginx (repeatable). By default the directories
+    /// of every file of the loaded config are watched; a Kubernetes ConfigMap's symlink swap, an
+    /// editor's rename and a plain write each reload once.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "NGINX_GRACEFUL_WATCH",
+        value_delimiter = ':'
+    )]
+    pub watch: Vec<PathBuf>,
+
+    /// Reload only on SIGHUP or `nginx-graceful reload`, never on a file change.
+    #[arg(long, env = "NGINX_GRACEFUL_NO_WATCH")]
+    pub no_watch: bool,
+
+    /// Changes closer together than this become one reload.
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
+    pub reload_debounce: Duration,
+
+    /// While this many old worker generations are still draining connections, a reload waits
+    /// (and further requests join it) instead of stacking one more set of workers.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "NGINX_GRACEFUL_MAX_DRAINING_GENERATIONS",
+        default_value = "2"
+    )]
+    pub max_draining_generations: usize,
+
     /// How long a reload may take to show a new generation of workers before it is reported
     /// as failed.
     #[arg(long, env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -35,3 +35,4 @@ pub mod reload;
 pub mod runtime_dir;
 pub mod signals;
 pub mod supervisor;
+pub mod watch;

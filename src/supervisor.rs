@@ -20,6 +20,7 @@ use crate::reaper::{self, Exit, Reaper};
 use crate::reload;
 use crate::runtime_dir::{RuntimeDir, record_outcome};
 use crate::signals::{Signals, Trigger};
+use crate::watch::{ConfigWatch, dirs_to_watch};
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
 pub async fn run(args: RunArgs) -> Result<i32, Error> {
@@ -48,9 +49,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let flag = runtime.flag();
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, "starting");
 
-    if nginx.is_nginx() {
-        check_config(&nginx, &reaper, &flag).await?;
-    }
+    let config_dump = if nginx.is_nginx() {
+        check_config(&nginx, &reaper, &flag).await?
+    } else {
+        String::new()
+    };
+    let mut watch = start_watch(&args, &config_dump);
     let nginx_errors = NginxErrors::default();
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
@@ -129,6 +133,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 tracing::info!("drain requested over the control socket (preStop hook)");
                 break (plan.clone(), Instant::now());
             }
+            _ = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() => {
+                tracing::info!("the nginx config changed on disk");
+                if reloading.is_some() {
+                    reload_again = true;
+                } else {
+                    reloading = Some(Box::pin(start_reload()));
+                }
+            }
             _ = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
                 reloading = None;
                 if std::mem::take(&mut reload_again) {
@@ -197,7 +209,7 @@ async fn check_config(
     nginx: &NginxCommand,
     reaper: &Reaper,
     flag: &crate::keepalive::KeepAliveFlag,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     let report = nginx.test(reaper).await?;
     for warning in &report.warnings {
         tracing::warn!(nginx = %warning, "nginx config warning");
@@ -208,7 +220,22 @@ async fn check_config(
             "the nginx config does not include the drain snippet: keep-alive clients will not be told to close before nginx quits; include nginx-conf/graceful-drain.conf in every server block"
         );
     }
-    Ok(())
+    Ok(report.dump)
+}
+
+/// Watches the config unless told not to; a watch that cannot start is a warning, not a reason
+/// to refuse to serve.
+fn start_watch(args: &RunArgs, config_dump: &str) -> Option<ConfigWatch> {
+    if args.no_watch {
+        return None;
+    }
+    let dirs = dirs_to_watch(config_dump, &args.watch);
+    if dirs.is_empty() {
+        return None;
+    }
+    ConfigWatch::start(dirs, args.reload_debounce)
+        .inspect_err(|err| tracing::warn!(%err, "cannot watch the config: reload with SIGHUP instead"))
+        .ok()
 }
 
 /// Lets nginx's last log lines through; the pipe closes with the last nginx process.

@@ -14,19 +14,20 @@ pub fn established(pids: &[i32]) -> Vec<(i32, usize)> {
         .iter()
         .filter_map(|&pid| Some((pid, socket_inodes(pid)?)))
         .collect();
-    // The tables are read once, through any of the processes: they are per namespace.
-    let Some(process) = sockets.keys().find_map(|&pid| Process::new(pid).ok()) else {
+    // The tables are read once, through any of the processes: they are per namespace. Through
+    // one that is still there: during a drain, idle workers exit while we read.
+    let Some(tables) = sockets.keys().find_map(|&pid| {
+        let process = Process::new(pid).ok()?;
+        Some([process.tcp().ok()?, process.tcp6().unwrap_or_default()])
+    }) else {
         return Vec::new();
     };
-    let established: HashSet<u64> = [
-        process.tcp().unwrap_or_default(),
-        process.tcp6().unwrap_or_default(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter(|entry| entry.state == TcpState::Established)
-    .map(|entry| entry.inode)
-    .collect();
+    let established: HashSet<u64> = tables
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry.state == TcpState::Established)
+        .map(|entry| entry.inode)
+        .collect();
     let mut counts: Vec<(i32, usize)> = sockets
         .iter()
         .map(|(&pid, inodes)| (pid, inodes.intersection(&established).count()))
