@@ -88,6 +88,19 @@ EXIT CODES:
   18   the supervisor stopped answering before it reported the outcome
   70   internal error";
 
+const RELOAD_AFTER_HELP: &str = "\
+With a `run` supervisor (its control socket in --runtime-dir), the supervisor reloads: the same
+test, SIGHUP and confirmation as on SIGHUP or a config change, and its --reload-timeout. Without
+one, reload finds the master through --pid-file, tests the config with the master's own binary
+and arguments, sends SIGHUP and waits for a new generation of workers.
+
+EXIT CODES:
+  0    reloaded: a new generation of workers serves
+  20   the config fails its test: nothing was signalled, nginx serves the old config
+  21   nginx kept the old config (its reason is printed), or no new workers came in time
+  22   refused: a drain has begun
+  23   nginx is not running";
+
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -103,6 +116,9 @@ pub enum Command {
     /// Run nginx as a child and drain it in order on SIGTERM (the container ENTRYPOINT).
     #[command(after_long_help = RUN_AFTER_HELP)]
     Run(RunArgs),
+    /// Test the config and reload nginx now; wait until the new workers serve.
+    #[command(after_long_help = RELOAD_AFTER_HELP)]
+    Reload(ReloadArgs),
     /// Drain nginx and block until it has exited (the preStop hook).
     #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
     Drain(PreStopArgs),
@@ -245,6 +261,39 @@ pub struct PreStopArgs {
         default_value = "/run/nginx-graceful"
     )]
     pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// nginx's pid file, read when no supervisor answers.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "NGINX_GRACEFUL_PID_FILE",
+        default_value = "/run/nginx.pid"
+    )]
+    pub pid_file: PathBuf,
+
+    /// The supervisor's runtime directory, where its control socket is.
+    #[arg(
+        long,
+        env = "NGINX_GRACEFUL_RUNTIME_DIR",
+        default_value = "/run/nginx-graceful"
+    )]
+    pub runtime_dir: PathBuf,
+
+    /// Without a supervisor: how long to wait for a new generation of workers.
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+
+    /// Without a supervisor: wait while this many old generations still drain.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "NGINX_GRACEFUL_MAX_DRAINING_GENERATIONS",
+        default_value = "2"
+    )]
+    pub max_draining_generations: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

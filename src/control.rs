@@ -27,13 +27,18 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("control.sock")
 }
 
-/// A drain asked for over the socket.
+/// What a client asks of the supervisor.
 #[derive(Debug)]
-pub struct DrainRequest;
+pub enum ControlRequest {
+    /// Drain; the client follows the phase feed and the outcome.
+    Drain,
+    /// Validate and reload now; the reply goes back on the sender.
+    Reload(tokio::sync::oneshot::Sender<Value>),
+}
 
 /// The supervisor's end.
 pub struct ControlServer {
-    pub requests: mpsc::Receiver<DrainRequest>,
+    pub requests: mpsc::Receiver<ControlRequest>,
     outcome: watch::Sender<Option<Value>>,
     clients_gone: mpsc::Receiver<()>,
     accept_task: tokio::task::JoinHandle<()>,
@@ -106,7 +111,7 @@ impl ControlServer {
 struct Connection {
     events: tokio::sync::broadcast::Receiver<Value>,
     outcome: watch::Receiver<Option<Value>>,
-    requests: mpsc::Sender<DrainRequest>,
+    requests: mpsc::Sender<ControlRequest>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -118,16 +123,26 @@ impl Connection {
             Ok(Ok(Some(line))) => serde_json::from_str::<Value>(&line).unwrap_or(Value::Null),
             _ => return,
         };
-        if request["request"] != "drain" {
-            let _ = send(
-                &mut write,
-                &json!({"event": "error", "message": "unknown request"}),
-            )
-            .await;
-            return;
+        match request["request"].as_str() {
+            Some("drain") => {}
+            Some("reload") => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let _ = self.requests.send(ControlRequest::Reload(reply)).await;
+                let answer = answer.await.unwrap_or_else(|_| json!({"event": "reload", "outcome": "refused", "reason": "the supervisor is stopping"}));
+                let _ = send(&mut write, &answer).await;
+                return;
+            }
+            _ => {
+                let _ = send(
+                    &mut write,
+                    &json!({"event": "error", "message": "unknown request"}),
+                )
+                .await;
+                return;
+            }
         }
         // Subscribed before the request goes in, so no event of this drain is missed.
-        let _ = self.requests.send(DrainRequest).await;
+        let _ = self.requests.send(ControlRequest::Drain).await;
         if send(&mut write, &json!({"event": "accepted"})).await.is_err() {
             return;
         }
@@ -216,5 +231,21 @@ pub async fn request_drain(
     } else {
         tracing::warn!(socket = %path.display(), "the supervisor did not accept the request: draining directly");
         Ok(None)
+    }
+}
+
+/// Asks the supervisor to reload; `Ok(None)` when no supervisor answers.
+pub async fn request_reload(runtime_dir: &Path) -> Result<Option<Value>, Error> {
+    let path = socket_path(runtime_dir);
+    let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&path)).await else {
+        return Ok(None);
+    };
+    let (read, mut write) = stream.into_split();
+    if send(&mut write, &json!({"request": "reload"})).await.is_err() {
+        return Ok(None);
+    }
+    match BufReader::new(read).lines().next_line().await {
+        Ok(Some(line)) => Ok(serde_json::from_str(&line).ok()),
+        _ => Err(Error::ControlBroken),
     }
 }

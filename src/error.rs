@@ -16,6 +16,10 @@ pub mod exit {
     pub const OTHER_USER: i32 = 16;
     pub const PID_FILE: i32 = 17;
     pub const CONTROL_BROKEN: i32 = 18;
+    pub const RELOAD_INVALID: i32 = 20;
+    pub const RELOAD_FAILED: i32 = 21;
+    pub const RELOAD_REFUSED: i32 = 22;
+    pub const NOT_RUNNING: i32 = 23;
     pub const INTERNAL: i32 = 70;
 }
 

@@ -3,7 +3,7 @@
 use clap::Parser;
 use nginx_graceful::cli::{Cli, Command};
 use nginx_graceful::error::exit;
-use nginx_graceful::{logging, prestop, supervisor};
+use nginx_graceful::{logging, prestop, reload, supervisor};
 
 fn main() {
     let cli = Cli::parse();
@@ -21,6 +21,7 @@ fn main() {
         match cli.command {
             Command::Run(args) => supervisor::run(args).await,
             Command::Drain(args) => prestop::drain(args).await,
+            Command::Reload(args) => reload::command(args).await,
         }
     });
     let code = match result {

@@ -18,6 +18,11 @@ use crate::reaper::Reaper;
 const CONFIRM_EVERY: Duration = Duration::from_millis(20);
 
 const SERVING: &str = "nginx: worker process";
+const SHUTTING_DOWN: &str = "nginx: worker process is shutting down";
+
+/// Workers started within this many clock ticks (10 ms each) of each other belong to one
+/// generation: a master forks all its workers within a millisecond or two.
+const SAME_GENERATION_TICKS: u64 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -45,14 +50,106 @@ pub fn serving_workers(master: i32) -> Vec<i32> {
     workers
 }
 
+/// The worker sets each reload retired, so the ones still draining can be counted exactly.
+/// Without that history (`reload` without a supervisor) they are told apart by start time.
+#[derive(Clone, Default)]
+pub struct Generations {
+    retired: std::sync::Arc<std::sync::Mutex<Vec<Vec<i32>>>>,
+}
+
+impl Generations {
+    fn retire(&self, workers: Vec<i32>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(workers);
+    }
+
+    /// Old generations still draining: each a set of workers told to quit and still running.
+    pub fn draining(&self, master: i32) -> Vec<Vec<i32>> {
+        let shutting_down = shutting_down(master);
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        if retired.is_empty() {
+            return by_start_time(shutting_down);
+        }
+        for generation in retired.iter_mut() {
+            generation.retain(|pid| shutting_down.iter().any(|(_, p)| p == pid));
+        }
+        retired.retain(|generation| !generation.is_empty());
+        retired.clone()
+    }
+}
+
+/// Workers of `master` told to quit and still running, with their start times.
+fn shutting_down(master: i32) -> Vec<(u64, i32)> {
+    let Ok(table) = ProcessTable::read() else {
+        return Vec::new();
+    };
+    let mut workers: Vec<(u64, i32)> = table
+        .children(master)
+        .filter(|s| tree::title(s.pid) == SHUTTING_DOWN)
+        .map(|s| (s.start_time, s.pid))
+        .collect();
+    workers.sort_unstable();
+    workers
+}
+
+/// Groups workers by start time: one master forks a generation within a millisecond or two.
+fn by_start_time(workers: Vec<(u64, i32)>) -> Vec<Vec<i32>> {
+    let mut generations: Vec<Vec<i32>> = Vec::new();
+    let mut last_start = None;
+    for (start, pid) in workers {
+        match (last_start, generations.last_mut()) {
+            (Some(last), Some(generation)) if start - last <= SAME_GENERATION_TICKS => generation.push(pid),
+            _ => generations.push(vec![pid]),
+        }
+        last_start = Some(start);
+    }
+    generations
+}
+
+/// Waits while `cap` old generations are still draining, so reloads never stack more worker
+/// sets than that; woken by the exit of one of their workers, not by a timer.
+async fn wait_for_room(master: i32, cap: usize, generations: &Generations) {
+    let mut reported = false;
+    loop {
+        let draining = generations.draining(master);
+        if draining.len() < cap.max(1) {
+            return;
+        }
+        if !std::mem::replace(&mut reported, true) {
+            tracing::info!(
+                draining_generations = draining.len(),
+                cap,
+                "reload waits: old worker generations are still draining connections (--max-draining-generations)"
+            );
+        }
+        let mut workers = crate::nginx::pidfd::Processes::default();
+        for pid in draining.iter().flatten() {
+            if let Some(stat) = tree::ProcStat::read(*pid) {
+                workers.track(&stat);
+            }
+        }
+        if workers.next_exit().await.is_none() {
+            return;
+        }
+    }
+}
+
+pub struct ReloadSettings {
+    pub timeout: Duration,
+    pub max_draining_generations: usize,
+    pub generations: Generations,
+}
+
 pub async fn reload(
     nginx: &NginxCommand,
     reaper: &Reaper,
     master: &PidFd,
     errors: &NginxErrors,
-    timeout: Duration,
+    settings: &ReloadSettings,
 ) -> ReloadOutcome {
-    let started = Instant::now();
+    let timeout = settings.timeout;
     if nginx.is_nginx()
         && let Err(err) = nginx.test(reaper).await
     {
@@ -60,6 +157,14 @@ pub async fn reload(
         log(&outcome);
         return outcome;
     }
+    wait_for_room(
+        master.pid(),
+        settings.max_draining_generations,
+        &settings.generations,
+    )
+    .await;
+    // The confirmation deadline counts from the signal, not from the wait for room.
+    let started = Instant::now();
     let before: HashSet<i32> = serving_workers(master.pid()).into_iter().collect();
     let mut nginx_errors = errors.subscribe();
     master.signal(Signal::SIGHUP);
@@ -73,6 +178,7 @@ pub async fn reload(
         let old_still_serving = now.iter().any(|pid| before.contains(pid));
         let new: Vec<i32> = now.into_iter().filter(|pid| !before.contains(pid)).collect();
         if !new.is_empty() && !old_still_serving {
+            settings.generations.retire(before.into_iter().collect());
             break ReloadOutcome::Reloaded {
                 workers: new,
                 elapsed: started.elapsed(),
@@ -130,5 +236,208 @@ fn log(outcome: &ReloadOutcome) {
             timeout_ms = timeout.as_millis() as u64,
             "reload not confirmed: no new generation of workers within --reload-timeout; see nginx's log"
         ),
+    }
+}
+
+impl ReloadOutcome {
+    /// The reply to `nginx-graceful reload`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            ReloadOutcome::Reloaded { workers, elapsed } => json!({
+                "event": "reload", "outcome": "reloaded", "workers": workers,
+                "elapsed_ms": elapsed.as_millis() as u64,
+            }),
+            ReloadOutcome::Invalid(reason) => {
+                json!({"event": "reload", "outcome": "invalid", "reason": reason})
+            }
+            ReloadOutcome::RolledBack(reason) => {
+                json!({"event": "reload", "outcome": "rolled_back", "reason": reason})
+            }
+            ReloadOutcome::Unconfirmed(timeout) => json!({
+                "event": "reload", "outcome": "unconfirmed",
+                "reason": format!("no new generation of workers within {}", crate::plan::fmt(*timeout)),
+            }),
+        }
+    }
+}
+
+/// Who waits for which reload: requests that come while one runs are coalesced into the next.
+#[derive(Default)]
+pub struct ReloadQueue {
+    running: bool,
+    replies: Vec<tokio::sync::oneshot::Sender<serde_json::Value>>,
+    next: Option<Vec<tokio::sync::oneshot::Sender<serde_json::Value>>>,
+}
+
+impl ReloadQueue {
+    /// Asks for a reload; true when one should start now.
+    pub fn ask(&mut self, reply: Option<tokio::sync::oneshot::Sender<serde_json::Value>>) -> bool {
+        if self.running {
+            if self.next.is_none() {
+                tracing::info!("a reload is under way: one more follows it");
+            }
+            self.next.get_or_insert_default().extend(reply);
+            return false;
+        }
+        self.running = true;
+        self.replies.extend(reply);
+        true
+    }
+
+    /// The reload under way ended; true when the next one should start now.
+    pub fn done(&mut self, outcome: &ReloadOutcome) -> bool {
+        let reply = outcome.to_json();
+        for waiter in self.replies.drain(..) {
+            let _ = waiter.send(reply.clone());
+        }
+        match self.next.take() {
+            Some(next) => {
+                self.replies = next;
+                true
+            }
+            None => {
+                self.running = false;
+                false
+            }
+        }
+    }
+
+    /// A drain has begun: nobody gets a reload any more.
+    pub fn refuse_all(&mut self) {
+        let reply = refused();
+        for waiter in self
+            .replies
+            .drain(..)
+            .chain(self.next.take().into_iter().flatten())
+        {
+            let _ = waiter.send(reply.clone());
+        }
+        self.running = false;
+    }
+}
+
+pub fn refused() -> serde_json::Value {
+    serde_json::json!({"event": "reload", "outcome": "refused", "reason": "a drain has begun: nginx is shutting down"})
+}
+
+/// nginx's argv, read back from a master's process title (`nginx: master process ARGV`). nginx
+/// joined the arguments with spaces; options take one argument each, except that `-g` takes
+/// directives that may themselves hold spaces, so it runs to the next option.
+pub fn argv_from_title(title: &str) -> Option<Vec<String>> {
+    let rest = title.strip_prefix("nginx: master process ")?;
+    let mut argv: Vec<String> = Vec::new();
+    let mut in_directives = false;
+    for token in rest.split_whitespace() {
+        let option = ["-c", "-p", "-e", "-g", "-q"].contains(&token);
+        if in_directives && !option {
+            let last = argv.last_mut().expect("-g came first");
+            last.push(' ');
+            last.push_str(token);
+            continue;
+        }
+        in_directives = false;
+        if token == "-g" {
+            argv.push(token.to_owned());
+            argv.push(String::new());
+            in_directives = true;
+            continue;
+        }
+        argv.push(token.to_owned());
+    }
+    for arg in argv.iter_mut() {
+        *arg = arg.trim().to_owned();
+    }
+    (!argv.is_empty()).then_some(argv)
+}
+
+/// `nginx-graceful reload`: through the supervisor, or directly via the pid file.
+pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
+    use crate::error::exit;
+    let reply = match crate::control::request_reload(&args.runtime_dir).await? {
+        Some(reply) => reply,
+        None => direct(&args).await?,
+    };
+    let outcome = reply["outcome"].as_str().unwrap_or("unknown");
+    let code = match outcome {
+        "reloaded" => exit::OK,
+        "invalid" => exit::RELOAD_INVALID,
+        "refused" => exit::RELOAD_REFUSED,
+        "not_running" => exit::NOT_RUNNING,
+        _ => exit::RELOAD_FAILED,
+    };
+    match outcome {
+        "reloaded" => {
+            tracing::info!(workers = %reply["workers"], elapsed_ms = reply["elapsed_ms"].as_u64(), "reloaded: new workers {}", reply["workers"])
+        }
+        _ => tracing::error!(
+            outcome,
+            exit_code = code,
+            "reload {outcome}: {}",
+            reply["reason"].as_str().unwrap_or("")
+        ),
+    }
+    Ok(code)
+}
+
+/// No supervisor: test with the master's own binary and arguments, SIGHUP, confirm. Without the
+/// master's stderr, a rollback shows only as no new generation.
+async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crate::error::Error> {
+    let Some(master) = crate::nginx::pidfile::find_master(&args.pid_file)? else {
+        return Ok(
+            serde_json::json!({"event": "reload", "outcome": "not_running", "reason": format!("no nginx master in {}", args.pid_file.display())}),
+        );
+    };
+    let pid = master.pidfd.pid();
+    let mut argv = argv_from_title(&tree::title(pid)).unwrap_or_else(|| vec!["nginx".into()]);
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+        argv[0] = exe.display().to_string();
+    }
+    let nginx = NginxCommand::custom(argv.into_iter().map(Into::into).collect());
+    let sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        .map_err(crate::error::Error::internal("installing the SIGCHLD handler"))?;
+    let reaper = Reaper::start(sigchld);
+    let settings = ReloadSettings {
+        timeout: args.reload_timeout,
+        max_draining_generations: args.max_draining_generations,
+        generations: Generations::default(),
+    };
+    let outcome = reload(&nginx, &reaper, &master.pidfd, &NginxErrors::default(), &settings).await;
+    Ok(outcome.to_json())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_comes_back_from_the_title() {
+        let cases: [(&str, Option<Vec<&str>>); 4] = [
+            (
+                "nginx: master process nginx -g daemon off;",
+                Some(vec!["nginx", "-g", "daemon off;"]),
+            ),
+            (
+                "nginx: master process /usr/sbin/nginx -e stderr -c /x/nginx.conf -g daemon off; pid /run/n.pid;",
+                Some(vec![
+                    "/usr/sbin/nginx",
+                    "-e",
+                    "stderr",
+                    "-c",
+                    "/x/nginx.conf",
+                    "-g",
+                    "daemon off; pid /run/n.pid;",
+                ]),
+            ),
+            (
+                "nginx: master process /usr/sbin/nginx",
+                Some(vec!["/usr/sbin/nginx"]),
+            ),
+            ("nginx: worker process", None),
+        ];
+        for (title, expected) in cases {
+            let expected = expected.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(argv_from_title(title), expected, "{title}");
+        }
     }
 }

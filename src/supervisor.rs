@@ -6,7 +6,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::cli::{HealthListen, RunArgs};
-use crate::control::{ControlServer, DrainRequest};
+use crate::control::{ControlRequest, ControlServer};
 use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
 use crate::health::{self, HealthState};
@@ -91,9 +91,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
 
     // Serving: until a drain trigger, or nginx ends on its own. A reload runs beside the loop,
     // so a SIGTERM never waits for `nginx -T` or for a reload to be confirmed.
-    let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, args.reload_timeout);
+    let reload_settings = reload::ReloadSettings {
+        timeout: args.reload_timeout,
+        max_draining_generations: args.max_draining_generations,
+        generations: reload::Generations::default(),
+    };
+    let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, &reload_settings);
     let mut reloading = None;
-    let mut reload_again = false;
+    let mut reloads = reload::ReloadQueue::default();
     let (trigger_plan, started) = loop {
         tokio::select! {
             // nginx's own end first: its status must not be lost to a signal in the same wake-up.
@@ -103,6 +108,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 health.set_master(0);
                 tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
                 drop(reloading.take());
+                reloads.refuse_all();
                 let outcome = drain(&plan).orphans(Instant::now()).await;
                 reaper.reap_now();
                 let _ = flag.lower();
@@ -122,28 +128,34 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
                     break (plan.without_delay(), Instant::now());
                 }
-                Trigger::Reload if reloading.is_some() => {
-                    tracing::info!("a reload is under way: another one follows it");
-                    reload_again = true;
+                Trigger::Reload => {
+                    if reloads.ask(None) {
+                        reloading = Some(Box::pin(start_reload()));
+                    }
                 }
-                Trigger::Reload => reloading = Some(Box::pin(start_reload())),
                 Trigger::Forward(signal) => forward(&master.pidfd, signal),
             },
-            Some(DrainRequest) = control.requests.recv() => {
-                tracing::info!("drain requested over the control socket (preStop hook)");
-                break (plan.clone(), Instant::now());
-            }
+            Some(request) = control.requests.recv() => match request {
+                ControlRequest::Drain => {
+                    tracing::info!("drain requested over the control socket (preStop hook)");
+                    break (plan.clone(), Instant::now());
+                }
+                ControlRequest::Reload(reply) => {
+                    tracing::info!("reload requested over the control socket");
+                    if reloads.ask(Some(reply)) {
+                        reloading = Some(Box::pin(start_reload()));
+                    }
+                }
+            },
             _ = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() => {
                 tracing::info!("the nginx config changed on disk");
-                if reloading.is_some() {
-                    reload_again = true;
-                } else {
+                if reloads.ask(None) {
                     reloading = Some(Box::pin(start_reload()));
                 }
             }
-            _ = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
+            outcome = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
                 reloading = None;
-                if std::mem::take(&mut reload_again) {
+                if reloads.done(&outcome) {
                     reloading = Some(Box::pin(start_reload()));
                 }
             }
@@ -152,6 +164,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     if reloading.take().is_some() {
         tracing::warn!("the reload under way is abandoned: a drain has begun");
     }
+    reloads.refuse_all();
 
     // Draining: signals keep arriving; only a second SIGINT (or a SIGQUIT) changes anything.
     let draining = drain(&trigger_plan).run(started);
@@ -174,9 +187,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 Trigger::Reload => tracing::warn!("reload refused: a drain has begun"),
                 Trigger::Forward(signal) => forward(&master.pidfd, signal),
             },
-            Some(DrainRequest) = control.requests.recv() => {
-                tracing::info!(phase = %phases.current(), "drain requested over the control socket: already draining, the client follows this drain");
-            }
+            Some(request) = control.requests.recv() => match request {
+                ControlRequest::Drain => tracing::info!(phase = %phases.current(), "drain requested over the control socket: already draining, the client follows this drain"),
+                ControlRequest::Reload(reply) => {
+                    tracing::warn!("reload refused: a drain has begun");
+                    let _ = reply.send(reload::refused());
+                }
+            },
         }
     };
     health.set_master(0);

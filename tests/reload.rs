@@ -1,0 +1,246 @@
+//! Reloads against a real nginx: config changes on disk (ConfigMap swap, bursts), the
+//! generation cap, `nginx-graceful reload` with and without a supervisor, and clients through
+//! many reloads.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Site, Supervisor, code, http};
+
+const SECONDS: Duration = Duration::from_secs(1);
+
+fn confirmed(supervisor: &Supervisor) -> usize {
+    supervisor
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("\"reload\":\"confirmed\""))
+        .count()
+}
+
+fn body(site: &Site) -> usize {
+    http::get(site.addr(), "/").unwrap().body_len
+}
+
+fn reload_args(site: &Site) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-format", "json", "reload", "--runtime-dir"]
+        .map(String::from)
+        .to_vec();
+    args.push(site.runtime.display().to_string());
+    args.push("--pid-file".into());
+    args.push(site.pid_file().display().to_string());
+    args
+}
+
+#[test]
+fn a_configmap_symlink_swap_reloads_exactly_once() {
+    let site = Site::new();
+    // The layout of a ConfigMap volume: nginx.conf -> ..data/nginx.conf, ..data -> ..v1.
+    let volume = site.dir.0.join("configmap");
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::create_dir_all(volume.join("..v1")).unwrap();
+    std::fs::write(volume.join("..v1/nginx.conf"), &config).unwrap();
+    std::os::unix::fs::symlink("..v1", volume.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/nginx.conf", volume.join("nginx.conf")).unwrap();
+    let mut args = site.run_args(&["--reload-debounce", "300ms"]);
+    let at = args.iter().position(|a| a == "-c").unwrap();
+    args[at + 1] = volume.join("nginx.conf").display().to_string();
+    let mut supervisor = Supervisor::start(&args);
+    supervisor.wait_serving(&site);
+
+    // The kubelet's update: a new data directory, a new link, renamed over ..data at once.
+    std::fs::create_dir_all(volume.join("..v2")).unwrap();
+    std::fs::write(
+        volume.join("..v2/nginx.conf"),
+        config.replace("\"ok\\n\"", "\"swapped\\n\""),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v2", volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+
+    supervisor.log.wait_for("the reload", 10 * SECONDS, |l| {
+        l.contains("\"reload\":\"confirmed\"")
+    });
+    assert_eq!(body(&site), "swapped\n".len());
+    // Anything more would come within the debounce; wait for it to be sure it does not.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(confirmed(&supervisor), 1, "{:?}", supervisor.log.lines());
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
+    let site = Site::new();
+    let supervisor = Supervisor::start(&site.run_args(&[]));
+    supervisor.wait_serving(&site);
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config.replace("events {", "not_a_directive;\nevents {"),
+    )
+    .unwrap();
+    let refusal = supervisor.log.wait_for("the refusal", 10 * SECONDS, |l| {
+        l.contains("\"reload\":\"invalid\"")
+    });
+    assert!(
+        refusal.contains("not_a_directive") && refusal.contains(&format!("{}:", site.config.display())),
+        "{refusal}"
+    );
+    assert!(
+        !supervisor.log.lines().iter().any(|l| l.contains("SIGHUP sent")),
+        "no signal was sent"
+    );
+    assert_eq!(body(&site), "ok\n".len(), "the old config serves");
+}
+
+#[test]
+fn touching_without_a_change_reloads_nothing_and_a_burst_reloads_at_most_twice() {
+    let site = Site::new();
+    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
+    supervisor.wait_serving(&site);
+    let config = std::fs::read_to_string(&site.config).unwrap();
+
+    std::fs::write(&site.config, &config).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !supervisor.log.lines().iter().any(|l| l.contains("SIGHUP sent")),
+        "same contents, no reload"
+    );
+
+    // 100 writes in a second, each a different body; the last one must be what serves.
+    for i in 0..100 {
+        std::fs::write(
+            &site.config,
+            config.replace("\"ok\\n\"", &format!("\"burst {i:03}\\n\"")),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    common::wait_until("the last write to serve", 10 * SECONDS, || {
+        body(&site) == "burst 099\n".len() && { http::get(site.addr(), "/").is_ok() }
+    });
+    supervisor.log.wait_for("the reload", 10 * SECONDS, |l| {
+        l.contains("\"reload\":\"confirmed\"")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let sighups = supervisor
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains("SIGHUP sent"))
+        .count();
+    assert!((1..=2).contains(&sighups), "{sighups} reloads for one burst");
+}
+
+/// A connection that stays busy for `secs` on whichever worker accepted it.
+fn hold_connection(site: &Site, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(site.addr()).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).unwrap();
+    stream
+}
+
+/// Worker sets alive: the serving one and every retired set with a worker left.
+fn worker_sets(master: i32, retired: &[Vec<i32>]) -> usize {
+    let serving = nginx_graceful::reload::serving_workers(master);
+    let draining = |pid: &i32| common::children_of(master).contains(pid) && !serving.contains(pid);
+    !serving.is_empty() as usize + retired.iter().filter(|set| set.iter().any(draining)).count()
+}
+
+#[test]
+fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
+    let site = Site::new();
+    let slow = site.slow_path(60);
+    let mut supervisor =
+        Supervisor::start(&site.run_args(&["--no-watch", "--max-draining-generations", "2"]));
+    supervisor.wait_serving(&site);
+    let master = supervisor.master();
+    let mut held = Vec::new();
+    let mut retired = Vec::new();
+    for round in 0..3 {
+        held.push(hold_connection(&site, &slow));
+        held.push(hold_connection(&site, &slow));
+        retired.push(nginx_graceful::reload::serving_workers(master));
+        let mut hook = Supervisor::start(&reload_args(&site));
+        if round < 2 {
+            assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+        } else {
+            // Two old generations still drain: the third reload waits for room.
+            supervisor
+                .log
+                .wait_for("the reload to wait", 10 * SECONDS, |l| l.contains("reload waits"));
+            assert_eq!(
+                worker_sets(master, &retired),
+                3,
+                "the cap + 1 worker sets, and no more"
+            );
+            // Let the oldest generation go: its connections close, the reload proceeds.
+            held.drain(..2);
+            assert_eq!(code(hook.wait_exit(20 * SECONDS)), 0, "{:?}", hook.log.lines());
+        }
+        let sets = worker_sets(master, &retired);
+        assert!(sets <= 3, "{sets} worker sets after round {round}");
+    }
+    drop(held);
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(20 * SECONDS)), 0);
+}
+
+#[test]
+fn clients_see_no_failure_through_twenty_reloads() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch"]));
+    supervisor.wait_serving(&site);
+    let stop = Arc::new(AtomicBool::new(false));
+    let one_shot = http::close_loop(site.addr(), stop.clone(), 60 * SECONDS);
+    for _ in 0..20 {
+        let mut hook = Supervisor::start(&reload_args(&site));
+        assert_eq!(code(hook.wait_exit(15 * SECONDS)), 0, "{:?}", hook.log.lines());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = one_shot.join().unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(report.ok > 20, "{report:?}");
+    assert_eq!(confirmed(&supervisor), 20);
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn a_reload_during_a_drain_is_refused() {
+    let site = Site::new();
+    let supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "5s"]));
+    supervisor.wait_serving(&site);
+    supervisor.signal(15);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    let mut hook = Supervisor::start(&reload_args(&site));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 22, "{:?}", hook.log.lines());
+    assert!(hook.log.lines().iter().any(|l| l.contains("a drain has begun")));
+}
+
+#[test]
+fn without_a_supervisor_reload_tests_signals_and_confirms() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let before = common::children_of(nginx.master);
+    let config = std::fs::read_to_string(&site.config).unwrap();
+
+    std::fs::write(&site.config, config.replace("events {", "oops;\nevents {")).unwrap();
+    let mut hook = Supervisor::start(&reload_args(&site));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 20, "{:?}", hook.log.lines());
+    assert_eq!(common::children_of(nginx.master), before, "nothing was signalled");
+
+    std::fs::write(&site.config, config.replace("\"ok\\n\"", "\"direct\\n\"")).unwrap();
+    let mut hook = Supervisor::start(&reload_args(&site));
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert_eq!(body(&site), "direct\n".len());
+    assert!(Path::new(&nginx.log).exists());
+}
