@@ -222,6 +222,11 @@ pub struct RunArgs {
     )]
     pub max_draining_generations: usize,
 
+    /// Before each reload, tell keep-alive clients to close for this long (the drain flag), so
+    /// none is reusing an idle connection when the old workers close it. 0s turns it off.
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "0s", value_parser = parse_duration)]
+    pub reload_close_window: Duration,
+
     /// How long a reload may take to show a new generation of workers before it is reported
     /// as failed.
     #[arg(long, env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -285,6 +290,11 @@ pub struct ReloadArgs {
     /// Without a supervisor: how long to wait for a new generation of workers.
     #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub reload_timeout: Duration,
+
+    /// Without a supervisor: tell keep-alive clients to close for this long before the SIGHUP
+    /// (the drain flag in --runtime-dir).
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "0s", value_parser = parse_duration)]
+    pub reload_close_window: Duration,
 
     /// Without a supervisor: wait while this many old generations still drain.
     #[arg(

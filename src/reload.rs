@@ -140,6 +140,10 @@ pub struct ReloadSettings {
     pub timeout: Duration,
     pub max_draining_generations: usize,
     pub generations: Generations,
+    /// Before the SIGHUP, keep-alive clients are told to close for this long (see
+    /// `--reload-close-window`); zero turns it off.
+    pub close_window: Duration,
+    pub flag: Option<crate::keepalive::KeepAliveFlag>,
 }
 
 pub async fn reload(
@@ -163,6 +167,18 @@ pub async fn reload(
         &settings.generations,
     )
     .await;
+    // Old workers close idle keep-alive connections the moment they are told to quit: a client
+    // that reuses one then gets a reset. Telling clients to close first empties them.
+    let window = settings
+        .flag
+        .as_ref()
+        .filter(|_| !settings.close_window.is_zero());
+    if let Some(flag) = window {
+        if let Err(err) = flag.raise() {
+            tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
+        }
+        tokio::time::sleep(settings.close_window).await;
+    }
     // The confirmation deadline counts from the signal, not from the wait for room.
     let started = Instant::now();
     let before: HashSet<i32> = serving_workers(master.pid()).into_iter().collect();
@@ -195,6 +211,9 @@ pub async fn reload(
             _ = tokio::time::sleep_until(deadline.into()) => break ReloadOutcome::Unconfirmed(timeout),
         }
     };
+    if let Some(flag) = window {
+        let _ = flag.lower();
+    }
     log(&outcome);
     outcome
 }
@@ -401,6 +420,8 @@ async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crat
         timeout: args.reload_timeout,
         max_draining_generations: args.max_draining_generations,
         generations: Generations::default(),
+        close_window: args.reload_close_window,
+        flag: Some(crate::keepalive::KeepAliveFlag::in_dir(&args.runtime_dir)),
     };
     let outcome = reload(&nginx, &reaper, &master.pidfd, &NginxErrors::default(), &settings).await;
     Ok(outcome.to_json())

@@ -95,6 +95,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         timeout: args.reload_timeout,
         max_draining_generations: args.max_draining_generations,
         generations: reload::Generations::default(),
+        close_window: args.reload_close_window,
+        flag: Some(flag.clone()),
     };
     let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, &reload_settings);
     let mut reloading = None;
