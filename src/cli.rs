@@ -224,7 +224,7 @@ pub struct RunArgs {
 
     /// Before each reload, tell keep-alive clients to close for this long (the drain flag), so
     /// none is reusing an idle connection when the old workers close it. 0s turns it off.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
     pub reload_close_window: Duration,
 
     /// How long a reload may take to show a new generation of workers before it is reported
@@ -293,7 +293,7 @@ pub struct ReloadArgs {
 
     /// Without a supervisor: tell keep-alive clients to close for this long before the SIGHUP
     /// (the drain flag in --runtime-dir).
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
     pub reload_close_window: Duration,
 
     /// Without a supervisor: wait while this many old generations still drain.

@@ -67,7 +67,9 @@ pub struct Drain<'a> {
 pub struct DrainOutcome {
     /// The budget ran out and nginx was stopped by SIGTERM or SIGKILL.
     pub escalated: bool,
-    pub connections_at_quit: usize,
+    /// Established connections when SIGQUIT went out; `None` when nginx was gone before the
+    /// count finished (it had nothing in flight worth waiting for).
+    pub connections_at_quit: Option<usize>,
     pub killed: usize,
     pub elapsed: Duration,
 }
@@ -129,10 +131,10 @@ impl Drain<'_> {
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
         );
-        // Counted after the signal, which must not wait for /proc reads; nginx has not closed
-        // a connection in flight this soon.
-        let connections_at_quit = total(&count_connections(&processes).await);
-        self.finish(&mut processes, connections_at_quit, started).await
+        // Counted beside the wait, off this thread: neither the signal nor the exit of the last
+        // nginx process waits for /proc reads (thousands of TIME_WAIT lines take a while).
+        let counting = count_connections(&processes);
+        self.finish(&mut processes, counting, started).await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
@@ -140,14 +142,14 @@ impl Drain<'_> {
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
         let mut processes = self.snapshot();
         let told = processes.signal_all(Signal::SIGQUIT);
-        let connections_at_quit = total(&count_connections(&processes).await);
+        let counting = count_connections(&processes);
         if told > 0 {
             self.phases.enter(
                 Phase::Quitting,
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(&mut processes, connections_at_quit, started).await
+        self.finish(&mut processes, counting, started).await
     }
 
     /// Every nginx process, held by pidfd.
@@ -160,10 +162,14 @@ impl Drain<'_> {
     async fn finish(
         &self,
         processes: &mut Processes,
-        connections_at_quit: usize,
+        counting: tokio::task::JoinHandle<Vec<(i32, usize)>>,
         started: Instant,
     ) -> DrainOutcome {
         let (escalated, killed) = self.stop(processes, started).await;
+        let connections_at_quit = match counting.is_finished() {
+            true => counting.await.ok().map(|counts| total(&counts)),
+            false => None,
+        };
         self.phases
             .enter(Phase::Stopped, "every nginx process has exited");
         DrainOutcome {
@@ -258,11 +264,9 @@ impl Drain<'_> {
 
 /// Reads /proc off the runtime's thread: with many connections it takes a while, and signals
 /// and exits must not wait for it.
-async fn count_connections(processes: &Processes) -> Vec<(i32, usize)> {
+fn count_connections(processes: &Processes) -> tokio::task::JoinHandle<Vec<(i32, usize)>> {
     let pids: Vec<i32> = processes.pids().collect();
     tokio::task::spawn_blocking(move || connections::established(&pids))
-        .await
-        .unwrap_or_default()
 }
 
 fn total(counts: &[(i32, usize)]) -> usize {
@@ -270,7 +274,7 @@ fn total(counts: &[(i32, usize)]) -> usize {
 }
 
 async fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
-    let counts = count_connections(processes).await;
+    let counts = count_connections(processes).await.unwrap_or_default();
     let per_process: Vec<String> = counts.iter().map(|(pid, n)| format!("{pid}:{n}")).collect();
     let time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64;
     phases.publish(serde_json::json!({
@@ -295,13 +299,16 @@ pub fn log_summary(outcome: &Value, how: &str) -> i32 {
     tracing::info!(
         outcome = outcome["outcome"].as_str().unwrap_or("unknown"),
         elapsed_ms = elapsed.as_millis() as u64,
-        connections_at_quit = outcome["connections_at_quit"].as_u64().unwrap_or(0),
+        connections_at_quit = outcome["connections_at_quit"].as_u64(),
         killed = outcome["killed"].as_u64().unwrap_or(0),
         exit_code = code,
         "{how}: {} in {}, {} connections at SIGQUIT, {} processes killed",
         outcome["outcome"].as_str().unwrap_or("unknown"),
         fmt(elapsed),
-        outcome["connections_at_quit"],
+        // Not counted when nginx was gone before the count was: it held nothing for long.
+        outcome["connections_at_quit"]
+            .as_u64()
+            .map_or("uncounted".to_string(), |n| n.to_string()),
         outcome["killed"],
     );
     code

@@ -244,3 +244,29 @@ fn without_a_supervisor_reload_tests_signals_and_confirms() {
     assert_eq!(body(&site), "direct\n".len());
     assert!(Path::new(&nginx.log).exists());
 }
+
+#[test]
+fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch", "--reload-close-window", "200ms"]));
+    supervisor.wait_serving(&site);
+    let never = Arc::new(AtomicBool::new(false));
+    let clients = http::keepalive_loop(site.addr(), 4, Duration::from_millis(10), never, 4 * SECONDS);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let mut hook = Supervisor::start(&reload_args(&site));
+        assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    }
+    assert!(
+        !site.runtime.join("draining").exists(),
+        "the flag is lowered after each reload"
+    );
+    let report = clients.join().unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(
+        report.told_to_close >= 4,
+        "clients were told to close before the reloads: {report:?}"
+    );
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
