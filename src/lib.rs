@@ -4,18 +4,24 @@
 //!
 //! Data moves through the modules in this order:
 //!
-//! 1. [`cli`]: options (flags or `NGINX_GRACEFUL_*` variables) become [`plan::DrainPlan`], a pure,
-//!    validated timeline: hooks, propagation delay, quit window, escalation deadlines.
-//! 2. [`signals`]: every signal handler is installed before nginx starts, and each signal becomes a
-//!    [`signals::Trigger`] for the supervisor.
-//! 3. [`supervisor`]: the one `select!` loop that owns the nginx master. It starts nginx (after
-//!    `nginx -T`), forwards signals, validates reloads, and on a drain trigger runs [`drain`].
-//! 4. [`drain`]: the ordered drain, one [`phase::Phase`] after another: readiness fails, keep-alive
-//!    clients are told to close ([`keepalive`]), pre-drain [`hooks`] run, the propagation delay
-//!    passes, SIGQUIT goes to the master, and every nginx process is awaited through pidfds
-//!    ([`nginx::tree`]) until the budget runs out and the drain escalates.
-//! 5. [`reaper`]: as PID 1 or child subreaper, reaps every zombie and hands exit statuses to whoever
-//!    spawned the process.
+//! 1. Triggers. [`cli`]: options (flags or `NGINX_GRACEFUL_*` variables) become a validated
+//!    [`plan::DrainPlan`], a pure timeline of hooks, delay, quit window and escalation.
+//!    [`signals`]: every handler is installed before nginx starts, and each signal becomes a
+//!    [`signals::Trigger`]. [`watch`]: a change of the config's contents on disk. [`control`]: a
+//!    `drain` or `reload` request from a hook on the supervisor's Unix socket.
+//! 2. [`supervisor`] (`run`): the one `select!` loop that owns the nginx master. It starts nginx
+//!    after `nginx -T`, forwards signals, runs reloads beside the loop, and on a drain trigger
+//!    runs [`drain`]. [`prestop`] (`drain`) runs the same drain without a supervisor, on a master
+//!    found through its pid file ([`nginx::pidfile`]).
+//! 3. [`reload`]: test, bound the old worker generations, SIGHUP, confirm the new generation or
+//!    report nginx's reason (read from its stderr, [`nginx::log`]).
+//! 4. [`drain`]: the ordered drain, one [`phase::Phase`] after another: readiness fails
+//!    ([`health`]), keep-alive clients are told to close ([`keepalive`]), pre-drain [`hooks`]
+//!    run, the propagation delay passes, SIGQUIT goes to the master, and every nginx process is
+//!    awaited through pidfds ([`nginx::pidfd`], found by [`nginx::tree`]) until the budget runs
+//!    out and the drain escalates.
+//! 5. [`reaper`]: as PID 1 or child subreaper, reaps every zombie and hands exit statuses to
+//!    whoever spawned the process.
 //! 6. `main` maps the outcome or the [`error::Error`] to one exit code and one line.
 
 pub mod cli;

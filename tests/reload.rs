@@ -270,3 +270,19 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }
+
+#[test]
+fn an_editor_save_by_rename_reloads_once() {
+    let site = Site::new();
+    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
+    supervisor.wait_serving(&site);
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    // What vim and most editors do: write a new file beside the old one, rename it over.
+    let temp = site.dir.0.join(".nginx.conf.tmp");
+    std::fs::write(&temp, config.replace("\"ok\\n\"", "\"renamed\\n\"")).unwrap();
+    std::fs::rename(&temp, &site.config).unwrap();
+    supervisor.log.wait_for("the reload", 10 * SECONDS, |l| l.contains("\"reload\":\"confirmed\""));
+    assert_eq!(body(&site), "renamed\n".len());
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(confirmed(&supervisor), 1);
+}
