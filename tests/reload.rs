@@ -281,7 +281,9 @@ fn an_editor_save_by_rename_reloads_once() {
     let temp = site.dir.0.join(".nginx.conf.tmp");
     std::fs::write(&temp, config.replace("\"ok\\n\"", "\"renamed\\n\"")).unwrap();
     std::fs::rename(&temp, &site.config).unwrap();
-    supervisor.log.wait_for("the reload", 10 * SECONDS, |l| l.contains("\"reload\":\"confirmed\""));
+    supervisor.log.wait_for("the reload", 10 * SECONDS, |l| {
+        l.contains("\"reload\":\"confirmed\"")
+    });
     assert_eq!(body(&site), "renamed\n".len());
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(confirmed(&supervisor), 1);
