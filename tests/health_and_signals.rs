@@ -108,6 +108,12 @@ fn usr1_is_forwarded_to_the_master_and_sigint_never_reaches_nginx_directly() {
 
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    // With --log-format json, nginx's own lines are wrapped too: every line parses.
+    for line in supervisor.log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(event["message"].is_string(), "{line}");
+    }
 }
 
 #[test]

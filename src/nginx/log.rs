@@ -44,9 +44,14 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
             match reader.read_until(b'\n', &mut line).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    // stderr is unbuffered and a line is small: this write does not stall the loop.
-                    let _ = std::io::stderr().write_all(&line);
                     let text = String::from_utf8_lossy(&line);
+                    // stderr is unbuffered and a line is small: this write does not stall the loop.
+                    if crate::logging::is_json() {
+                        let wrapped = serde_json::json!({"source": "nginx", "message": text.trim_end()});
+                        let _ = writeln!(std::io::stderr(), "{wrapped}");
+                    } else {
+                        let _ = std::io::stderr().write_all(&line);
+                    }
                     if is_error_line(&text) {
                         let _ = errors.tx.send(text.trim_end().to_owned());
                     }
