@@ -76,7 +76,14 @@ impl Generations {
             generation.retain(|pid| shutting_down.iter().any(|(_, p)| p == pid));
         }
         retired.retain(|generation| !generation.is_empty());
-        retired.clone()
+        // Workers retired by someone else (`nginx -s reload`, a reload that timed out) count too.
+        let unknown: Vec<(u64, i32)> = shutting_down
+            .into_iter()
+            .filter(|(_, pid)| !retired.iter().flatten().any(|p| p == pid))
+            .collect();
+        let mut draining = retired.clone();
+        draining.extend(by_start_time(unknown));
+        draining
     }
 }
 
@@ -168,20 +175,24 @@ pub async fn reload(
     )
     .await;
     // Old workers close idle keep-alive connections the moment they are told to quit: a client
-    // that reuses one then gets a reset. Telling clients to close first empties them.
-    let window = settings
+    // that reuses one then gets a reset. Telling clients to close first empties them. Lowered
+    // when this reload ends, however it ends (cancelled by a drain included).
+    let mut window = match settings
         .flag
         .as_ref()
-        .filter(|_| !settings.close_window.is_zero());
-    if let Some(flag) = window {
-        if let Err(err) = flag.raise() {
-            tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
+        .filter(|_| !settings.close_window.is_zero())
+    {
+        Some(flag) => {
+            let guard = FlagGuard::raise(flag);
+            tokio::time::sleep(settings.close_window).await;
+            Some(guard)
         }
-        tokio::time::sleep(settings.close_window).await;
-    }
+        None => None,
+    };
     // The confirmation deadline counts from the signal, not from the wait for room.
     let started = Instant::now();
     let before: HashSet<i32> = serving_workers(master.pid()).into_iter().collect();
+    let signalled_at = ticks_since_boot();
     let mut nginx_errors = errors.subscribe();
     master.signal(Signal::SIGHUP);
     tracing::info!(
@@ -189,33 +200,90 @@ pub async fn reload(
         "config valid: SIGHUP sent to the nginx master"
     );
     let deadline = started + timeout;
-    let outcome = loop {
+    // Workers started before our SIGHUP belong to an earlier reload, however late it ran.
+    let generation = || -> Option<Vec<i32>> {
         let now = serving_workers(master.pid());
         let old_still_serving = now.iter().any(|pid| before.contains(pid));
-        let new: Vec<i32> = now.into_iter().filter(|pid| !before.contains(pid)).collect();
-        if !new.is_empty() && !old_still_serving {
-            settings.generations.retire(before.into_iter().collect());
+        let new: Vec<i32> = now
+            .into_iter()
+            .filter(|pid| !before.contains(pid))
+            .filter(|pid| tree::ProcStat::read(*pid).is_some_and(|s| s.start_time + 1 >= signalled_at))
+            .collect();
+        (!new.is_empty() && !old_still_serving).then_some(new)
+    };
+    // Only the master's own lines speak for the reload ("... [emerg] PID#TID: ...").
+    let from_master = format!(" {}#", master.pid());
+    let outcome = loop {
+        if let Some(workers) = generation() {
             break ReloadOutcome::Reloaded {
-                workers: new,
+                workers,
                 elapsed: started.elapsed(),
             };
         }
         tokio::select! {
-            line = nginx_errors.recv() => {
-                if let Ok(line) = line {
+            line = nginx_errors.recv() => match line {
+                Ok(line) if line.contains(&from_master) => {
+                    // The flag is lowered first: nginx's retries take seconds.
+                    drop(window.take());
                     settle(&mut nginx_errors, deadline).await;
-                    break ReloadOutcome::RolledBack(line);
+                    // nginx retries a failed bind(); a later try may have succeeded.
+                    break match generation() {
+                        Some(workers) => ReloadOutcome::Reloaded { workers, elapsed: started.elapsed() },
+                        None => ReloadOutcome::RolledBack(line),
+                    };
                 }
-            }
+                _ => {}
+            },
             _ = tokio::time::sleep(CONFIRM_EVERY) => {}
-            _ = tokio::time::sleep_until(deadline.into()) => break ReloadOutcome::Unconfirmed(timeout),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                drop(window.take());
+                // Let a master still busy with it finish, so its lines do not fall on the next reload.
+                settle(&mut nginx_errors, deadline + timeout).await;
+                break match generation() {
+                    Some(workers) => ReloadOutcome::Reloaded { workers, elapsed: started.elapsed() },
+                    None => ReloadOutcome::Unconfirmed(timeout),
+                };
+            }
         }
     };
-    if let Some(flag) = window {
-        let _ = flag.lower();
+    if matches!(outcome, ReloadOutcome::Reloaded { .. }) {
+        settings.generations.retire(before.into_iter().collect());
     }
     log(&outcome);
     outcome
+}
+
+/// The drain flag, raised for the reload's close window and lowered when dropped.
+struct FlagGuard<'a>(&'a crate::keepalive::KeepAliveFlag);
+
+impl<'a> FlagGuard<'a> {
+    fn raise(flag: &'a crate::keepalive::KeepAliveFlag) -> Self {
+        if let Err(err) = flag.raise() {
+            tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
+        }
+        Self(flag)
+    }
+}
+
+impl Drop for FlagGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.lower();
+    }
+}
+
+/// Clock ticks since boot, the unit of a process's start time in /proc.
+fn ticks_since_boot() -> u64 {
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let seconds: f64 = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (seconds * hz) as u64
 }
 
 /// After a failed reload the master may go on trying (nginx retries a failed bind() five times,

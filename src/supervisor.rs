@@ -149,7 +149,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     }
                 }
             },
-            _ = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() => {
+            Some(()) = async { watch.as_mut().expect("guarded").changes.recv().await }, if watch.is_some() => {
                 tracing::info!("the nginx config changed on disk");
                 if reloads.ask(None) {
                     reloading = Some(Box::pin(start_reload()));

@@ -14,12 +14,18 @@ use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+/// A running watch: each message on `changes` is one change of contents. The watching runs
+/// in a task of its own, so that the supervisor's `select!` can be woken by anything else
+/// without losing a change half-way through its debounce.
 pub struct ConfigWatch {
-    _watcher: notify::RecommendedWatcher,
-    events: mpsc::UnboundedReceiver<()>,
-    dirs: Vec<PathBuf>,
-    debounce: Duration,
-    contents: u64,
+    pub changes: mpsc::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConfigWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The directories to watch: those of every file in a config dump (`nginx -T` prints
@@ -70,12 +76,24 @@ pub fn contents_hash(dirs: &[PathBuf]) -> u64 {
 fn is_config_like(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let runtime = [".pid", ".oldbin", ".log", ".sock", ".lock", ".swp", "~"];
-    !name.starts_with('.') && !runtime.iter().any(|suffix| name.ends_with(suffix))
+    // The supervisor's own files, when the bundled config sits in the runtime directory.
+    let ours = [
+        "draining",
+        "lock",
+        "drain.lock",
+        "drain-outcome.json",
+        "control.sock",
+    ];
+    !name.starts_with('.')
+        && !name.starts_with('#')
+        && !name.contains(".log.")
+        && !ours.contains(&name)
+        && !runtime.iter().any(|suffix| name.ends_with(suffix))
 }
 
 impl ConfigWatch {
     pub fn start(dirs: Vec<PathBuf>, debounce: Duration) -> notify::Result<Self> {
-        let (tx, events) = mpsc::unbounded_channel();
+        let (tx, mut events) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Reads are events too (our own hashing, nginx -T): only writes and renames count.
             let counts = event.is_ok_and(|e| match e.kind {
@@ -91,32 +109,34 @@ impl ConfigWatch {
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
         }
         tracing::info!(dirs = ?dirs, "watching the nginx config for changes");
-        let contents = contents_hash(&dirs);
-        Ok(Self {
-            _watcher: watcher,
-            events,
-            dirs,
-            debounce,
-            contents,
-        })
+        let (changes_tx, changes) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            // Owned here: dropping the task (a drain has begun) closes the inotify instance.
+            let _watcher = watcher;
+            let mut contents = hash_off_thread(&dirs).await;
+            while events.recv().await.is_some() {
+                // Coalesce the burst: wait until it has been quiet for the debounce.
+                while let Ok(Some(())) = tokio::time::timeout(debounce, events.recv()).await {}
+                let now = hash_off_thread(&dirs).await;
+                if now == contents {
+                    tracing::debug!("config files touched, contents unchanged: no reload");
+                    continue;
+                }
+                contents = now;
+                // A change already waiting to be taken covers this one too.
+                let _ = changes_tx.try_send(());
+            }
+        });
+        Ok(Self { changes, task })
     }
+}
 
-    /// Resolves once the config's contents have changed and then stayed quiet for the debounce.
-    pub async fn changed(&mut self) {
-        loop {
-            if self.events.recv().await.is_none() {
-                return std::future::pending().await;
-            }
-            // Coalesce the burst: wait until it has been quiet for the debounce.
-            while let Ok(Some(())) = tokio::time::timeout(self.debounce, self.events.recv()).await {}
-            let contents = contents_hash(&self.dirs);
-            if contents != self.contents {
-                self.contents = contents;
-                return;
-            }
-            tracing::debug!("config files touched, contents unchanged: no reload");
-        }
-    }
+/// Reading files is blocking I/O: kept off the supervisor's thread.
+async fn hash_off_thread(dirs: &[PathBuf]) -> u64 {
+    let dirs = dirs.to_vec();
+    tokio::task::spawn_blocking(move || contents_hash(&dirs))
+        .await
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -150,6 +170,10 @@ mod tests {
             ("error.log", false),
             (".nginx.conf.swp", false),
             ("nginx.conf~", false),
+            ("access.log.1", false),
+            ("#nginx.conf#", false),
+            ("draining", false),
+            ("drain-outcome.json", false),
         ] {
             assert_eq!(is_config_like(Path::new(name)), counts, "{name}");
         }

@@ -79,7 +79,9 @@ impl NginxCommand {
         let mut stderr = tokio::process::ChildStderr::from_std(child.stderr.expect("piped"))
             .map_err(Error::internal("reading nginx -T"))?;
         let (mut dump, mut messages) = (Vec::new(), Vec::new());
-        let pid = child.pid;
+        // Killed if this test is abandoned (a drain cancels a reload) or times out: a stray
+        // `nginx -T` would be waited for as an nginx process. By pidfd: it is safe from reuse.
+        let _kill_on_drop = PidFd::open(child.pid.as_raw()).ok().map(KillOnDrop);
         let run = async {
             // Both pipes at once: a large dump would otherwise fill one while we read the other.
             let (out, err) = tokio::join!(stdout.read_to_end(&mut dump), stderr.read_to_end(&mut messages));
@@ -92,8 +94,6 @@ impl NginxCommand {
         let exit = match tokio::time::timeout(CONFIG_TEST_TIMEOUT, run).await {
             Ok(exit) => exit?,
             Err(_) => {
-                // Not reaped yet (we never got its status), so the pid is still this process.
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 return Err(Error::ConfigTest {
                     detail: format!(
                         "nginx -T did not finish within {}s (an upstream host name that does not resolve?)",
@@ -181,6 +181,17 @@ impl NginxCommand {
             Error::NotFound { program }
         } else {
             Error::Spawn { program, source }
+        }
+    }
+}
+
+/// Sends SIGKILL when dropped; harmless once the process has exited.
+struct KillOnDrop(PidFd);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.is_alive() {
+            self.0.signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
