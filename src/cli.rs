@@ -175,6 +175,30 @@ pub struct DrainArgs {
     pub pre_drain_timeout: Duration,
 }
 
+/// How a reload runs; `run` and `reload` share these.
+#[derive(Debug, Clone, Args)]
+pub struct ReloadOptions {
+    /// While this many old worker generations are still draining connections, a reload waits
+    /// (requests meanwhile become one more reload after it) instead of stacking worker sets.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "NGINX_GRACEFUL_MAX_DRAINING_GENERATIONS",
+        default_value = "2"
+    )]
+    pub max_draining_generations: usize,
+
+    /// Before each reload, tell keep-alive clients to close for this long (the drain flag), so
+    /// none is reusing an idle connection when the old workers close it. 0s turns it off.
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
+    pub reload_close_window: Duration,
+
+    /// How long a reload may take to show a new generation of workers before it is reported
+    /// as failed.
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -212,25 +236,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
     pub reload_debounce: Duration,
 
-    /// While this many old worker generations are still draining connections, a reload waits
-    /// (and further requests join it) instead of stacking one more set of workers.
-    #[arg(
-        long,
-        value_name = "N",
-        env = "NGINX_GRACEFUL_MAX_DRAINING_GENERATIONS",
-        default_value = "2"
-    )]
-    pub max_draining_generations: usize,
-
-    /// Before each reload, tell keep-alive clients to close for this long (the drain flag), so
-    /// none is reusing an idle connection when the old workers close it. 0s turns it off.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
-    pub reload_close_window: Duration,
-
-    /// How long a reload may take to show a new generation of workers before it is reported
-    /// as failed.
-    #[arg(long, env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub reload_timeout: Duration,
+    #[command(flatten)]
+    pub reload: ReloadOptions,
 
     /// Address the bundled config listens on (only without COMMAND).
     #[arg(long, env = "NGINX_GRACEFUL_LISTEN", default_value = "8080")]
@@ -287,23 +294,9 @@ pub struct ReloadArgs {
     )]
     pub runtime_dir: PathBuf,
 
-    /// Without a supervisor: how long to wait for a new generation of workers.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub reload_timeout: Duration,
-
-    /// Without a supervisor: tell keep-alive clients to close for this long before the SIGHUP
-    /// (the drain flag in --runtime-dir).
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
-    pub reload_close_window: Duration,
-
-    /// Without a supervisor: wait while this many old generations still drain.
-    #[arg(
-        long,
-        value_name = "N",
-        env = "NGINX_GRACEFUL_MAX_DRAINING_GENERATIONS",
-        default_value = "2"
-    )]
-    pub max_draining_generations: usize,
+    /// Used only without a supervisor: with one, its own settings apply.
+    #[command(flatten)]
+    pub reload: ReloadOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

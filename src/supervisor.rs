@@ -92,10 +92,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     // Serving: until a drain trigger, or nginx ends on its own. A reload runs beside the loop,
     // so a SIGTERM never waits for `nginx -T` or for a reload to be confirmed.
     let reload_settings = reload::ReloadSettings {
-        timeout: args.reload_timeout,
-        max_draining_generations: args.max_draining_generations,
+        timeout: args.reload.reload_timeout,
+        max_draining_generations: args.reload.max_draining_generations,
         generations: reload::Generations::default(),
-        close_window: args.reload_close_window,
+        close_window: args.reload.reload_close_window,
         flag: Some(flag.clone()),
     };
     let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, &reload_settings);

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod connections;
+pub mod generations;
 pub mod log;
 pub mod pidfd;
 pub mod pidfile;
