@@ -150,17 +150,17 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct DrainArgs {
     /// The pod's terminationGracePeriodSeconds: the whole drain, hooks included, must end within it.
-    #[arg(long, env = "NGINX_GRACEFUL_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub grace_period: Duration,
 
     /// How long nginx keeps accepting new connections after the drain starts, while the endpoint
     /// removal reaches every kube-proxy, ingress and load balancer.
-    #[arg(long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub propagation_delay: Duration,
 
     /// Kept free at the end of the grace period: SIGTERM goes to nginx at grace-period minus this,
     /// SIGKILL at grace-period minus half of it, so the supervisor exits before the kubelet kills it.
-    #[arg(long, env = "NGINX_GRACEFUL_SAFETY_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_SAFETY_MARGIN", default_value = "2s", value_parser = parse_duration)]
     pub safety_margin: Duration,
 
     /// A command run at the start of the drain, before the propagation delay, e.g. to deregister
@@ -171,7 +171,7 @@ pub struct DrainArgs {
     pub pre_drain_exec: Vec<Vec<String>>,
 
     /// How long each --pre-drain-exec hook may run before it is killed.
-    #[arg(long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub pre_drain_timeout: Duration,
 }
 
@@ -205,13 +205,19 @@ pub struct RunArgs {
     pub drain: DrainArgs,
 
     /// Where /healthz (liveness) and /readyz (readiness) are served, or `off`.
-    #[arg(long, env = "NGINX_GRACEFUL_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        env = "NGINX_GRACEFUL_HEALTH_LISTEN",
+        default_value = "0.0.0.0:8081"
+    )]
     pub health_listen: HealthListen,
 
     /// Directory for what the supervisor creates at run time: the drain flag, the bundled config,
     /// a lock. Two supervisors on one host need two directories.
     #[arg(
         long,
+        value_name = "DIR",
         env = "NGINX_GRACEFUL_RUNTIME_DIR",
         default_value = "/run/nginx-graceful"
     )]
@@ -240,7 +246,12 @@ pub struct RunArgs {
     pub reload: ReloadOptions,
 
     /// Address the bundled config listens on (only without COMMAND).
-    #[arg(long, env = "NGINX_GRACEFUL_LISTEN", default_value = "8080")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "NGINX_GRACEFUL_LISTEN",
+        default_value = "8080"
+    )]
     pub listen: String,
 
     /// The command to supervise; default: nginx in the foreground with the bundled config.
@@ -269,6 +280,7 @@ pub struct PreStopArgs {
     /// keep-alive snippet tests.
     #[arg(
         long,
+        value_name = "DIR",
         env = "NGINX_GRACEFUL_RUNTIME_DIR",
         default_value = "/run/nginx-graceful"
     )]
@@ -289,6 +301,7 @@ pub struct ReloadArgs {
     /// The supervisor's runtime directory, where its control socket is.
     #[arg(
         long,
+        value_name = "DIR",
         env = "NGINX_GRACEFUL_RUNTIME_DIR",
         default_value = "/run/nginx-graceful"
     )]
