@@ -60,6 +60,18 @@ impl DrainPlan {
         })
     }
 
+    /// How long nginx may keep connections after SIGQUIT before it closes them itself
+    /// (`worker_shutdown_timeout`): the quit window, less a second for nginx to close them and
+    /// exit, so long-lived connections (WebSockets, streams) end cleanly before the escalation.
+    pub fn worker_shutdown_timeout(&self) -> Option<Duration> {
+        let quit_at = self.hook_timeout * self.hooks.len() as u32 + self.propagation_delay;
+        let window = self
+            .fast_shutdown_at
+            .checked_sub(quit_at)?
+            .checked_sub(Duration::from_secs(1))?;
+        (window >= Duration::from_secs(1)).then_some(window)
+    }
+
     /// The same plan for SIGQUIT: straight to the quit, no propagation delay.
     pub fn without_delay(&self) -> Self {
         Self {
@@ -96,6 +108,14 @@ mod tests {
         assert_eq!(plan.propagation_delay, Duration::from_secs(5));
         assert_eq!(plan.without_delay().propagation_delay, Duration::ZERO);
         assert_eq!(plan.without_delay().kill_at, plan.kill_at);
+        // 28 s to the escalation, 5 s of delay first, 1 s for nginx to close and exit.
+        assert_eq!(plan.worker_shutdown_timeout(), Some(Duration::from_secs(22)));
+        assert_eq!(
+            DrainPlan::new(&args(8, 5, 2, 0, 5))
+                .unwrap()
+                .worker_shutdown_timeout(),
+            None
+        );
     }
 
     #[test]

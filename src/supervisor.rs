@@ -34,7 +34,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let mut signals = Signals::install().map_err(Error::internal("installing signal handlers"))?;
     let role = reaper::become_reaper().map_err(Error::internal("becoming child subreaper"))?;
     let runtime = RuntimeDir::prepare(&args.runtime_dir)?;
-    let nginx = if args.command.is_empty() {
+    let mut nginx = if args.command.is_empty() {
         NginxCommand::bundled(&runtime.write_bundled_config(&args.listen)?)
     } else {
         NginxCommand::custom(args.command.clone())
@@ -54,6 +54,21 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     } else {
         String::new()
     };
+    let user_sets_it = sets_directive(&config_dump, "worker_shutdown_timeout")
+        || nginx.directives_set("worker_shutdown_timeout");
+    if let Some(timeout) = plan
+        .worker_shutdown_timeout()
+        .filter(|_| nginx.is_nginx() && !user_sets_it)
+    {
+        // Long-lived connections never finish on their own: nginx closes them itself, cleanly,
+        // before the budget would make us escalate with signals.
+        let ms = timeout.as_millis();
+        tracing::info!(
+            worker_shutdown_timeout_ms = ms as u64,
+            "nginx will close connections still open {ms}ms after SIGQUIT (worker_shutdown_timeout, not set in the config)"
+        );
+        nginx = nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;"));
+    }
     let mut watch = start_watch(&args, &config_dump);
     let nginx_errors = NginxErrors::default();
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
@@ -243,6 +258,15 @@ async fn check_config(
         );
     }
     Ok(report.dump)
+}
+
+/// Whether a config dump sets `directive` anywhere (outside comments).
+fn sets_directive(config_dump: &str, directive: &str) -> bool {
+    config_dump.lines().any(|line| {
+        let line = line.trim_start();
+        !line.starts_with('#')
+            && line.split(|c: char| c.is_whitespace() || c == ';').next() == Some(directive)
+    })
 }
 
 /// Watches the config unless told not to; a watch that cannot start is a warning, not a reason

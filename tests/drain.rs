@@ -179,16 +179,27 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
     let site = Site::new();
     let path = site.slow_path(30);
     let grace = Duration::from_secs(4);
-    let mut supervisor = start(
-        &site,
-        &[
-            "--grace-period",
-            "4s",
-            "--safety-margin",
-            "1s",
-            "--propagation-delay",
-            "500ms",
-        ],
+    // nginx's own worker_shutdown_timeout, longer than the budget: the supervisor leaves it be,
+    // and has to escalate.
+    let mut args = site.run_args(&[
+        "--grace-period",
+        "4s",
+        "--safety-margin",
+        "1s",
+        "--propagation-delay",
+        "500ms",
+    ]);
+    let g = args.iter().position(|a| a == "daemon off;").unwrap();
+    args[g] = "daemon off; worker_shutdown_timeout 60s;".into();
+    let mut supervisor = Supervisor::start(&args);
+    supervisor.wait_serving(&site);
+    assert!(
+        !supervisor
+            .log
+            .lines()
+            .iter()
+            .any(|l| l.contains("nginx will close connections")),
+        "left as nginx has it"
     );
     let request = http::get_in_background(site.addr(), &path);
     common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
@@ -369,4 +380,54 @@ fn a_killed_master_leaves_no_process_behind_and_its_status_is_the_exit_code() {
             "orphaned worker {pid} left behind (as zombie or alive)"
         );
     }
+}
+
+#[test]
+fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_without_escalation() {
+    let site = Site::new();
+    let path = site.slow_path(30);
+    // Escalation would come at 5 s; the supervisor has nginx close what is left 4 s after SIGQUIT.
+    let mut supervisor = start(
+        &site,
+        &[
+            "--grace-period",
+            "6s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "0s",
+        ],
+    );
+    assert!(
+        supervisor
+            .log
+            .lines()
+            .iter()
+            .any(|l| l.contains("nginx will close connections still open 4000ms"))
+    );
+    let request = http::get_in_background(site.addr(), &path);
+    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
+        supervisor.descendants().iter().any(|&pid| {
+            nginx_graceful::nginx::connections::established(&[pid])
+                .first()
+                .is_some_and(|(_, n)| *n > 0)
+        })
+    });
+    let signalled = Instant::now();
+    supervisor.signal(SIGTERM);
+    assert_eq!(
+        code(supervisor.wait_exit(10 * SECONDS)),
+        0,
+        "nginx closed it itself: no escalation"
+    );
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(3900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(!supervisor.log.phases().contains(&"fast_shutdown".to_string()));
+    assert!(
+        request.join().unwrap().is_err(),
+        "the stream was cut by nginx, at the timeout"
+    );
 }

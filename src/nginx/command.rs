@@ -53,6 +53,37 @@ impl NginxCommand {
         Self { argv }
     }
 
+    /// The same command with one more directive in its `-g` (nginx keeps only the last `-g`, so
+    /// the directive joins an existing one).
+    pub fn with_directive(&self, directive: &str) -> Self {
+        let mut argv = self.argv.clone();
+        match argv
+            .iter()
+            .position(|a| a == "-g")
+            .filter(|&at| at + 1 < argv.len())
+        {
+            Some(at) => {
+                let mut joined = argv[at + 1].clone();
+                joined.push(" ");
+                joined.push(directive);
+                argv[at + 1] = joined;
+            }
+            None => argv.extend(["-g".into(), directive.into()]),
+        }
+        Self { argv }
+    }
+
+    /// Whether the command's own `-g` sets `directive` (a config dump does not show `-g`).
+    pub fn directives_set(&self, directive: &str) -> bool {
+        self.argv.windows(2).any(|pair| {
+            pair[0] == "-g"
+                && pair[1]
+                    .to_string_lossy()
+                    .split(';')
+                    .any(|d| d.split_whitespace().next() == Some(directive))
+        })
+    }
+
     pub fn program(&self) -> String {
         self.argv[0].to_string_lossy().into_owned()
     }
@@ -219,6 +250,38 @@ mod tests {
         assert!(!cmd(&["/nginx-ingress-controller"]).is_nginx());
         assert!(!cmd(&["sh", "-c", "exec nginx"]).is_nginx());
         assert!(NginxCommand::bundled(Path::new("/x/nginx.conf")).is_nginx());
+    }
+
+    #[test]
+    fn a_directive_joins_the_existing_g() {
+        let cmd = |argv: &[&str]| NginxCommand::custom(argv.iter().map(OsString::from).collect());
+        let args = |c: NginxCommand| {
+            c.argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            args(
+                cmd(&["nginx", "-g", "daemon off;", "-c", "x"]).with_directive("worker_shutdown_timeout 5s;")
+            ),
+            [
+                "nginx",
+                "-g",
+                "daemon off; worker_shutdown_timeout 5s;",
+                "-c",
+                "x"
+            ]
+        );
+        assert_eq!(
+            args(cmd(&["nginx"]).with_directive("a 1;")),
+            ["nginx", "-g", "a 1;"]
+        );
+        assert!(
+            cmd(&["nginx", "-g", "daemon off; worker_shutdown_timeout 9s;"])
+                .directives_set("worker_shutdown_timeout")
+        );
+        assert!(!cmd(&["nginx", "-g", "daemon off;"]).directives_set("worker_shutdown_timeout"));
     }
 
     #[test]
