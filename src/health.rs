@@ -66,12 +66,22 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     Ok(listener)
 }
 
+/// Probes are a few requests a second; more than this many connections at once is abuse, and
+/// each would hold a file descriptor the drain may need.
+const MAX_CONNECTIONS: usize = 32;
+/// A probe that has not sent its request line by then is not a probe.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: std::net::TcpListener, state: Arc<HealthState>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => return tracing::error!(%err, "health listener unusable"),
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors, most likely: wait instead of spinning.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -79,8 +89,11 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<HealthState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| answer(req, state.clone()));
             let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

@@ -24,6 +24,17 @@ fn readiness_fails_from_the_first_instant_of_a_drain() {
     assert_eq!(http::get(health, "/healthz").unwrap().status, 200);
     assert_eq!(http::get(health, "/nothing").unwrap().status, 404);
 
+    // A connection that never sends its request is closed, not kept for ever.
+    let mut silent = std::net::TcpStream::connect(health).unwrap();
+    silent.set_read_timeout(Some(10 * SECONDS)).unwrap();
+    let opened = std::time::Instant::now();
+    assert_eq!(std::io::Read::read(&mut silent, &mut [0u8; 64]).unwrap_or(0), 0);
+    assert!(
+        opened.elapsed() < 8 * SECONDS,
+        "closed after the request timeout: {:?}",
+        opened.elapsed()
+    );
+
     supervisor.signal(15);
     supervisor.log.wait_phase("unready", 5 * SECONDS);
     assert_eq!(http::get(health, "/readyz").unwrap().status, 503);
