@@ -431,3 +431,19 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
         "the stream was cut by nginx, at the timeout"
     );
 }
+
+#[test]
+fn http2_responses_never_carry_connection_close() {
+    let h2c_port = common::free_port();
+    let site = Site::build(true, &format!("listen 127.0.0.1:{h2c_port} http2;"));
+    let h2c = std::net::SocketAddr::from(([127, 0, 0, 1], h2c_port));
+    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
+    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    // HTTP/1.1 is told to close; HTTP/2 gets no Connection field (nginx sends GOAWAY at quit).
+    assert!(http::get(site.addr(), "/").unwrap().close);
+    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
