@@ -131,8 +131,9 @@ fn idle(contender: &Contender, seconds: u64) -> Idle {
     let site = Site::new();
     let mut child = start(contender, &site);
     let pid = child.id() as i32;
-    // Settle: start-up work (nginx -T, the first probe) is not idle cost.
-    std::thread::sleep(Duration::from_millis(500));
+    // Settle: start-up work (nginx -T, the first probe, hashing the config off-thread) is not
+    // idle cost, and tokio retires its blocking threads 10 s after their last task.
+    std::thread::sleep(Duration::from_secs(12));
     let (cpu0, sw0) = (cpu_ticks(pid), switches(pid));
     std::thread::sleep(Duration::from_secs(seconds));
     let (cpu1, sw1) = (cpu_ticks(pid), switches(pid));
@@ -147,7 +148,7 @@ fn idle(contender: &Contender, seconds: u64) -> Idle {
     Idle {
         rss_kib,
         cpu_ms: (cpu1 - cpu0) * tick_ms,
-        wakeups: sw1 - sw0,
+        wakeups: sw1.saturating_sub(sw0),
     }
 }
 

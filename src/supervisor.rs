@@ -34,7 +34,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let mut signals = Signals::install().map_err(Error::internal("installing signal handlers"))?;
     let role = reaper::become_reaper().map_err(Error::internal("becoming child subreaper"))?;
     let runtime = RuntimeDir::prepare(&args.runtime_dir)?;
-    let mut nginx = if args.command.is_empty() {
+    let nginx = if args.command.is_empty() {
         NginxCommand::bundled(&runtime.write_bundled_config(&args.listen)?)
     } else {
         NginxCommand::custom(args.command.clone())
@@ -54,21 +54,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     } else {
         String::new()
     };
-    let user_sets_it = sets_directive(&config_dump, "worker_shutdown_timeout")
-        || nginx.directives_set("worker_shutdown_timeout");
-    if let Some(timeout) = plan
-        .worker_shutdown_timeout()
-        .filter(|_| nginx.is_nginx() && !user_sets_it)
-    {
-        // Long-lived connections never finish on their own: nginx closes them itself, cleanly,
-        // before the budget would make us escalate with signals.
-        let ms = timeout.as_millis();
-        tracing::info!(
-            worker_shutdown_timeout_ms = ms as u64,
-            "nginx will close connections still open {ms}ms after SIGQUIT (worker_shutdown_timeout, not set in the config)"
-        );
-        nginx = nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;"));
-    }
+    let nginx = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
     let mut watch = start_watch(&args, &config_dump);
     let nginx_errors = NginxErrors::default();
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
@@ -260,6 +246,25 @@ async fn check_config(
     Ok(report.dump)
 }
 
+/// Long-lived connections (WebSockets, streams) never finish on their own: unless the config
+/// or `-g` sets it, nginx gets a `worker_shutdown_timeout` that makes it close them itself,
+/// cleanly, before the budget would make us escalate with signals.
+fn fit_worker_shutdown_timeout(nginx: NginxCommand, plan: &DrainPlan, config_dump: &str) -> NginxCommand {
+    let set_by_user = sets_directive(config_dump, "worker_shutdown_timeout")
+        || nginx.directives_set("worker_shutdown_timeout");
+    match plan.worker_shutdown_timeout() {
+        Some(timeout) if nginx.is_nginx() && !set_by_user => {
+            let ms = timeout.as_millis();
+            tracing::info!(
+                worker_shutdown_timeout_ms = ms as u64,
+                "nginx will close connections still open {ms}ms after SIGQUIT (worker_shutdown_timeout, not set in the config)"
+            );
+            nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;"))
+        }
+        _ => nginx,
+    }
+}
+
 /// Whether a config dump sets `directive` anywhere (outside comments).
 fn sets_directive(config_dump: &str, directive: &str) -> bool {
     config_dump.lines().any(|line| {
@@ -309,4 +314,29 @@ fn command_name(nginx: &NginxCommand) -> String {
             (*len <= 15).then_some(c)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directive_counts_only_where_it_is_set() {
+        for (dump, set) in [
+            ("worker_shutdown_timeout 10s;\n", true),
+            ("events {}\n    worker_shutdown_timeout 1m;\n", true),
+            ("# worker_shutdown_timeout 10s;\n", false),
+            ("worker_shutdown_timeouts 10s;\n", false),
+            ("", false),
+        ] {
+            assert_eq!(sets_directive(dump, "worker_shutdown_timeout"), set, "{dump:?}");
+        }
+    }
+
+    #[test]
+    fn command_names_are_cut_like_the_kernel_cuts_them() {
+        let cmd = |program: &str| NginxCommand::custom(vec![program.into()]);
+        assert_eq!(command_name(&cmd("/usr/sbin/nginx")), "nginx");
+        assert_eq!(command_name(&cmd("/a/very-long-program-name")), "very-long-progr");
+    }
 }
