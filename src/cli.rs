@@ -260,14 +260,11 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-#[derive(Debug, Args)]
-pub struct PreStopArgs {
-    /// Used only without a supervisor: with one, its own plan and budget apply.
-    #[command(flatten)]
-    pub drain: DrainArgs,
-
+/// Where `drain` and `reload` find what they act on.
+#[derive(Debug, Clone, Args)]
+pub struct NginxTarget {
     /// nginx's pid file (its `pid` directive), read when no supervisor answers. During a binary
-    /// upgrade the old master's FILE.oldbin is drained too.
+    /// upgrade, `drain` drains the old master's FILE.oldbin too.
     #[arg(
         long,
         value_name = "FILE",
@@ -288,24 +285,19 @@ pub struct PreStopArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct ReloadArgs {
-    /// nginx's pid file, read when no supervisor answers.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "NGINX_GRACEFUL_PID_FILE",
-        default_value = "/run/nginx.pid"
-    )]
-    pub pid_file: PathBuf,
+pub struct PreStopArgs {
+    /// Used only without a supervisor: with one, its own plan and budget apply.
+    #[command(flatten)]
+    pub drain: DrainArgs,
 
-    /// The supervisor's runtime directory, where its control socket is.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "NGINX_GRACEFUL_RUNTIME_DIR",
-        default_value = "/run/nginx-graceful"
-    )]
-    pub runtime_dir: PathBuf,
+    #[command(flatten)]
+    pub target: NginxTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub target: NginxTarget,
 
     /// Used only without a supervisor: with one, its own settings apply.
     #[command(flatten)]

@@ -44,12 +44,12 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
             _ => {}
         }
     };
-    if let Some(outcome) = control::request_drain(&args.runtime_dir, relay).await? {
+    if let Some(outcome) = control::request_drain(&args.target.runtime_dir, relay).await? {
         return Ok(log_summary(&outcome, "the supervisor drained nginx"));
     }
 
     // No supervisor: this process drains nginx. Two hooks at once share one drain.
-    let runtime = RuntimeFiles::prepare(&args.runtime_dir);
+    let runtime = RuntimeFiles::prepare(&args.target.runtime_dir);
     let _turn = match &runtime {
         Some(runtime) => runtime.take_turn().await,
         None => None,
@@ -57,9 +57,9 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
 
     // After another hook's drain this finds nginx gone and reports that drain's outcome; after
     // one that failed, it meets the same problem and says so.
-    let mut masters: Vec<FoundMaster> = Vec::from_iter(pidfile::find_master(&args.pid_file)?);
+    let mut masters: Vec<FoundMaster> = Vec::from_iter(pidfile::find_master(&args.target.pid_file)?);
     // The old master of a binary upgrade, if any; a stale .oldbin must not stop the drain.
-    match pidfile::find_master(&pidfile::oldbin(&args.pid_file)) {
+    match pidfile::find_master(&pidfile::oldbin(&args.target.pid_file)) {
         Ok(found) => masters.extend(found),
         Err(err) => tracing::warn!("ignoring the binary upgrade's old pid file: {err}"),
     }
@@ -68,13 +68,13 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
         let recent = started_at
             .checked_sub(plan.grace_period)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        if let Some(outcome) = recorded_outcome(&args.runtime_dir, recent) {
+        if let Some(outcome) = recorded_outcome(&args.target.runtime_dir, recent) {
             return Ok(log_summary(
                 &outcome,
                 "nginx is not running; the last drain ended",
             ));
         }
-        tracing::info!(pid_file = %args.pid_file.display(), "nginx is not running: nothing to drain");
+        tracing::info!(pid_file = %args.target.pid_file.display(), "nginx is not running: nothing to drain");
         return Ok(exit::OK);
     };
     if masters.len() > 1 {
@@ -84,7 +84,7 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
 
     let reaper = Reaper::start(sigchld);
     let phases = Phases::default();
-    let flag = KeepAliveFlag::in_dir(&args.runtime_dir);
+    let flag = KeepAliveFlag::in_dir(&args.target.runtime_dir);
     let skip_delay = Notify::new();
     let tree = NginxTree {
         roots: masters.iter().map(|m| m.pidfd.pid()).collect(),

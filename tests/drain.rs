@@ -73,13 +73,7 @@ fn a_request_in_flight_at_sigterm_completes() {
     let started = Instant::now();
     let request = http::get_in_background(site.addr(), &path);
     // nginx counts the request as established from the worker's side before we signal.
-    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
-        supervisor.descendants().iter().any(|&pid| {
-            nginx_graceful::nginx::connections::established(&[pid])
-                .first()
-                .is_some_and(|(_, n)| *n > 0)
-        })
-    });
+    common::wait_for_busy_worker(supervisor.pid);
     supervisor.signal(SIGTERM);
 
     let reply = request.join().unwrap().expect("the request in flight finishes");
@@ -202,15 +196,7 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
         "left as nginx has it"
     );
     let request = http::get_in_background(site.addr(), &path);
-    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
-        supervisor.descendants().len() == 3 && {
-            supervisor.descendants().iter().any(|&pid| {
-                nginx_graceful::nginx::connections::established(&[pid])
-                    .first()
-                    .is_some_and(|(_, n)| *n > 0)
-            })
-        }
-    });
+    common::wait_for_busy_worker(supervisor.pid);
 
     let signalled = Instant::now();
     supervisor.signal(SIGTERM);
@@ -253,18 +239,10 @@ fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
         ],
     );
     let _request = http::get_in_background(site.addr(), &path);
-    let mut busy = None;
-    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
-        busy = supervisor.descendants().into_iter().find(|&pid| {
-            nginx_graceful::nginx::connections::established(&[pid])
-                .first()
-                .is_some_and(|(_, n)| *n > 0)
-        });
-        busy.is_some()
-    });
+    let busy = common::wait_for_busy_worker(supervisor.pid);
     // A stopped worker acts on no signal but SIGKILL: the last step of the escalation.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(busy.unwrap()),
+        nix::unistd::Pid::from_raw(busy),
         nix::sys::signal::Signal::try_from(SIGSTOP).unwrap(),
     )
     .unwrap();
@@ -284,7 +262,7 @@ fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
         phases.ends_with(&["fast_shutdown".into(), "killing".into(), "stopped".into()]),
         "{phases:?}"
     );
-    assert!(!common::exists(busy.unwrap()));
+    assert!(!common::exists(busy));
 }
 
 #[test]
@@ -343,13 +321,7 @@ fn a_killed_master_leaves_no_process_behind_and_its_status_is_the_exit_code() {
     let workers = common::children_of(master);
     assert_eq!(workers.len(), 2);
     let request = http::get_in_background(site.addr(), &path);
-    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
-        workers.iter().any(|&pid| {
-            nginx_graceful::nginx::connections::established(&[pid])
-                .first()
-                .is_some_and(|(_, n)| *n > 0)
-        })
-    });
+    common::wait_for_busy_worker(master);
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(master),
@@ -406,13 +378,7 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
             .any(|l| l.contains("nginx will close connections still open 4000ms"))
     );
     let request = http::get_in_background(site.addr(), &path);
-    common::wait_until("the slow request to reach a worker", 5 * SECONDS, || {
-        supervisor.descendants().iter().any(|&pid| {
-            nginx_graceful::nginx::connections::established(&[pid])
-                .first()
-                .is_some_and(|(_, n)| *n > 0)
-        })
-    });
+    common::wait_for_busy_worker(supervisor.pid);
     let signalled = Instant::now();
     supervisor.signal(SIGTERM);
     assert_eq!(

@@ -135,11 +135,7 @@ fn without_a_supervisor_it_drains_a_daemon_nginx_found_by_its_pid_file() {
     let nginx = site.start_daemon();
     let path = site.slow_path(2);
     let request = http::get_in_background(site.addr(), &path);
-    common::wait_until("the request to be in flight", 5 * SECONDS, || {
-        nginx_graceful::nginx::connections::established(&common::children_of(nginx.master))
-            .iter()
-            .any(|(_, n)| *n > 0)
-    });
+    common::wait_for_busy_worker(nginx.master);
 
     let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "300ms"]));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
@@ -257,11 +253,7 @@ fn a_connection_held_past_the_budget_escalates_at_the_deadline() {
     let site = Site::new();
     let nginx = site.start_daemon();
     let _request = http::get_in_background(site.addr(), &site.slow_path(30));
-    common::wait_until("the request to be in flight", 5 * SECONDS, || {
-        nginx_graceful::nginx::connections::established(&common::children_of(nginx.master))
-            .iter()
-            .any(|(_, n)| *n > 0)
-    });
+    common::wait_for_busy_worker(nginx.master);
     let started = Instant::now();
     let mut hook = Supervisor::start(&drain_args(&site, TIGHT_BUDGET));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 3);

@@ -39,7 +39,7 @@ pub fn argv_from_title(title: &str) -> Option<Vec<String>> {
 /// `nginx-graceful reload`: through the supervisor, or directly via the pid file.
 pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
     use crate::error::exit;
-    let reply = match crate::control::request_reload(&args.runtime_dir).await? {
+    let reply = match crate::control::request_reload(&args.target.runtime_dir).await? {
         Some(reply) => reply,
         None => direct(&args).await?,
     };
@@ -68,9 +68,9 @@ pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::
 /// No supervisor: test with the master's own binary and arguments, SIGHUP, confirm. Without the
 /// master's stderr, a rollback shows only as no new generation.
 async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crate::error::Error> {
-    let Some(master) = crate::nginx::pidfile::find_master(&args.pid_file)? else {
+    let Some(master) = crate::nginx::pidfile::find_master(&args.target.pid_file)? else {
         return Ok(
-            serde_json::json!({"event": "reload", "outcome": "not_running", "reason": format!("no nginx master in {}", args.pid_file.display())}),
+            serde_json::json!({"event": "reload", "outcome": "not_running", "reason": format!("no nginx master in {}", args.target.pid_file.display())}),
         );
     };
     let pid = master.pidfd.pid();
@@ -87,7 +87,7 @@ async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crat
         max_draining_generations: args.reload.max_draining_generations,
         generations: Generations::default(),
         close_window: args.reload.reload_close_window,
-        flag: Some(crate::keepalive::KeepAliveFlag::in_dir(&args.runtime_dir)),
+        flag: Some(crate::keepalive::KeepAliveFlag::in_dir(&args.target.runtime_dir)),
     };
     let outcome = reload(&nginx, &reaper, &master.pidfd, &NginxErrors::default(), &settings).await;
     Ok(outcome.to_json())

@@ -547,3 +547,17 @@ pub fn nginx_path() -> PathBuf {
         .find(|path| path.is_file())
         .expect("nginx on PATH")
 }
+
+/// Waits until a process below `root` holds an established connection (a request in flight on
+/// a worker) and returns that process.
+pub fn wait_for_busy_worker(root: i32) -> i32 {
+    let mut busy = None;
+    wait_until("a request in flight on a worker", Duration::from_secs(5), || {
+        busy = nginx_graceful::nginx::connections::established(&descendants_of(root))
+            .into_iter()
+            .find(|(_, n)| *n > 0)
+            .map(|(pid, _)| pid);
+        busy.is_some()
+    });
+    busy.unwrap()
+}
