@@ -389,9 +389,9 @@ impl Drop for Supervisor {
         if self.status.is_some() {
             return;
         }
-        // Leaves first, so no worker is orphaned out of reach.
-        let mut below = descendants_of(self.child.id() as i32);
-        below.reverse();
+        // Parents first, from a list taken beforehand: a master whose worker dies starts
+        // another, so masters go before their workers, which are then killed by pid.
+        let below = descendants_of(self.child.id() as i32);
         for pid in below {
             unsafe_free_kill(pid, 9);
         }
@@ -516,7 +516,13 @@ impl DaemonNginx {
 
 impl Drop for DaemonNginx {
     fn drop(&mut self) {
-        for &pid in self.pids.iter().rev() {
+        // The master first (it would replace a killed worker), then everything below it now
+        // (workers of later reloads, a new master of a binary upgrade), from a list taken
+        // beforehand, then what was there at the start.
+        let mut pids = vec![self.master];
+        pids.extend(descendants_of(self.master));
+        pids.extend(self.pids.iter());
+        for pid in pids {
             if comm(pid).as_deref() == Some("nginx") {
                 unsafe_free_kill(pid, 9);
             }
