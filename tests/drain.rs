@@ -34,18 +34,7 @@ fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
     let status = supervisor.wait_exit(10 * SECONDS);
 
     assert_eq!(code(status), 0, "{:?}", supervisor.log.lines());
-    assert_eq!(
-        supervisor.log.phases(),
-        [
-            "starting",
-            "serving",
-            "unready",
-            "keepalive_close",
-            "propagation_delay",
-            "quitting",
-            "stopped"
-        ]
-    );
+    assert_eq!(supervisor.log.phases(), common::DRAIN_PHASES);
     for pid in nginx {
         assert!(
             !common::exists(pid),

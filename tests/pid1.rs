@@ -49,18 +49,7 @@ fn as_pid1_it_reaps_orphans_and_drains_on_sigterm() {
         "{:?}",
         supervisor.log.lines()
     );
-    assert_eq!(
-        supervisor.log.phases(),
-        [
-            "starting",
-            "serving",
-            "unready",
-            "keepalive_close",
-            "propagation_delay",
-            "quitting",
-            "stopped"
-        ]
-    );
+    assert_eq!(supervisor.log.phases(), common::DRAIN_PHASES);
 }
 
 #[test]

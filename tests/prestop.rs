@@ -353,12 +353,10 @@ fn during_a_binary_upgrade_both_masters_are_drained() {
         "{:?}",
         hook.log.lines()
     );
-    for pid in everything {
-        assert!(
-            common::stat_fields(pid).is_none_or(|(state, _)| state == 'Z'),
-            "nginx process {pid} is still running"
-        );
-    }
+    assert!(
+        common::all_exited(&everything),
+        "an nginx process is still running: {everything:?}"
+    );
     assert!(!site.serves());
 }
 
@@ -380,10 +378,8 @@ fn a_new_master_the_pid_file_does_not_name_yet_is_drained_too() {
         "{:?}",
         hook.log.lines()
     );
-    for pid in everything {
-        assert!(
-            common::stat_fields(pid).is_none_or(|(state, _)| state == 'Z'),
-            "nginx process {pid} is still running"
-        );
-    }
+    assert!(
+        common::all_exited(&everything),
+        "an nginx process is still running: {everything:?}"
+    );
 }

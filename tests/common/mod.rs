@@ -20,6 +20,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_nginx-graceful");
 /// Bytes per second nginx sends on /slow/ URLs: a file of N * RATE bytes takes about N seconds.
 pub const SLOW_RATE: usize = 100 * 1024;
 
+/// The phases of a whole drain with a propagation delay and no hooks, in order.
+pub const DRAIN_PHASES: [&str; 7] = [
+    "starting",
+    "serving",
+    "unready",
+    "keepalive_close",
+    "propagation_delay",
+    "quitting",
+    "stopped",
+];
+
 /// A port that was free a moment ago, on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -502,11 +513,15 @@ impl Site {
     }
 }
 
+/// Whether every one of `pids` has exited (gone, or a zombie waiting for its reaper).
+pub fn all_exited(pids: &[i32]) -> bool {
+    pids.iter()
+        .all(|&pid| stat_fields(pid).is_none_or(|(state, _)| state == 'Z'))
+}
+
 impl DaemonNginx {
     pub fn all_gone(&self) -> bool {
-        self.pids
-            .iter()
-            .all(|&pid| stat_fields(pid).is_none_or(|(state, _)| state == 'Z'))
+        all_exited(&self.pids)
     }
 
     pub fn log_text(&self) -> String {
