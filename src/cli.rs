@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::soak::mix::PathMix;
+
 const ABOUT: &str = "Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.";
 
 const LONG_ABOUT: &str = "\
@@ -101,6 +103,39 @@ EXIT CODES:
   22   refused: a drain has begun
   23   nginx is not running";
 
+const SOAK_ABOUT: &str = "\
+Load an HTTP server and classify every failed request; exit 1 if any failed.
+
+Like a curl loop run while a deployment rolls, but exact: no request is retried, and every
+failure gets a class. A server that answers `Connection: close`, or closes an idle keep-alive
+connection before the next request was written, is not a failure: the client reconnects, as
+every HTTP client does.";
+
+const SOAK_AFTER_HELP: &str = "\
+FAILURE CLASSES:
+  refused          connection refused: nothing listened
+  connect-timeout  the connect did not complete within --connect-timeout
+  connect-error    the connect failed otherwise
+  reset-new        reset before any response byte, on a connection opened for the request
+  reset-reused     reset before any response byte, on a reused keep-alive connection
+  eof              closed after the request, before any response byte
+  truncated        the response started, then was cut off
+  timeout          no complete response within --timeout
+  malformed        bytes that are not an HTTP/1 response
+  http-5xx         the server answered 500 to 599
+
+A worker whose request fails without a response waits 10 ms before its next one, so that a
+server that is down is not hammered.
+
+EXIT CODES:
+  0    every request succeeded
+  1    at least one request failed
+  2    the URL cannot be used
+
+EXAMPLES:
+  nginx-graceful soak --url http://127.0.0.1:8080/ -c 32 --duration 30s
+  nginx-graceful soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json";
+
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -122,6 +157,9 @@ pub enum Command {
     /// Drain nginx and block until it has exited (the preStop hook).
     #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
     Drain(PreStopArgs),
+    /// Load an HTTP server and classify every failed request; exit 1 if any failed.
+    #[command(long_about = SOAK_ABOUT, after_long_help = SOAK_AFTER_HELP)]
+    Soak(SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -304,6 +342,58 @@ pub struct ReloadArgs {
     pub reload: ReloadOptions,
 }
 
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// What to load: a plain HTTP URL, like http://127.0.0.1:8080/. Its path is requested
+    /// unless --path-mix is given.
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+
+    /// Connections at once, each with one request in flight.
+    #[arg(long, short = 'c', value_name = "N", default_value = "32")]
+    pub concurrency: usize,
+
+    /// Start no request after this long [default: 10s, or 1h with --requests].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop after this many requests (or at --duration, whichever comes first).
+    #[arg(long, short = 'n', value_name = "N")]
+    pub requests: Option<u64>,
+
+    /// Reuse each connection for many requests (HTTP/1.1 keep-alive). The default.
+    #[arg(long, overrides_with = "no_keepalive")]
+    pub keepalive: bool,
+
+    /// A new connection for every request, which asks `Connection: close`.
+    #[arg(long, overrides_with = "keepalive")]
+    pub no_keepalive: bool,
+
+    /// Requests per second over all connections [default: as fast as the server answers].
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+
+    /// Paths with weights, like '/=90,/slow=10' (90 % / and 10 % /slow).
+    #[arg(long, value_name = "MIX")]
+    pub path_mix: Option<PathMix>,
+
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write every request to FILE as CSV: at_ms,latency_ms,path,reused,status,outcome.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+
+    /// A connect that takes longer fails as connect-timeout.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// A response not complete by then fails as timeout.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthListen {
     Off,
@@ -385,7 +475,12 @@ mod tests {
     #[test]
     fn every_option_has_an_environment_variable() {
         let cmd = Cli::command();
-        let subcommands = cmd.get_subcommands().flat_map(|sub| sub.get_arguments());
+        // The commands a container runs; soak and rehearse are run by hand and take flags only,
+        // so that a pod's NGINX_GRACEFUL_* settings never change a rehearsal.
+        let subcommands = cmd
+            .get_subcommands()
+            .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))
+            .flat_map(|sub| sub.get_arguments());
         for arg in subcommands.chain(cmd.get_arguments()) {
             let id = arg.get_id().as_str();
             if ["command", "help", "version"].contains(&id) {

@@ -40,5 +40,6 @@ pub mod reaper;
 pub mod reload;
 pub mod runtime_dir;
 pub mod signals;
+pub mod soak;
 pub mod supervisor;
 pub mod watch;

@@ -3,14 +3,15 @@
 use clap::Parser;
 use nginx_graceful::cli::{Cli, Command};
 use nginx_graceful::error::exit;
-use nginx_graceful::{logging, prestop, reload, supervisor};
+use nginx_graceful::{logging, prestop, reload, soak, supervisor};
 
 fn main() {
     let cli = Cli::parse();
     logging::init(&cli.log);
     // One thread: the supervisor waits on signals and pidfds, and a second thread would only
-    // add memory and wake-ups.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // add memory and wake-ups. (soak's load makes threads of its own.)
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("nginx-graceful: cannot start the async runtime: {err}");
@@ -22,6 +23,7 @@ fn main() {
             Command::Run(args) => supervisor::run(args).await,
             Command::Drain(args) => prestop::drain(args).await,
             Command::Reload(args) => reload::command(args).await,
+            Command::Soak(args) => soak::command(args).await,
         }
     });
     let code = match result {

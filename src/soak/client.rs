@@ -1,0 +1,420 @@
+//! The load: a fixed number of workers, each with one HTTP/1.1 connection at a time that it
+//! opens, reuses and drops itself (hyper's connection API, no pool), so that every request is
+//! known to have gone out on a new or a reused connection, and none is ever retried.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::HeaderValue;
+use hyper::{Request, Uri, header};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::classify::{Failure, Seen, connect_failure, request_failure};
+use super::mix::PathMix;
+
+/// Where the load goes and how.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub addr: SocketAddr,
+    /// The Host header.
+    pub host: String,
+    pub paths: PathMix,
+    pub concurrency: usize,
+    /// Reuse connections (HTTP/1.1 keep-alive); otherwise every request asks `Connection: close`.
+    pub keepalive: bool,
+    /// Requests per second over all workers; as fast as the server answers when unset.
+    pub rate: Option<f64>,
+    /// Stop after this many requests.
+    pub requests: Option<u64>,
+    /// Stop starting requests after this long.
+    pub duration: Duration,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+/// One request as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// When the request started, from the start of the load.
+    pub at: Duration,
+    pub latency: Duration,
+    pub failure: Option<Failure>,
+    /// It went out on a connection that had carried an earlier request.
+    pub reused: bool,
+    /// The HTTP status, 0 when there was none.
+    pub status: u16,
+    /// Index into the path mix.
+    pub path: u8,
+}
+
+/// Live counters for a progress line, and the switch that ends the load early.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    stop: AtomicBool,
+    slots: AtomicU64,
+}
+
+impl Progress {
+    /// Workers start no new request; those in flight finish (within the response timeout).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A worker that fails to connect waits this long before its next request, so that a target
+/// that is down is not hammered in a tight loop. Counted requests stay comparable between runs.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(10);
+
+/// Runs the load to its end and returns every request, ordered by start.
+///
+/// The workers are spread over one thread per core, each with a single-threaded runtime of its
+/// own, like wrk's threads: no work stealing, no task crossing threads.
+pub async fn run(load: Arc<Load>, start: Instant, progress: Arc<Progress>) -> Vec<Record> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(load.concurrency.max(1));
+    let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+    for thread in 0..threads {
+        let ids: Vec<u64> = (thread..load.concurrency.max(1))
+            .step_by(threads)
+            .map(|id| id as u64)
+            .collect();
+        let (load, progress, done) = (load.clone(), progress.clone(), done.clone());
+        std::thread::spawn(move || {
+            let records = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(async {
+                    let workers: Vec<_> = ids
+                        .into_iter()
+                        .map(|id| {
+                            // The load is this thread's only work: coop budgeting would only
+                            // add bookkeeping to every poll.
+                            let work = worker(id, load.clone(), start, progress.clone());
+                            tokio::spawn(tokio::task::coop::unconstrained(work))
+                        })
+                        .collect();
+                    let mut records = Vec::new();
+                    for worker in workers {
+                        records.extend(worker.await.unwrap_or_default());
+                    }
+                    records
+                }),
+                Err(_) => Vec::new(),
+            };
+            let _ = done.send(records);
+        });
+    }
+    drop(done);
+    let mut records = Vec::new();
+    while let Some(part) = finished.recv().await {
+        records.extend(part);
+    }
+    records.sort_by_key(|r| r.at);
+    records
+}
+
+async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress>) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut connection: Option<Connection> = None;
+    let mut pick = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let end = start + load.duration;
+    let prepared = Prepared::new(&load);
+    loop {
+        let now = Instant::now();
+        if progress.stop.load(Ordering::Relaxed) || now >= end {
+            break;
+        }
+        // The shared count of requests started, only where a bound or a rate needs it.
+        let slot = if load.requests.is_some() || load.rate.is_some() {
+            progress.slots.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        if load.requests.is_some_and(|n| slot >= n) {
+            break;
+        }
+        if let Some(rate) = load.rate {
+            let due = start + Duration::from_secs_f64(slot as f64 / rate);
+            if due >= end {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let path = load.paths.pick(&mut pick);
+        let began = if load.rate.is_some() { Instant::now() } else { now };
+        let deadline = (began + load.response_timeout).into();
+        let (outcome, reused) = request(&load, &prepared, &mut connection, path, deadline).await;
+        let (status, failure) = match outcome {
+            Ok(status) if status >= 500 => (status, Some(Failure::Http5xx)),
+            Ok(status) => (status, None),
+            Err(failure) => (0, Some(failure)),
+        };
+        records.push(Record {
+            at: began - start,
+            latency: began.elapsed(),
+            failure,
+            reused,
+            status,
+            path: path as u8,
+        });
+        progress.requests.fetch_add(1, Ordering::Relaxed);
+        if failure.is_some() {
+            progress.failures.fetch_add(1, Ordering::Relaxed);
+            if status == 0 {
+                connection = None;
+                tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
+            }
+        }
+    }
+    records
+}
+
+/// One request: on the worker's open connection when it is still usable, else on a new one.
+/// Returns the status or the failure, and whether the connection was reused.
+async fn request(
+    load: &Load,
+    prepared: &Prepared,
+    connection: &mut Option<Connection>,
+    path: usize,
+    deadline: tokio::time::Instant,
+) -> (Result<u16, Failure>, bool) {
+    // At most twice: a reused connection that turns out closed before the request was written
+    // gives way to a new one. Nothing was sent, so that is not a retry.
+    for _ in 0..2 {
+        let reused = connection.is_some();
+        // A connection the server closed while idle is dropped here when hyper has already
+        // seen the close; otherwise the request comes back unsent from try_send_request below.
+        if let Some(open) = connection.as_ref()
+            && (open.driver.connection.is_none() || open.sender.is_closed())
+        {
+            *connection = None;
+            continue;
+        }
+        if connection.is_none() {
+            match Connection::open(load).await {
+                Ok(open) => *connection = Some(open),
+                Err(failure) => return (Err(failure), false),
+            }
+        }
+        let open = connection.as_mut().expect("opened above");
+        let received_before = open.received.load(Ordering::Relaxed);
+        let request = prepared.request(path, load.keepalive);
+        let sender = &mut open.sender;
+        let exchange = async move {
+            let response = sender
+                .try_send_request(request)
+                .await
+                .map_err(|mut e| Exchange::Send {
+                    unsent: e.take_message().is_some(),
+                    error: e.into_error(),
+                })?;
+            let status = response.status().as_u16();
+            let server_closes = response
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            read_body(response.into_body()).await.map_err(Exchange::Body)?;
+            Ok((status, server_closes))
+        };
+        let done = tokio::time::timeout_at(deadline, driven(&mut open.driver, exchange)).await;
+        let outcome = match done {
+            Ok(Ok((status, server_closes))) => {
+                if server_closes || !load.keepalive {
+                    *connection = None;
+                }
+                return (Ok(status), reused);
+            }
+            Err(_) => Failure::Timeout,
+            Ok(Err(Exchange::Send { unsent, error })) => {
+                if reused && unsent {
+                    *connection = None;
+                    continue;
+                }
+                let started = open.received.load(Ordering::Relaxed) > received_before;
+                classify(&error, started, reused)
+            }
+            Ok(Err(Exchange::Body(error))) => classify(&error, true, reused),
+        };
+        *connection = None;
+        return (Err(outcome), reused);
+    }
+    // Two connections in a row closed before the request went out: the server closes new
+    // connections without answering.
+    (Err(Failure::Eof), true)
+}
+
+/// What every request shares, parsed once per worker instead of once per request.
+struct Prepared {
+    uris: Vec<Uri>,
+    host: HeaderValue,
+}
+
+impl Prepared {
+    fn new(load: &Load) -> Self {
+        Self {
+            uris: (0..load.paths.len())
+                .map(|i| {
+                    load.paths
+                        .path(i)
+                        .parse()
+                        .unwrap_or_else(|_| Uri::from_static("/"))
+                })
+                .collect(),
+            host: HeaderValue::from_str(&load.host).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+        }
+    }
+
+    fn request(&self, path: usize, keepalive: bool) -> Request<Empty<Bytes>> {
+        let mut request = Request::new(Empty::new());
+        *request.uri_mut() = self.uris[path].clone();
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
+        if !keepalive {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        request
+    }
+}
+
+/// Where an exchange failed: sending (hyper may hand back a request it never wrote), or
+/// reading the body.
+enum Exchange {
+    Send { unsent: bool, error: hyper::Error },
+    Body(hyper::Error),
+}
+
+/// Reads the body to its end, dropping each frame as it comes.
+async fn read_body(mut body: Incoming) -> Result<(), hyper::Error> {
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(())
+}
+
+fn classify(error: &hyper::Error, response_started: bool, reused: bool) -> Failure {
+    let mut io = None;
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(e) = cause.downcast_ref::<io::Error>() {
+            io = Some(e.kind());
+            break;
+        }
+        source = cause.source();
+    }
+    request_failure(Seen {
+        io,
+        parse_error: error.is_parse() || error.is_parse_status() || error.is_parse_too_large(),
+        response_started,
+        reused,
+    })
+}
+
+/// Polls `work` and, beside it in the same task, the connection that carries it. Driving the
+/// connection here instead of in a task of its own saves two task wake-ups per request, which
+/// is most of what a load generator spends.
+async fn driven<T>(driver: &mut Driver, work: impl Future<Output = T>) -> T {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        if let Some(connection) = driver.connection.as_mut()
+            && connection.as_mut().poll(cx).is_ready()
+        {
+            // The connection has ended. Dropping it drops its ends of the response channels,
+            // which settles whatever `work` still waits for.
+            driver.connection = None;
+        }
+        // What the connection just read may have completed `work`: look again now rather
+        // than after a trip through the scheduler.
+        work.as_mut().poll(cx)
+    })
+    .await
+}
+
+struct Driver {
+    /// None once the connection has ended.
+    connection: Option<Pin<Box<hyper::client::conn::http1::Connection<TokioIo<Metered>, Empty<Bytes>>>>>,
+}
+
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    driver: Driver,
+    /// Bytes read from the server so far: tells "before any response byte" from "cut off".
+    received: Arc<AtomicU64>,
+}
+
+impl Connection {
+    async fn open(load: &Load) -> Result<Self, Failure> {
+        let stream = match tokio::time::timeout(load.connect_timeout, TcpStream::connect(load.addr)).await {
+            Err(_) => return Err(Failure::ConnectTimeout),
+            Ok(Err(e)) => return Err(connect_failure(e.kind())),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let received = Arc::new(AtomicU64::new(0));
+        let metered = Metered {
+            stream,
+            received: received.clone(),
+        };
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(metered))
+            .await
+            .map_err(|_| Failure::ConnectError)?;
+        let driver = Driver {
+            connection: Some(Box::pin(connection)),
+        };
+        Ok(Self {
+            sender,
+            driver,
+            received,
+        })
+    }
+}
+
+/// A TCP stream that counts the bytes it reads.
+struct Metered {
+    stream: TcpStream,
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.received.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,186 @@
+//! `soak` against a server that fails on purpose in every way soak tells apart: each failure
+//! lands in its own class, and what is not a failure (Connection: close, an idle connection
+//! closed cleanly) is not counted as one.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, free_port};
+use serde_json::Value;
+
+/// A server whose behaviour is chosen by the request path; `n` counts requests on a connection.
+fn misbehaving_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            std::thread::spawn(move || serve(stream));
+        }
+    });
+    addr
+}
+
+fn serve(mut stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut served = 0;
+    loop {
+        let Some(path) = read_request(&mut stream) else {
+            return;
+        };
+        served += 1;
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
+        match path.as_str() {
+            "/ok" => write(&mut stream, ok),
+            "/close" => {
+                write(
+                    &mut stream,
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nok\n",
+                );
+                return;
+            }
+            // Answers, then closes the idle connection without saying so beforehand.
+            "/idle-close" => {
+                write(&mut stream, ok);
+                let _ = stream.shutdown(Shutdown::Write);
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            "/reset" => return reset(stream),
+            "/reset-second" if served == 1 => write(&mut stream, ok),
+            "/reset-second" => return reset(stream),
+            "/eof" => return,
+            "/cut" => {
+                write(
+                    &mut stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..",
+                );
+                return;
+            }
+            "/stall" => {
+                std::thread::sleep(Duration::from_secs(3));
+                return;
+            }
+            "/503" => write(
+                &mut stream,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+            ),
+            "/garbage" => {
+                write(&mut stream, "SSH-2.0-OpenSSH_9.2\r\n\r\n");
+                return;
+            }
+            _ => write(&mut stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+        }
+    }
+}
+
+/// The path of the next request on the connection, or None at its end.
+fn read_request(stream: &mut TcpStream) -> Option<String> {
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => request.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8_lossy(&request);
+    Some(text.split_whitespace().nth(1)?.to_owned())
+}
+
+fn write(stream: &mut TcpStream, text: &str) {
+    let _ = stream.write_all(text.as_bytes());
+}
+
+/// Closes with RST: SO_LINGER with a zero timeout.
+fn reset(stream: TcpStream) {
+    let _ = rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Runs soak with `args` and returns its exit code and JSON report.
+fn soak(url: &str, args: &[&str]) -> (i32, Value) {
+    let output = Command::new(BIN)
+        .args(["soak", "--url", url, "--json", "--timeout", "500ms"])
+        .args(args)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.code().unwrap(), report)
+}
+
+fn failures(report: &Value) -> Vec<(String, u64)> {
+    report["failures"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(class, n)| (class.clone(), n.as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_failure_lands_in_its_own_class() {
+    let server = misbehaving_server();
+    let cases = [
+        ("/reset", "reset-new"),
+        ("/eof", "eof"),
+        ("/cut", "truncated"),
+        ("/stall", "timeout"),
+        ("/503", "http-5xx"),
+        ("/garbage", "malformed"),
+    ];
+    for (path, class) in cases {
+        let (code, report) = soak(&format!("http://{server}{path}"), &["-c", "1", "-n", "2"]);
+        assert_eq!(failures(&report), [(class.to_owned(), 2)], "{path}: {report}");
+        assert_eq!(report["requests"], 2, "{path}: {report}");
+        assert_eq!(code, 1, "{path}: any failure fails the run");
+    }
+}
+
+#[test]
+fn a_refused_connect_is_refused() {
+    let url = format!("http://127.0.0.1:{}/", free_port());
+    let (code, report) = soak(&url, &["-c", "1", "-n", "3"]);
+    assert_eq!(failures(&report), [("refused".to_owned(), 3)], "{report}");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn a_reset_on_a_reused_connection_is_counted_apart() {
+    let server = misbehaving_server();
+    // Each connection: the first request is answered, the second is reset.
+    let (_, report) = soak(&format!("http://{server}/reset-second"), &["-c", "1", "-n", "4"]);
+    assert_eq!(report["ok"], 2, "{report}");
+    assert_eq!(failures(&report), [("reset-reused".to_owned(), 2)], "{report}");
+}
+
+#[test]
+fn closing_connections_cleanly_is_not_a_failure() {
+    let server = misbehaving_server();
+    let (code, report) = soak(&format!("http://{server}/close"), &["-c", "2", "-n", "50"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::from(50)), "{report}");
+    // Idle connections closed by the server between requests (here 50 ms apart): the client
+    // sees the close and reconnects.
+    let url = format!("http://{server}/idle-close");
+    let (code, report) = soak(&url, &["-c", "1", "-n", "10", "--rate", "20"]);
+    assert_eq!((code, &report["ok"]), (0, &Value::from(10)), "{report}");
+}
+
+#[test]
+fn requests_over_keepalive_and_without_all_succeed_and_are_timed() {
+    let server = misbehaving_server();
+    for mode in ["--keepalive", "--no-keepalive"] {
+        let (code, report) = soak(&format!("http://{server}/ok"), &["-c", "4", "-n", "200", mode]);
+        assert_eq!(code, 0, "{mode}: {report}");
+        assert_eq!(
+            (report["requests"].as_u64(), report["failed"].as_u64()),
+            (Some(200), Some(0))
+        );
+        assert!(report["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
