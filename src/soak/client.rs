@@ -344,9 +344,11 @@ async fn driven<T>(driver: &mut Driver, work: impl Future<Output = T>) -> T {
     .await
 }
 
+type HyperConnection = hyper::client::conn::http1::Connection<TokioIo<Metered>, Empty<Bytes>>;
+
 struct Driver {
     /// None once the connection has ended.
-    connection: Option<Pin<Box<hyper::client::conn::http1::Connection<TokioIo<Metered>, Empty<Bytes>>>>>,
+    connection: Option<Pin<Box<HyperConnection>>>,
 }
 
 struct Connection {
