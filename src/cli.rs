@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::rehearse::Mode;
+use crate::rehearse::strategy::{Preset, parse_signal};
 use crate::soak::mix::PathMix;
 
 const ABOUT: &str = "Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.";
@@ -136,6 +138,42 @@ EXAMPLES:
   nginx-graceful soak --url http://127.0.0.1:8080/ -c 32 --duration 30s
   nginx-graceful soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json";
 
+const REHEARSE_ABOUT: &str = "\
+Rehearse a Kubernetes rolling termination on this machine, with no cluster, and count every
+request it loses.
+
+Two pods each run the strategy's entrypoint as PID 1 of their own PID namespace, nginx
+listening on their own loopback address (127.0.0.11, 127.0.0.12). A Service imitation on
+127.0.0.10 sends each new connection to one of the current endpoints, as kube-proxy does:
+established connections keep their pod, and a pod that refuses or resets is reset to the
+client, never retried. soak load goes through it in close and keep-alive modes, with a share of
+slow (1 s) requests. Then one pod is terminated in the kubelet's order: its endpoint removal is
+scheduled (--propagation-lag), the preStop hook runs inside the pod and is waited for, the stop
+signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).";
+
+const REHEARSE_AFTER_HELP: &str = "\
+STRATEGIES:
+  nginx-graceful           entrypoint `nginx-graceful run -- nginx`, preStop `nginx-graceful drain`
+  naive                    nginx as PID 1; SIGTERM
+  stopsignal-quit          nginx as PID 1; SIGQUIT as the stop signal (the official image)
+  prestop-quit             preStop `nginx -s quit`; SIGTERM
+  prestop-sleep-quit-wait  preStop `sleep 3; nginx -s quit; while [ -d /proc/$PID ]; do sleep 0.1; done`
+  tini                     `tini -- nginx`; SIGTERM
+  custom                   --entrypoint, --prestop, --stop-signal; @NGINX@ is the nginx command,
+                           @CONFIG@, @PID_FILE@, @POD_DIR@ the pod's files
+
+EXIT CODES:
+  0    no request failed
+  1    at least one request failed (in any strategy, mode or run)
+  2    the rehearsal could not be set up (the reason is printed)
+
+EXAMPLES:
+  nginx-graceful rehearse
+  nginx-graceful rehearse --compare --plot rehearsal.svg
+  nginx-graceful rehearse --compare nginx-graceful,naive --propagation-lag 3s --repeat 10
+  nginx-graceful rehearse --config my-nginx.conf --path-mix '/=80,/api/slow=20'
+  nginx-graceful rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT";
+
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -160,6 +198,9 @@ pub enum Command {
     /// Load an HTTP server and classify every failed request; exit 1 if any failed.
     #[command(long_about = SOAK_ABOUT, after_long_help = SOAK_AFTER_HELP)]
     Soak(SoakArgs),
+    /// Rehearse a Kubernetes rolling termination locally; exit 1 if any request failed.
+    #[command(long_about = REHEARSE_ABOUT, after_long_help = REHEARSE_AFTER_HELP)]
+    Rehearse(RehearseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -392,6 +433,95 @@ pub struct SoakArgs {
     /// A response not complete by then fails as timeout.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RehearseArgs {
+    /// The strategy to rehearse.
+    #[arg(long, value_enum, value_name = "NAME", default_value = "nginx-graceful")]
+    pub strategy: Preset,
+
+    /// Rehearse several strategies with the same settings and print one table: a list like
+    /// nginx-graceful,naive, or every preset but custom when given alone.
+    #[arg(long, value_enum, value_name = "LIST", value_delimiter = ',', num_args = 0..)]
+    pub compare: Option<Vec<Preset>>,
+
+    /// Rehearse each strategy this many times.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub repeat: usize,
+
+    /// How long after the termination starts the pod's endpoint leaves the Service (the time
+    /// kube-proxy, ingresses and load balancers take to hear of it).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub propagation_lag: Duration,
+
+    /// The pod's terminationGracePeriodSeconds: SIGKILL when it is over.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// Your nginx config, with `listen @LISTEN@;` where each pod's address goes and
+    /// @RUNTIME_DIR@ for the pod's own directory (pid file, temp paths, drain snippet)
+    /// [default: nginx-conf/rehearsal.conf, which also serves a 1 s /slow].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The nginx binary.
+    #[arg(long, value_name = "PATH", default_value = "nginx")]
+    pub nginx: String,
+
+    /// Client modes, each its own load through the Service at the same time.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "close,keepalive"
+    )]
+    pub modes: Vec<Mode>,
+
+    /// Connections per mode (slow requests hold theirs for 1 s).
+    #[arg(long, short = 'c', value_name = "N", default_value = "32")]
+    pub concurrency: usize,
+
+    /// Requests per second per mode.
+    #[arg(long, value_name = "R", default_value = "200")]
+    pub rate: f64,
+
+    /// Paths with weights, as for soak.
+    #[arg(long, value_name = "MIX", default_value = "/=90,/slow=10")]
+    pub path_mix: PathMix,
+
+    /// Load before the termination starts.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Load after the pod has exited and its endpoint is gone.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub tail: Duration,
+
+    /// The custom strategy's entrypoint, e.g. 'dumb-init @NGINX@'.
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+
+    /// The custom strategy's preStop command, run inside the pod.
+    #[arg(long, value_name = "CMD")]
+    pub prestop: Option<String>,
+
+    /// The custom strategy's stop signal [default: SIGTERM].
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub stop_signal: Option<nix::sys::signal::Signal>,
+
+    /// Print everything as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Draw requests and failures over time per strategy into an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// Keep the pods' files (configs, logs) here instead of a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

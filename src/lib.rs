@@ -37,6 +37,7 @@ pub mod phase;
 pub mod plan;
 pub mod prestop;
 pub mod reaper;
+pub mod rehearse;
 pub mod reload;
 pub mod runtime_dir;
 pub mod signals;

@@ -126,6 +126,26 @@ impl Reaper {
     }
 }
 
+/// Has the kernel SIGKILL the child when this process dies, so that nothing it started outlives
+/// it (PR_SET_PDEATHSIG). The death signal follows the thread that forks: spawn from the thread
+/// that lives as long as the process.
+pub fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
+    // system calls (prctl, getppid), without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died before prctl: then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 fn reap_all(waiters: &Mutex<HashMap<Pid, oneshot::Sender<Exit>>>) {
     loop {
         let (pid, exit) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {

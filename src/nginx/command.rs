@@ -169,19 +169,7 @@ impl NginxCommand {
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        let supervisor = nix::unistd::getpid();
-        // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
-        // system calls (prctl, getppid), without allocating.
-        unsafe {
-            command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                // The supervisor may have died before prctl: then nobody would kill us.
-                if nix::unistd::getppid() != supervisor {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        crate::reaper::die_with_parent(&mut command);
         let mut child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
         let log = child
             .stderr

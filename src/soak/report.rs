@@ -20,7 +20,7 @@ pub struct Summary {
     pub by_class: BTreeMap<Failure, u64>,
     /// Over the requests that succeeded; None when none did.
     pub latency: Option<Latency>,
-    /// Failures per 100 ms, only buckets with any; times from `origin`.
+    /// Failures per 100 ms by when the client saw them, only buckets with any; times from `origin`.
     pub buckets: Vec<Bucket>,
 }
 
@@ -56,7 +56,9 @@ pub fn summarize(records: &[Record], elapsed: Duration, origin: Duration) -> Sum
             None => latencies.push(record.latency),
             Some(failure) => {
                 *by_class.entry(failure).or_insert(0) += 1;
-                let at = millis_from(record.at, origin);
+                // A failure counts when the client saw it: a slow request cut off at the
+                // termination belongs to the termination, not to when it started.
+                let at = millis_from(record.at + record.latency, origin);
                 let bucket = at.div_euclid(BUCKET.as_millis() as i64) * BUCKET.as_millis() as i64;
                 *buckets.entry(bucket).or_default().entry(failure).or_insert(0) += 1;
             }
@@ -207,15 +209,16 @@ mod tests {
         let records = [
             record(10, 1, None),
             record(950, 1, Some(Failure::Refused)),
-            record(999, 1, Some(Failure::ResetReused)),
-            record(1000, 1, Some(Failure::Refused)),
+            record(900, 98, Some(Failure::ResetReused)),
+            // Started before the origin, failed after it.
+            record(950, 60, Some(Failure::Refused)),
             record(2000, 1, None),
         ];
         let summary = summarize(&records, Duration::from_secs(2), Duration::from_secs(1));
         assert_eq!((summary.requests, summary.failed), (5, 3));
         assert_eq!(summary.by_class[&Failure::Refused], 2);
         let buckets: Vec<(i64, u64)> = summary.buckets.iter().map(|b| (b.at_ms, b.count())).collect();
-        // 950 and 999 ms fall in the bucket 100 ms before the origin; 1000 ms starts the next.
+        // Seen at 951 and 998 ms: the bucket 100 ms before the origin; at 1010 ms: the next.
         assert_eq!(buckets, [(-100, 2), (0, 1)]);
     }
 

@@ -1,0 +1,368 @@
+//! `rehearse`: a Kubernetes rolling termination on one machine. Two pods ([`pod`]) run the
+//! chosen [`strategy`] behind a Service imitation ([`service`]); `soak` load goes through it in
+//! close and keep-alive modes while one pod is terminated in the kubelet's order; every failed
+//! request is reported with its class and its time relative to the termination ([`report`],
+//! [`plot`]).
+
+pub mod plot;
+pub mod pod;
+pub mod pod_config;
+pub mod report;
+pub mod service;
+pub mod strategy;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+
+use crate::cli::RehearseArgs;
+use crate::error::{Error, exit};
+use crate::soak::client::{self, Load, Progress};
+use crate::soak::report::summarize;
+use pod::{HookEnd, Pod, PodExit};
+use report::{Event, EventKind, ModeResult, Rehearsal};
+use service::Service;
+use strategy::{Custom, Preset, Strategy};
+
+/// How the clients use connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Mode {
+    /// A new connection per request (`Connection: close`).
+    Close,
+    /// Connections reused for many requests.
+    Keepalive,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Close => "close",
+            Mode::Keepalive => "keep-alive",
+        }
+    }
+}
+
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
+const POD_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12)];
+/// The pod that is terminated; the other keeps serving.
+const TERMINATED: usize = 0;
+
+pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::Rehearsal(
+            "rehearse makes a PID namespace per pod (unshare --pid), which needs root: run it as root".into(),
+        ));
+    }
+    let presets = presets(&args)?;
+    let template = match &args.config {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            Error::Rehearsal(format!(
+                "cannot read --config {}: {e}: give an nginx config file",
+                path.display()
+            ))
+        })?,
+        None => pod_config::REHEARSAL_CONFIG.to_owned(),
+    };
+    let custom = custom(&args)?;
+    let (work, made_work) = match &args.work_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("nginx-graceful-rehearse-{}", std::process::id())),
+            true,
+        ),
+    };
+    let graceful = std::env::current_exe()
+        .map_err(Error::internal("cannot find this program's path"))?
+        .to_string_lossy()
+        .into_owned();
+    let settings = Settings {
+        args: &args,
+        template,
+        custom,
+        graceful,
+    };
+    let mut rehearsals = Vec::new();
+    let mut outcome = Ok(());
+    'all: for repeat in 1..=args.repeat.max(1) {
+        for &preset in &presets {
+            let dir = work.join(format!("{}-{repeat}", preset.name()));
+            match rehearse(&settings, preset, repeat, dir).await {
+                Ok(rehearsal) => {
+                    if !args.json {
+                        print!("{}", rehearsal.to_text());
+                    }
+                    rehearsals.push(rehearsal);
+                }
+                Err(err) => {
+                    outcome = Err(err);
+                    break 'all;
+                }
+            }
+        }
+    }
+    if made_work && outcome.is_ok() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    outcome?;
+    if args.json {
+        println!("{}", report::to_json(&rehearsals));
+    } else if rehearsals.len() > 1 {
+        print!("\n{}", report::table(&rehearsals));
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(path, &rehearsals)?;
+    }
+    let failed = rehearsals
+        .iter()
+        .any(|r| r.modes.iter().any(|m| m.summary.failed > 0));
+    Ok(if failed { exit::REQUESTS_FAILED } else { exit::OK })
+}
+
+struct Settings<'a> {
+    args: &'a RehearseArgs,
+    template: String,
+    custom: Custom,
+    graceful: String,
+}
+
+fn presets(args: &RehearseArgs) -> Result<Vec<Preset>, Error> {
+    let (mut presets, explicit) = match &args.compare {
+        None => (vec![args.strategy], true),
+        Some(list) if list.is_empty() => (Preset::COMPARED.to_vec(), false),
+        Some(list) => (list.clone(), true),
+    };
+    if presets.contains(&Preset::Tini) && !on_path("tini") {
+        if explicit {
+            return Err(Error::Rehearsal(
+                "the tini strategy needs tini: install it (apt-get install tini) or leave it out".into(),
+            ));
+        }
+        eprintln!("rehearse: tini is not installed: the comparison leaves it out");
+        presets.retain(|p| *p != Preset::Tini);
+    }
+    if presets.contains(&Preset::Custom) && args.entrypoint.is_none() {
+        return Err(Error::Rehearsal(
+            "the custom strategy needs --entrypoint (and --prestop, --stop-signal if it has them)".into(),
+        ));
+    }
+    Ok(presets)
+}
+
+fn custom(args: &RehearseArgs) -> Result<Custom, Error> {
+    let split = |what: &str, s: &str| {
+        shell_words::split(s).map_err(|e| Error::Rehearsal(format!("cannot split {what} `{s}`: {e}")))
+    };
+    Ok(Custom {
+        entrypoint: args
+            .entrypoint
+            .as_deref()
+            .map(|s| split("--entrypoint", s))
+            .transpose()?
+            .unwrap_or_default(),
+        pre_stop: args
+            .prestop
+            .as_deref()
+            .map(|s| split("--prestop", s))
+            .transpose()?,
+        stop_signal: args.stop_signal,
+    })
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Two ports that are free on `ip` at this moment, and different: both are held until both
+/// are known.
+fn free_ports(ip: Ipv4Addr) -> Result<(SocketAddr, SocketAddr), Error> {
+    let bind = || TcpListener::bind((ip, 0)).map_err(Error::internal("cannot find a free port on loopback"));
+    let (first, second) = (bind()?, bind()?);
+    let addr = |l: &TcpListener| {
+        l.local_addr()
+            .map_err(Error::internal("cannot read a bound address"))
+    };
+    Ok((addr(&first)?, addr(&second)?))
+}
+
+/// One rolling termination of one strategy.
+async fn rehearse(
+    settings: &Settings<'_>,
+    preset: Preset,
+    repeat: usize,
+    dir: PathBuf,
+) -> Result<Rehearsal, Error> {
+    let args = settings.args;
+    let mut pods = Vec::new();
+    let mut strategies: Vec<Strategy> = Vec::new();
+    for (i, ip) in POD_IPS.into_iter().enumerate() {
+        let name = format!("pod-{}", (b'a' + i as u8) as char);
+        let pod_dir = dir.join(&name);
+        let (listen, health) = free_ports(ip)?;
+        let files = pod_config::prepare(&pod_dir, listen, health, &settings.template, &args.nginx)?;
+        let chosen = strategy::strategy(
+            preset,
+            &files,
+            &settings.graceful,
+            args.grace_period,
+            &settings.custom,
+        );
+        let pod = Pod::start(&name, listen, &chosen, &pod_dir.join("pod.log")).await?;
+        pods.push(pod);
+        strategies.push(chosen);
+    }
+    // Each pod's commands name its own files: the terminated pod's are the ones that run.
+    let strategy = strategies.swap_remove(TERMINATED);
+    for pod in &pods {
+        pod.wait_serving(Duration::from_secs(15)).await?;
+    }
+    let service = Service::start(
+        SocketAddr::new(IpAddr::V4(SERVICE_IP), 0),
+        pods.iter().map(|p| p.addr).collect(),
+    )
+    .await
+    .map_err(Error::internal(
+        "cannot start the Service imitation on 127.0.0.10",
+    ))?;
+
+    // The load, in each mode, through the Service.
+    let start = Instant::now();
+    let bound = args.warmup + args.grace_period + args.propagation_lag + args.tail + Duration::from_secs(30);
+    let mut loads = Vec::new();
+    for &mode in &args.modes {
+        let load = Arc::new(Load {
+            addr: service.addr(),
+            host: format!("rehearsal.local:{}", service.addr().port()),
+            paths: args.path_mix.clone(),
+            concurrency: args.concurrency.max(1),
+            keepalive: mode == Mode::Keepalive,
+            rate: Some(args.rate).filter(|r| *r > 0.0),
+            requests: None,
+            duration: bound,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+        });
+        let progress = Arc::new(Progress::default());
+        let running = tokio::spawn(client::run(load, start, progress.clone()));
+        loads.push((mode, progress, running));
+    }
+    tokio::time::sleep(args.warmup).await;
+
+    // The kubelet's termination of one pod, beside the endpoint removal it set off.
+    let t0 = Instant::now();
+    let pod = &mut pods[TERMINATED];
+    let mut events = vec![Event::new(
+        start,
+        t0,
+        EventKind::LoadStart,
+        "the load starts".into(),
+    )];
+    events.push(Event::new(
+        t0,
+        t0,
+        EventKind::Terminating,
+        format!(
+            "{} is terminating; its endpoint goes in {:?}",
+            pod.name, args.propagation_lag
+        ),
+    ));
+    let removal = service.remove_after(pod.addr, args.propagation_lag);
+    let removed = async {
+        let _ = removal.await;
+        Instant::now()
+    };
+    let (kubelet, removed_at) = tokio::join!(terminate(pod, &strategy, args.grace_period, t0), removed);
+    let (exit, exited_at, kubelet_events) = kubelet?;
+    events.extend(kubelet_events);
+    events.push(Event::new(
+        removed_at,
+        t0,
+        EventKind::EndpointRemoved,
+        "endpoint removed from the Service".into(),
+    ));
+    events.sort_by_key(|e| e.at_ms);
+
+    // Requests keep coming until the removal has reached everyone, and a little after.
+    tokio::time::sleep_until((exited_at.max(removed_at) + args.tail).into()).await;
+    for (_, progress, _) in &loads {
+        progress.stop();
+    }
+    let mut modes = Vec::new();
+    let origin = t0 - start;
+    for (mode, _, running) in loads {
+        let records = running.await.unwrap_or_default();
+        let summary = summarize(&records, start.elapsed(), origin);
+        modes.push(ModeResult::new(mode, summary, &records, origin));
+    }
+    drop(pods);
+    Ok(Rehearsal {
+        strategy: strategy.name,
+        repeat,
+        lag: args.propagation_lag,
+        grace: args.grace_period,
+        modes,
+        events,
+        exit,
+        exit_after: exited_at - t0,
+    })
+}
+
+/// The kubelet's order: preStop (blocking, within the grace period), the stop signal to PID 1,
+/// SIGKILL when the grace period is over. Returns how and when the pod exited.
+async fn terminate(
+    pod: &mut Pod,
+    strategy: &Strategy,
+    grace: Duration,
+    t0: Instant,
+) -> Result<(PodExit, Instant, Vec<Event>), Error> {
+    let mut events = Vec::new();
+    let deadline = t0 + grace;
+    if let Some(hook) = &strategy.pre_stop {
+        events.push(Event::new(
+            Instant::now(),
+            t0,
+            EventKind::PreStop,
+            format!("preStop: {}", hook.join(" ")),
+        ));
+        let code = pod.exec(hook, grace).await?;
+        let detail = match code {
+            HookEnd::Exited(code) => format!("preStop exited {code}"),
+            // The kernel ends every process of a PID namespace whose PID 1 has exited.
+            HookEnd::Killed(signal) => {
+                format!("preStop ended by signal {signal} (the pod's PID 1 had exited)")
+            }
+            HookEnd::TimedOut => "preStop killed at the grace period".to_owned(),
+        };
+        events.push(Event::new(Instant::now(), t0, EventKind::PreStopDone, detail));
+    }
+    let signal = strategy.stop_signal;
+    pod.signal(signal);
+    events.push(Event::new(
+        Instant::now(),
+        t0,
+        EventKind::StopSignal,
+        format!("{signal} to PID 1"),
+    ));
+    // A preStop hook that used up the grace period leaves 2 s, as the kubelet gives.
+    let kill_at = deadline.max(Instant::now() + Duration::from_secs(2));
+    tokio::select! {
+        _ = pod.exited() => {}
+        _ = tokio::time::sleep_until(kill_at.into()) => {
+            pod.kill();
+            events.push(Event::new(Instant::now(), t0, EventKind::Killed, "SIGKILL: the grace period is over".into()));
+            pod.exited().await;
+        }
+    }
+    let exited_at = Instant::now();
+    let exit = pod.exit().await;
+    events.push(Event::new(
+        exited_at,
+        t0,
+        EventKind::Exited,
+        format!("{}: {exit}", pod.name),
+    ));
+    Ok((exit, exited_at, events))
+}
