@@ -16,6 +16,7 @@ use super::strategy::Strategy;
 use crate::error::Error;
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree::ProcessTable;
+use crate::soak::client::probe;
 
 pub struct Pod {
     pub name: String,
@@ -90,11 +91,15 @@ impl Pod {
         })
     }
 
-    /// Waits until the pod accepts connections; fails early when the pod exits instead.
+    /// Waits until the pod answers HTTP on `/`; fails early when the pod exits instead. A
+    /// connect alone proves nothing: `nginx -t`, run before nginx starts, listens for a moment.
     pub async fn wait_serving(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            if probe(self.addr, "/", Duration::from_secs(1))
+                .await
+                .is_ok_and(|status| status < 500)
+            {
                 return Ok(());
             }
             if !self.pid1.is_alive() || Instant::now() > deadline {

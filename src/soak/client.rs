@@ -181,6 +181,27 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
     records
 }
 
+/// One GET of `path` on a new connection: the status, or how it failed. For readiness checks,
+/// where a successful connect proves little (`nginx -t` listens for a moment, for one).
+pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, Failure> {
+    let load = Load {
+        addr,
+        host: addr.to_string(),
+        paths: PathMix::single(path),
+        concurrency: 1,
+        keepalive: false,
+        rate: None,
+        requests: Some(1),
+        duration: timeout,
+        connect_timeout: timeout,
+        response_timeout: timeout,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    request(&load, &Prepared::new(&load), &mut None, 0, deadline)
+        .await
+        .0
+}
+
 /// One request: on the worker's open connection when it is still usable, else on a new one.
 /// Returns the status or the failure, and whether the connection was reused.
 async fn request(
