@@ -1,0 +1,138 @@
+//! Is `soak` ever the bottleneck? Its keep-alive rate against the bundled nginx on loopback,
+//! beside `wrk -t2 -c32` on the same machine in the same run, rounds alternating; and the CPU
+//! each load generator spends per request (rusage of the finished child).
+//!
+//! `cargo bench --bench soak`; BENCH_ROUNDS (default 5) and BENCH_SECS (default 5) change the
+//! effort. Needs wrk (apt-get install wrk).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "exits.rs"]
+mod exits;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Supervisor, TempDir, free_port, wait_until};
+
+/// CPU time (user + system) of every child waited for so far, in ms.
+fn children_cpu_ms() -> f64 {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    ms(usage.user_time()) + ms(usage.system_time())
+}
+
+/// Runs a load generator to its end: (requests per second, CPU µs per request).
+fn measure(argv: &[String], parse: fn(&str) -> Option<(f64, f64)>) -> (f64, f64) {
+    let before = children_cpu_ms();
+    let output = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let cpu_ms = children_cpu_ms() - before;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (requests, secs) =
+        parse(&text).unwrap_or_else(|| panic!("cannot read the output of {argv:?}:\n{text}"));
+    (requests / secs, cpu_ms * 1e3 / requests)
+}
+
+/// wrk's "N requests in 5.00s".
+fn wrk_output(text: &str) -> Option<(f64, f64)> {
+    let line = text.lines().find(|l| l.contains(" requests in "))?;
+    let mut words = line.split_whitespace();
+    let requests = words.next()?.parse().ok()?;
+    let secs = words
+        .nth(2)?
+        .trim_end_matches(',')
+        .trim_end_matches('s')
+        .parse()
+        .ok()?;
+    Some((requests, secs))
+}
+
+fn soak_output(text: &str) -> Option<(f64, f64)> {
+    let report: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    assert_eq!(report["failed"], 0, "soak saw failures: {report}");
+    Some((report["requests"].as_f64()?, report["elapsed_s"].as_f64()?))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    exits::percentile(values, 0.5)
+}
+
+fn main() {
+    let rounds = exits::env_or("BENCH_ROUNDS", 5);
+    let secs = exits::env_or("BENCH_SECS", 5);
+    let runtime = TempDir::new("bench-soak");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut supervisor = Supervisor::start(
+        &[
+            "run",
+            "--listen",
+            &addr,
+            "--health-listen",
+            "off",
+            "--propagation-delay",
+            "0s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--runtime-dir".into(), runtime.0.display().to_string()])
+        .collect::<Vec<_>>(),
+    );
+    wait_until("nginx to serve", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let url = format!("http://{addr}/");
+    let wrk: Vec<String> = ["wrk", "-t2", "-c32", &format!("-d{secs}s"), &url]
+        .map(String::from)
+        .into();
+    let soak: Vec<String> = [
+        common::BIN,
+        "soak",
+        "--url",
+        &url,
+        "-c",
+        "32",
+        "--duration",
+        &format!("{secs}s"),
+        "--json",
+    ]
+    .map(String::from)
+    .into();
+
+    let (mut wrk_rates, mut wrk_cpu, mut soak_rates, mut soak_cpu) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        // Alternate who goes first, so that drift over the run weighs on both alike.
+        for first in [round % 2 == 0, round % 2 != 0] {
+            if first {
+                let (rate, cpu) = measure(&wrk, wrk_output);
+                wrk_rates.push(rate);
+                wrk_cpu.push(cpu);
+            } else {
+                let (rate, cpu) = measure(&soak, soak_output);
+                soak_rates.push(rate);
+                soak_cpu.push(cpu);
+            }
+        }
+    }
+    supervisor.signal(libc::SIGTERM);
+    supervisor.wait_exit(Duration::from_secs(10));
+
+    let (wrk_rate, soak_rate) = (median(&mut wrk_rates), median(&mut soak_rates));
+    println!(
+        "| load generator (32 keep-alive connections, {secs} s, {rounds} rounds) | requests/s median | CPU per request median |"
+    );
+    println!("|---|---|---|");
+    println!(
+        "| wrk -t2 -c32 | {wrk_rate:.0} | {:.1} µs |",
+        median(&mut wrk_cpu)
+    );
+    println!(
+        "| nginx-graceful soak -c 32 | {soak_rate:.0} | {:.1} µs |",
+        median(&mut soak_cpu)
+    );
+    println!("\nsoak / wrk: {:.2}", soak_rate / wrk_rate);
+}

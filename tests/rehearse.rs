@@ -1,0 +1,164 @@
+//! `rehearse` end to end (real nginx in PID namespaces, real signals, the Service imitation),
+//! and the Service imitation on its own: it must behave as kube-proxy does, or the rehearsal
+//! proves nothing.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, free_port};
+use nginx_graceful::rehearse::service::Service;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[test]
+fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
+    // A short rehearsal: the nginx-graceful pods take a 2 s propagation delay from the
+    // environment they inherit, against the Service's 1 s lag.
+    let output = Command::new(BIN)
+        .args(["rehearse", "--compare", "nginx-graceful,naive", "--json"])
+        .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
+        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "2s")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    let [graceful, naive] = report["rehearsals"].as_array().unwrap().as_slice() else {
+        panic!("two rehearsals: {report}");
+    };
+
+    assert_eq!(graceful["strategy"], "nginx-graceful");
+    for mode in ["close", "keep-alive"] {
+        let summary = &graceful["modes"][mode];
+        assert_eq!(summary["failed"], 0, "{mode}: {summary}");
+        assert!(summary["requests"].as_u64().unwrap() > 300, "{mode}: {summary}");
+    }
+    let events: Vec<&str> = graceful["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "load",
+            "terminating",
+            "preStop",
+            "endpoint removed",
+            "preStop done",
+            "stop signal",
+            "exited"
+        ],
+        "{graceful}"
+    );
+    assert_eq!(graceful["exit"], "exit 0");
+    let exit_after = graceful["exit_after_ms"].as_u64().unwrap();
+    assert!((2000..8000).contains(&exit_after), "drained in {exit_after} ms");
+
+    // The rehearsal sees what the fast shutdown does: requests lost, in the close mode at least.
+    assert_eq!(naive["strategy"], "naive");
+    assert!(naive["modes"]["close"]["failed"].as_u64().unwrap() > 0, "{naive}");
+    assert_eq!(output.status.code(), Some(1), "a failed request fails the run");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A backend that echoes what it reads, or resets every connection after its first read.
+async fn backend(reset_after_read: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if reset_after_read {
+                        let _ = rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO));
+                        return;
+                    }
+                    let _ = stream.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one byte and reads what comes back: Ok(true) for the echo, Ok(false) for EOF.
+async fn echo(stream: &mut TcpStream) -> std::io::Result<bool> {
+    stream.write_all(b"x").await?;
+    let mut buf = [0u8; 1];
+    Ok(stream.read(&mut buf).await? == 1)
+}
+
+async fn reset_kind(stream: &mut TcpStream) -> ErrorKind {
+    match echo(stream).await {
+        Err(e) => e.kind(),
+        Ok(answered) => panic!(
+            "expected a reset, got {}",
+            if answered { "an answer" } else { "EOF" }
+        ),
+    }
+}
+
+#[test]
+fn the_service_moves_only_new_connections_and_only_after_the_lag() {
+    runtime().block_on(async {
+        let endpoint = backend(false).await;
+        let service = Service::start("127.0.0.1:0".parse().unwrap(), vec![endpoint])
+            .await
+            .unwrap();
+        let mut established = TcpStream::connect(service.addr()).await.unwrap();
+        assert!(echo(&mut established).await.unwrap());
+
+        let removal = service.remove_after(endpoint, Duration::from_millis(300));
+        // Within the lag, new connections still reach the endpoint being removed.
+        let mut early = TcpStream::connect(service.addr()).await.unwrap();
+        assert!(echo(&mut early).await.unwrap());
+        removal.await.unwrap();
+
+        // After it, a new connection has no endpoint: reset, as kube-proxy's REJECT does.
+        let mut late = TcpStream::connect(service.addr()).await.unwrap();
+        assert_eq!(reset_kind(&mut late).await, ErrorKind::ConnectionReset);
+        // Established connections keep their backend (conntrack).
+        assert!(echo(&mut established).await.unwrap());
+        assert!(echo(&mut early).await.unwrap());
+    });
+}
+
+#[test]
+fn a_refusing_or_resetting_pod_is_a_reset_for_the_client_never_a_retry() {
+    runtime().block_on(async {
+        let refusing: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let healthy = backend(false).await;
+        // Round robin: the first connection goes to the refusing pod, and is not retried on
+        // the healthy one.
+        let service = Service::start("127.0.0.1:0".parse().unwrap(), vec![refusing, healthy])
+            .await
+            .unwrap();
+        let mut first = TcpStream::connect(service.addr()).await.unwrap();
+        assert_eq!(reset_kind(&mut first).await, ErrorKind::ConnectionReset);
+        let mut second = TcpStream::connect(service.addr()).await.unwrap();
+        assert!(echo(&mut second).await.unwrap());
+
+        let resetting = backend(true).await;
+        let service = Service::start("127.0.0.1:0".parse().unwrap(), vec![resetting])
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(service.addr()).await.unwrap();
+        assert_eq!(reset_kind(&mut client).await, ErrorKind::ConnectionReset);
+    });
+}
