@@ -23,6 +23,11 @@
 //! 5. [`reaper`]: as PID 1 or child subreaper, reaps every zombie and hands exit statuses to
 //!    whoever spawned the process.
 //! 6. `main` maps the outcome or the [`error::Error`] to one exit code and one line.
+//!
+//! Beside the supervisor, two commands prove it: [`soak`] loads a server and classifies every
+//! failed request; [`rehearse`] plays a Kubernetes rolling termination on one machine (pods as
+//! PID namespaces, a kube-proxy-like Service, the kubelet's order) for this project's strategy
+//! and the common recipes.
 
 pub mod cli;
 pub mod control;
