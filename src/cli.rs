@@ -441,9 +441,16 @@ pub struct RehearseArgs {
     #[arg(long, value_enum, value_name = "NAME", default_value = "nginx-graceful")]
     pub strategy: Preset,
 
-    /// Rehearse several strategies with the same settings and print one table: a list like
-    /// nginx-graceful,naive, or every preset but custom when given alone.
-    #[arg(long, value_enum, value_name = "LIST", value_delimiter = ',', num_args = 0..)]
+    /// Rehearse several strategies with the same settings and print one table: a list of the
+    /// strategies above like nginx-graceful,naive, or every one but custom when given alone.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "LIST",
+        value_delimiter = ',',
+        num_args = 0..,
+        hide_possible_values = true
+    )]
     pub compare: Option<Vec<Preset>>,
 
     /// Rehearse each strategy this many times.
