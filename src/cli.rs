@@ -612,8 +612,9 @@ mod tests {
     #[test]
     fn every_option_has_an_environment_variable() {
         let cmd = Cli::command();
-        // The commands a container runs; soak and rehearse are run by hand and take flags only,
-        // so that a pod's NGINX_GRACEFUL_* settings never change a rehearsal.
+        // The commands a container runs. soak and rehearse are run by hand and take flags only,
+        // so that NGINX_GRACEFUL_* variables meant for a supervisor never change their own
+        // settings (the nginx-graceful pods of a rehearsal do read them, as a supervisor would).
         let subcommands = cmd
             .get_subcommands()
             .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))

@@ -68,15 +68,19 @@ impl RuntimeDir {
             path: self.path.clone(),
             source,
         };
-        let dir = self.path.to_string_lossy();
-        let config = BUNDLED_CONFIG
-            .replace("@RUNTIME_DIR@", &dir)
-            .replace("@LISTEN@", listen);
+        let config = render_config(BUNDLED_CONFIG, listen, &self.path);
         let config_path = self.path.join("nginx.conf");
         std::fs::write(&config_path, config).map_err(fail)?;
         std::fs::write(self.path.join("graceful-drain.conf"), self.flag().snippet()).map_err(fail)?;
         Ok(config_path)
     }
+}
+
+/// A shipped config template with its address and runtime directory filled in.
+pub fn render_config(template: &str, listen: &str, dir: &Path) -> String {
+    template
+        .replace("@RUNTIME_DIR@", &dir.to_string_lossy())
+        .replace("@LISTEN@", listen)
 }
 
 const OUTCOME_FILE: &str = "drain-outcome.json";

@@ -172,15 +172,29 @@ fn closing_connections_cleanly_is_not_a_failure() {
 }
 
 #[test]
-fn requests_over_keepalive_and_without_all_succeed_and_are_timed() {
+fn keepalive_reuses_connections_and_no_keepalive_never_does() {
     let server = misbehaving_server();
-    for mode in ["--keepalive", "--no-keepalive"] {
-        let (code, report) = soak(&format!("http://{server}/ok"), &["-c", "4", "-n", "200", mode]);
+    let dir = common::TempDir::new("soak-timeline");
+    let timeline = dir.0.join("timeline.csv");
+    let timeline_arg = timeline.to_str().unwrap();
+    // (mode, requests sent on a reused connection): 4 connections carry the 200 requests, all
+    // but the first on each (a worker that starts late may carry none).
+    for (mode, reused) in [("--keepalive", 196..=200), ("--no-keepalive", 0..=0)] {
+        let args = ["-c", "4", "-n", "200", mode, "--timeline", timeline_arg];
+        let (code, report) = soak(&format!("http://{server}/ok"), &args);
         assert_eq!(code, 0, "{mode}: {report}");
         assert_eq!(
             (report["requests"].as_u64(), report["failed"].as_u64()),
             (Some(200), Some(0))
         );
-        assert!(report["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{report}");
+        let csv = std::fs::read_to_string(&timeline).unwrap();
+        let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+        assert_eq!(rows.len(), 200);
+        assert!(rows.iter().all(|r| r[4] == "200" && r[5] == "ok"), "{mode}");
+        let on_reused = rows.iter().filter(|r| r[3] == "true").count();
+        assert!(
+            reused.contains(&on_reused),
+            "{mode}: {on_reused} requests on a reused connection"
+        );
     }
 }

@@ -327,14 +327,14 @@ async fn terminate(
             EventKind::PreStop,
             format!("preStop: {}", hook.join(" ")),
         ));
-        let code = pod.exec(hook, grace).await?;
+        let code = pod.exec(hook, deadline).await?;
         let detail = match code {
             HookEnd::Exited(code) => format!("preStop exited {code}"),
             // The kernel ends every process of a PID namespace whose PID 1 has exited.
             HookEnd::Killed(signal) => {
                 format!("preStop ended by signal {signal} (the pod's PID 1 had exited)")
             }
-            HookEnd::TimedOut => "preStop killed at the grace period".to_owned(),
+            HookEnd::TimedOut => "preStop still running at the end of the grace period".to_owned(),
         };
         events.push(Event::new(Instant::now(), t0, EventKind::PreStopDone, detail));
     }

@@ -79,8 +79,10 @@ impl Pod {
             ),
             _ => Error::internal("cannot start unshare")(e),
         })?;
-        let parent = unshare.id().unwrap_or(0) as i32;
-        let pid1 = find_pid1(parent, log).await?;
+        let parent = unshare
+            .id()
+            .ok_or_else(|| Error::Rehearsal("unshare exited as soon as it started".into()))?;
+        let pid1 = find_pid1(parent as i32, log).await?;
         Ok(Pod {
             name: name.to_owned(),
             addr,
@@ -149,8 +151,9 @@ impl Pod {
     }
 
     /// Runs `hook` inside the pod's PID and mount namespaces, as the kubelet runs an exec hook,
-    /// and waits for it, at most `timeout`.
-    pub async fn exec(&self, hook: &[String], timeout: Duration) -> Result<HookEnd, Error> {
+    /// and waits for it until `deadline`. Past it the waiting ends, as the kubelet's does; the
+    /// hook itself goes on inside the pod until the pod dies.
+    pub async fn exec(&self, hook: &[String], deadline: Instant) -> Result<HookEnd, Error> {
         let output = File::options()
             .append(true)
             .open(&self.log)
@@ -170,7 +173,7 @@ impl Pod {
             .kill_on_drop(true);
         crate::reaper::die_with_parent(command.as_std_mut());
         let mut child = command.spawn().map_err(Error::internal("cannot start nsenter"))?;
-        match tokio::time::timeout(timeout, child.wait()).await {
+        match tokio::time::timeout_at(deadline.into(), child.wait()).await {
             Ok(Ok(status)) => {
                 use std::os::unix::process::ExitStatusExt;
                 Ok(match (status.code(), status.signal()) {

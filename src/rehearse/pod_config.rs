@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::strategy::PodFiles;
 use crate::error::Error;
 use crate::keepalive::KeepAliveFlag;
+use crate::runtime_dir::render_config;
 
 /// The config each pod runs when the user gives none.
 pub const REHEARSAL_CONFIG: &str = include_str!("../../nginx-conf/rehearsal.conf");
@@ -57,7 +58,7 @@ pub fn prepare(
         pid_file,
         health,
         nginx_bin: nginx.into(),
-        nginx_globals: Some(globals),
+        nginx_globals: globals,
     })
 }
 
@@ -70,9 +71,7 @@ pub fn render(template: &str, listen: SocketAddr, dir: &Path) -> Result<String, 
                 .into(),
         ));
     }
-    Ok(template
-        .replace("@LISTEN@", &listen.to_string())
-        .replace("@RUNTIME_DIR@", &dir.to_string_lossy()))
+    Ok(render_config(template, &listen.to_string(), dir))
 }
 
 /// The path of a `pid` directive at the start of a line, if the config has one.

@@ -64,7 +64,7 @@ pub struct PodFiles {
     /// The nginx binary alone, for `nginx -s quit`.
     pub nginx_bin: String,
     /// The `-g` directives the nginx command passes, repeated by `nginx -s quit`.
-    pub nginx_globals: Option<String>,
+    pub nginx_globals: String,
 }
 
 /// The commands from --entrypoint, --prestop and --stop-signal.
@@ -96,11 +96,15 @@ pub fn strategy(
     let dir = pod.dir.to_string_lossy().into_owned();
     let pid_file = pod.pid_file.to_string_lossy().into_owned();
     let config = pod.config.to_string_lossy().into_owned();
-    let mut quit = vec![pod.nginx_bin.clone(), "-c".into(), config.clone()];
-    if let Some(globals) = &pod.nginx_globals {
-        quit.extend(["-g".into(), globals.clone()]);
-    }
-    quit.extend(["-s".into(), "quit".into()]);
+    let quit: Vec<String> = vec![
+        pod.nginx_bin.clone(),
+        "-c".into(),
+        config.clone(),
+        "-g".into(),
+        pod.nginx_globals.clone(),
+        "-s".into(),
+        "quit".into(),
+    ];
     let (entrypoint, pre_stop, stop_signal) = match preset {
         Preset::NginxGraceful => {
             let mut run: Vec<String> = [graceful, "run", "--runtime-dir", &dir, "--grace-period", &grace]
@@ -201,7 +205,7 @@ mod tests {
                 .map(String::from)
                 .into(),
             nginx_bin: "nginx".into(),
-            nginx_globals: Some("daemon off;".into()),
+            nginx_globals: "daemon off;".into(),
         }
     }
 

@@ -87,8 +87,7 @@ pub fn connect_failure(kind: ErrorKind) -> Failure {
     match kind {
         ErrorKind::ConnectionRefused => Failure::Refused,
         ErrorKind::TimedOut => Failure::ConnectTimeout,
-        // A proxy that accepts and then cannot reach its backend resets at once; some kernels
-        // report that on connect itself.
+        // A reset that arrives before the connect has completed.
         ErrorKind::ConnectionReset => Failure::ResetNew,
         _ => Failure::ConnectError,
     }

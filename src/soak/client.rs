@@ -64,6 +64,8 @@ pub struct Progress {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
     stop: AtomicBool,
+    /// Wakes workers that wait for their rate slot.
+    stopped: tokio::sync::Notify,
     slots: AtomicU64,
 }
 
@@ -71,11 +73,16 @@ impl Progress {
     /// Workers start no new request; those in flight finish (within the response timeout).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.stopped.notify_waiters();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 }
 
-/// A worker that fails to connect waits this long before its next request, so that a target
-/// that is down is not hammered in a tight loop. Counted requests stay comparable between runs.
+/// A worker whose request fails without any response (refused, reset, timed out) waits this
+/// long before its next one, so that a target that is down is not hammered in a tight loop.
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(10);
 
 /// Runs the load to its end and returns every request, ordered by start.
@@ -107,20 +114,27 @@ pub async fn run(load: Arc<Load>, start: Instant, progress: Arc<Progress>) -> Ve
                         .collect();
                     let mut records = Vec::new();
                     for worker in workers {
-                        records.extend(worker.await.unwrap_or_default());
+                        records.extend(worker.await.expect("a load worker panicked"));
                     }
                     records
                 }),
-                Err(_) => Vec::new(),
+                Err(e) => panic!("cannot start a load thread's runtime: {e}"),
             };
             let _ = done.send(records);
         });
     }
     drop(done);
     let mut records = Vec::new();
+    let mut parts = 0;
     while let Some(part) = finished.recv().await {
+        parts += 1;
         records.extend(part);
     }
+    // Never a report that silently lacks a thread's requests.
+    assert_eq!(
+        parts, threads,
+        "a load thread failed: its requests would be missing"
+    );
     records.sort_by_key(|r| r.at);
     records
 }
@@ -133,7 +147,7 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
     let prepared = Prepared::new(&load);
     loop {
         let now = Instant::now();
-        if progress.stop.load(Ordering::Relaxed) || now >= end {
+        if progress.is_stopped() || now >= end {
             break;
         }
         // The shared count of requests started, only where a bound or a rate needs it.
@@ -150,7 +164,14 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
             if due >= end {
                 break;
             }
-            tokio::time::sleep_until(due.into()).await;
+            let stopped = progress.stopped.notified();
+            if progress.is_stopped() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = stopped => break,
+            }
         }
         let path = load.paths.pick(&mut pick);
         let began = if load.rate.is_some() { Instant::now() } else { now };
@@ -215,13 +236,15 @@ async fn request(
     // gives way to a new one. Nothing was sent, so that is not a retry.
     for _ in 0..2 {
         let reused = connection.is_some();
-        // A connection the server closed while idle is dropped here when hyper has already
-        // seen the close; otherwise the request comes back unsent from try_send_request below.
-        if let Some(open) = connection.as_ref()
-            && (open.driver.connection.is_none() || open.sender.is_closed())
-        {
-            *connection = None;
-            continue;
+        // A connection the server closed while idle is dropped here when hyper has seen the
+        // close; if the close comes later, the request comes back unsent from try_send_request.
+        if let Some(open) = connection.as_mut() {
+            let usable = open.driver.connection.is_some()
+                && (open.sender.is_ready() || driven(&mut open.driver, open.sender.ready()).await.is_ok());
+            if !usable {
+                *connection = None;
+                continue;
+            }
         }
         if connection.is_none() {
             match Connection::open(load).await {
@@ -271,9 +294,7 @@ async fn request(
         *connection = None;
         return (Err(outcome), reused);
     }
-    // Two connections in a row closed before the request went out: the server closes new
-    // connections without answering.
-    (Err(Failure::Eof), true)
+    unreachable!("the second attempt is on a new connection, which never hands a request back unsent")
 }
 
 /// What every request shares, parsed once per worker instead of once per request.
