@@ -60,19 +60,10 @@ impl Pod {
     /// Starts the pod's entrypoint as PID 1 of a new PID namespace; output goes to `log`.
     pub async fn start(name: &str, addr: SocketAddr, strategy: &Strategy, log: &Path) -> Result<Pod, Error> {
         let output = File::create(log).map_err(Error::internal("cannot create a pod's log file"))?;
-        let mut command = Command::new("unshare");
+        let mut command = logged_command("unshare", output)?;
         command
             .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", "--"])
-            .args(&strategy.entrypoint)
-            .stdin(Stdio::null())
-            .stdout(
-                output
-                    .try_clone()
-                    .map_err(Error::internal("cannot share a pod's log file"))?,
-            )
-            .stderr(output)
-            .kill_on_drop(true);
-        crate::reaper::die_with_parent(command.as_std_mut());
+            .args(&strategy.entrypoint);
         let unshare = command.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Rehearsal(
                 "unshare not found: install util-linux (a pod is a PID namespace made by unshare)".into(),
@@ -159,19 +150,10 @@ impl Pod {
             .open(&self.log)
             .map_err(Error::internal("cannot open a pod's log file"))?;
         let target = self.pid1.pid().to_string();
-        let mut command = Command::new("nsenter");
+        let mut command = logged_command("nsenter", output)?;
         command
             .args(["--target", &target, "--pid", "--mount", "--"])
-            .args(hook)
-            .stdin(Stdio::null())
-            .stdout(
-                output
-                    .try_clone()
-                    .map_err(Error::internal("cannot share a pod's log file"))?,
-            )
-            .stderr(output)
-            .kill_on_drop(true);
-        crate::reaper::die_with_parent(command.as_std_mut());
+            .args(hook);
         let mut child = command.spawn().map_err(Error::internal("cannot start nsenter"))?;
         match tokio::time::timeout_at(deadline.into(), child.wait()).await {
             Ok(Ok(status)) => {
@@ -201,6 +183,21 @@ impl Drop for Pod {
         // The namespace dies with its PID 1, and every process in it.
         self.pid1.signal(Signal::SIGKILL);
     }
+}
+
+/// A command with no input and its output in the pod's log, killed when this process dies.
+fn logged_command(program: &str, log: File) -> Result<Command, Error> {
+    let mut command = Command::new(program);
+    let stdout = log
+        .try_clone()
+        .map_err(Error::internal("cannot share a pod's log file"))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(log)
+        .kill_on_drop(true);
+    crate::reaper::die_with_parent(command.as_std_mut());
+    Ok(command)
 }
 
 /// PID 1 of the new namespace: the one child of `unshare`. Nothing announces the fork, so
