@@ -162,3 +162,70 @@ fn a_refusing_or_resetting_pod_is_a_reset_for_the_client_never_a_retry() {
         assert_eq!(reset_kind(&mut client).await, ErrorKind::ConnectionReset);
     });
 }
+
+#[test]
+fn a_custom_strategy_runs_the_users_config_and_commands() {
+    let dir = common::TempDir::new("rehearse-custom");
+    // The user's own config: the rehearsal config with another response, to see it is used.
+    let config = nginx_graceful::rehearse::pod_config::REHEARSAL_CONFIG
+        .replace("nginx-graceful: nginx is serving", "served by the user's config");
+    let config_path = dir.0.join("my-nginx.conf");
+    std::fs::write(&config_path, config).unwrap();
+    let work = dir.0.join("work");
+    let output = Command::new(BIN)
+        .args([
+            "rehearse",
+            "--strategy",
+            "custom",
+            "--entrypoint",
+            "@NGINX@",
+            "--stop-signal",
+            "QUIT",
+        ])
+        .args([
+            "--config",
+            config_path.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+        ])
+        .args([
+            "--modes", "close", "--warmup", "500ms", "--tail", "200ms", "--json",
+        ])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    let run = &report["rehearsals"][0];
+    assert_eq!(run["strategy"], "custom");
+    let events: Vec<&str> = run["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    assert!(events.contains(&"SIGQUIT to PID 1"), "{events:?}");
+    // nginx as PID 1 quitting at once: new connections meet closed listeners until the lag is over.
+    assert!(
+        run["modes"]["close"]["failures"]["reset-new"].as_u64().unwrap() > 0,
+        "{run}"
+    );
+    let pod_config = std::fs::read_to_string(work.join("custom-1/pod-a/nginx.conf")).unwrap();
+    assert!(pod_config.contains("served by the user's config") && pod_config.contains("listen 127.0.0.11:"));
+}
+
+#[test]
+fn a_config_without_a_listen_placeholder_is_refused_before_anything_starts() {
+    let dir = common::TempDir::new("rehearse-bad-config");
+    let config_path = dir.0.join("nginx.conf");
+    std::fs::write(&config_path, "events {}\nhttp { server { listen 8080; } }\n").unwrap();
+    let output = Command::new(BIN)
+        .args(["rehearse", "--config", config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no @LISTEN@") && stderr.contains("listen @LISTEN@;"),
+        "{stderr}"
+    );
+}

@@ -103,7 +103,12 @@ pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
             }
         }
     }
-    if made_work && outcome.is_ok() {
+    if outcome.is_err() {
+        eprintln!(
+            "rehearse: the pods' files and logs are kept in {}",
+            work.display()
+        );
+    } else if made_work {
         let _ = std::fs::remove_dir_all(&work);
     }
     outcome?;
