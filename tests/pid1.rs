@@ -57,8 +57,11 @@ fn nginx_dies_with_a_killed_pid1() {
     let site = Site::new();
     let mut supervisor = Supervisor::start_as_pid1(&site.run_args(&[]));
     supervisor.wait_serving(&site);
+    // The master forks its second worker a moment after the first one answers.
+    common::wait_until("the master and its 2 workers", 5 * SECONDS, || {
+        supervisor.descendants().len() == 3
+    });
     let nginx = supervisor.descendants();
-    assert_eq!(nginx.len(), 3);
     supervisor.signal(9);
     // The kernel ends a PID namespace with its PID 1: nothing of it outlives the supervisor.
     supervisor.wait_exit(10 * SECONDS);

@@ -345,11 +345,12 @@ impl Supervisor {
         supervisor
     }
 
-    /// Waits until nginx has started and accepts connections on `site`.
+    /// Waits until nginx has started and answers HTTP on `site`: a connect alone may reach
+    /// the master before it has forked its workers.
     pub fn wait_serving(&self, site: &Site) {
         self.log.wait_phase("serving", Duration::from_secs(10));
-        wait_until("nginx to accept connections", Duration::from_secs(10), || {
-            site.serves()
+        wait_until("nginx to answer HTTP", Duration::from_secs(10), || {
+            site.serves() && http::get(site.addr(), "/").is_ok()
         });
     }
 
