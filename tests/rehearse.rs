@@ -218,8 +218,10 @@ fn a_config_without_a_listen_placeholder_is_refused_before_anything_starts() {
     let dir = common::TempDir::new("rehearse-bad-config");
     let config_path = dir.0.join("nginx.conf");
     std::fs::write(&config_path, "events {}\nhttp { server { listen 8080; } }\n").unwrap();
+    let work = dir.0.join("work");
     let output = Command::new(BIN)
         .args(["rehearse", "--config", config_path.to_str().unwrap()])
+        .args(["--work-dir", work.to_str().unwrap()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -228,4 +230,5 @@ fn a_config_without_a_listen_placeholder_is_refused_before_anything_starts() {
         stderr.contains("no @LISTEN@") && stderr.contains("listen @LISTEN@;"),
         "{stderr}"
     );
+    assert!(!work.exists(), "nothing was started, nor written");
 }

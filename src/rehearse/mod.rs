@@ -66,6 +66,7 @@ pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
         })?,
         None => pod_config::REHEARSAL_CONFIG.to_owned(),
     };
+    pod_config::check(&template)?;
     let custom = custom(&args)?;
     let (work, made_work) = match &args.work_dir {
         Some(dir) => (dir.clone(), false),

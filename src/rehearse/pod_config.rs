@@ -28,8 +28,8 @@ pub fn prepare(
         std::fs::write(&path, contents).map_err(Error::internal("cannot write a pod's files"))?;
         Ok(path)
     };
-    std::fs::create_dir_all(dir).map_err(Error::internal("cannot create a pod's directory"))?;
     let config = render(template, listen, dir)?;
+    std::fs::create_dir_all(dir).map_err(Error::internal("cannot create a pod's directory"))?;
     let config_path = write("nginx.conf", config.as_bytes())?;
     write(
         "graceful-drain.conf",
@@ -62,15 +62,21 @@ pub fn prepare(
     })
 }
 
+/// Whether a config can serve as every pod's: it must say where each pod listens.
+pub fn check(template: &str) -> Result<(), Error> {
+    if template.contains("@LISTEN@") {
+        return Ok(());
+    }
+    Err(Error::Rehearsal(
+        "the config for rehearse has no @LISTEN@: write `listen @LISTEN@;` where each pod's \
+         address goes (and @RUNTIME_DIR@ for its pid file and temp paths)"
+            .into(),
+    ))
+}
+
 /// The template with the pod's address and directory in place of @LISTEN@ and @RUNTIME_DIR@.
 pub fn render(template: &str, listen: SocketAddr, dir: &Path) -> Result<String, Error> {
-    if !template.contains("@LISTEN@") {
-        return Err(Error::Rehearsal(
-            "the config for rehearse has no @LISTEN@: write `listen @LISTEN@;` where each pod's \
-             address goes (and @RUNTIME_DIR@ for its pid file and temp paths)"
-                .into(),
-        ));
-    }
+    check(template)?;
     Ok(render_config(template, &listen.to_string(), dir))
 }
 
