@@ -15,26 +15,37 @@ use std::time::Duration;
 
 use common::{Supervisor, TempDir, free_port, wait_until};
 
-/// CPU time (user + system) of every child waited for so far, in ms.
-fn children_cpu_ms() -> f64 {
+/// CPU time (user, system) of every child waited for so far, in ms.
+fn children_cpu_ms() -> (f64, f64) {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
     let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
-    ms(usage.user_time()) + ms(usage.system_time())
+    (ms(usage.user_time()), ms(usage.system_time()))
+}
+
+/// One run of a load generator: requests per second, and user and system CPU µs per request.
+struct Run {
+    rate: f64,
+    user_us: f64,
+    system_us: f64,
 }
 
 /// Runs a load generator to its end: (requests per second, CPU µs per request).
-fn measure(argv: &[String], parse: fn(&str) -> Option<(f64, f64)>) -> (f64, f64) {
-    let before = children_cpu_ms();
+fn measure(argv: &[String], parse: fn(&str) -> Option<(f64, f64)>) -> Run {
+    let (user0, system0) = children_cpu_ms();
     let output = Command::new(&argv[0])
         .args(&argv[1..])
         .stderr(Stdio::null())
         .output()
         .unwrap();
-    let cpu_ms = children_cpu_ms() - before;
+    let (user1, system1) = children_cpu_ms();
     let text = String::from_utf8_lossy(&output.stdout);
     let (requests, secs) =
         parse(&text).unwrap_or_else(|| panic!("cannot read the output of {argv:?}:\n{text}"));
-    (requests / secs, cpu_ms * 1e3 / requests)
+    Run {
+        rate: requests / secs,
+        user_us: (user1 - user0) * 1e3 / requests,
+        system_us: (system1 - system0) * 1e3 / requests,
+    }
 }
 
 /// wrk's "N requests in 5.00s".
@@ -103,36 +114,37 @@ fn main() {
     .map(String::from)
     .into();
 
-    let (mut wrk_rates, mut wrk_cpu, mut soak_rates, mut soak_cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut wrk_runs, mut soak_runs) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         // Alternate who goes first, so that drift over the run weighs on both alike.
         for first in [round % 2 == 0, round % 2 != 0] {
             if first {
-                let (rate, cpu) = measure(&wrk, wrk_output);
-                wrk_rates.push(rate);
-                wrk_cpu.push(cpu);
+                wrk_runs.push(measure(&wrk, wrk_output));
             } else {
-                let (rate, cpu) = measure(&soak, soak_output);
-                soak_rates.push(rate);
-                soak_cpu.push(cpu);
+                soak_runs.push(measure(&soak, soak_output));
             }
         }
     }
     supervisor.signal(libc::SIGTERM);
     supervisor.wait_exit(Duration::from_secs(10));
 
-    let (wrk_rate, soak_rate) = (median(&mut wrk_rates), median(&mut soak_rates));
     println!(
-        "| load generator (32 keep-alive connections, {secs} s, {rounds} rounds) | requests/s median | CPU per request median |"
+        "| load generator (32 keep-alive connections, {secs} s, {rounds} rounds) | requests/s median | user CPU per request | system CPU per request |"
     );
-    println!("|---|---|---|");
-    println!(
-        "| wrk -t2 -c32 | {wrk_rate:.0} | {:.1} µs |",
-        median(&mut wrk_cpu)
-    );
-    println!(
-        "| nginx-graceful soak -c 32 | {soak_rate:.0} | {:.1} µs |",
-        median(&mut soak_cpu)
-    );
-    println!("\nsoak / wrk: {:.2}", soak_rate / wrk_rate);
+    println!("|---|---|---|---|");
+    let mut rates = Vec::new();
+    for (name, runs) in [
+        ("wrk -t2 -c32", &wrk_runs),
+        ("nginx-graceful soak -c 32", &soak_runs),
+    ] {
+        let column = |f: fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let rate = column(|r| r.rate);
+        rates.push(rate);
+        println!(
+            "| {name} | {rate:.0} | {:.1} µs | {:.1} µs |",
+            column(|r| r.user_us),
+            column(|r| r.system_us)
+        );
+    }
+    println!("\nsoak / wrk: {:.2}", rates[1] / rates[0]);
 }
