@@ -20,6 +20,7 @@ use clap::ValueEnum;
 
 use crate::cli::RehearseArgs;
 use crate::error::{Error, exit};
+use crate::reaper::Exit;
 use crate::soak::client::{self, Load, Progress};
 use crate::soak::report::summarize;
 use pod::{HookEnd, Pod, PodExit};
@@ -335,9 +336,9 @@ async fn terminate(
         ));
         let code = pod.exec(hook, deadline).await?;
         let detail = match code {
-            HookEnd::Exited(code) => format!("preStop exited {code}"),
+            HookEnd::Ended(Exit::Code(code)) => format!("preStop exited {code}"),
             // The kernel ends every process of a PID namespace whose PID 1 has exited.
-            HookEnd::Killed(signal) => {
+            HookEnd::Ended(Exit::Signal(signal)) => {
                 format!("preStop ended by signal {signal} (the pod's PID 1 had exited)")
             }
             HookEnd::TimedOut => "preStop still running at the end of the grace period".to_owned(),

@@ -16,6 +16,7 @@ use super::strategy::Strategy;
 use crate::error::Error;
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree::ProcessTable;
+use crate::reaper::Exit;
 use crate::soak::client::probe;
 
 pub struct Pod {
@@ -32,8 +33,7 @@ pub struct Pod {
 /// How a pod ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodExit {
-    Code(i32),
-    Signal(i32),
+    Ended(Exit),
     /// SIGKILL at the end of the grace period, as the kubelet sends it.
     KilledAtGracePeriod,
 }
@@ -41,16 +41,15 @@ pub enum PodExit {
 /// How a preStop hook ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookEnd {
-    Exited(i32),
-    Killed(i32),
+    Ended(Exit),
     TimedOut,
 }
 
 impl std::fmt::Display for PodExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PodExit::Code(code) => write!(f, "exit {code}"),
-            PodExit::Signal(signal) => write!(f, "killed by signal {signal}"),
+            PodExit::Ended(Exit::Code(code)) => write!(f, "exit {code}"),
+            PodExit::Ended(Exit::Signal(signal)) => write!(f, "killed by signal {signal}"),
             PodExit::KilledAtGracePeriod => write!(f, "SIGKILL at the grace period"),
         }
     }
@@ -130,15 +129,7 @@ impl Pod {
         if self.killed {
             return PodExit::KilledAtGracePeriod;
         }
-        use std::os::unix::process::ExitStatusExt;
-        match status {
-            Ok(status) => match (status.code(), status.signal()) {
-                (Some(code), _) => PodExit::Code(code),
-                (None, Some(signal)) => PodExit::Signal(signal),
-                _ => PodExit::Code(-1),
-            },
-            Err(_) => PodExit::Code(-1),
-        }
+        PodExit::Ended(status.map_or(Exit::Code(-1), Exit::from))
     }
 
     /// Runs `hook` inside the pod's PID and mount namespaces, as the kubelet runs an exec hook,
@@ -156,13 +147,7 @@ impl Pod {
             .args(hook);
         let mut child = command.spawn().map_err(Error::internal("cannot start nsenter"))?;
         match tokio::time::timeout_at(deadline.into(), child.wait()).await {
-            Ok(Ok(status)) => {
-                use std::os::unix::process::ExitStatusExt;
-                Ok(match (status.code(), status.signal()) {
-                    (Some(code), _) => HookEnd::Exited(code),
-                    (None, signal) => HookEnd::Killed(signal.unwrap_or(0)),
-                })
-            }
+            Ok(Ok(status)) => Ok(HookEnd::Ended(status.into())),
             Ok(Err(e)) => Err(Error::internal("cannot wait for a hook")(e)),
             Err(_) => {
                 let _ = child.kill().await;
