@@ -22,7 +22,8 @@ reaps every zombie) and turns the kubelet's SIGTERM into an ordered drain instea
 shutdown, which cuts requests in flight.
 
 Every option can also be set through an environment variable, named after the option:
---grace-period is NGINX_GRACEFUL_GRACE_PERIOD. Durations read like 500ms, 5s, 1m30s.";
+--grace-period is NGINX_GRACEFUL_GRACE_PERIOD. Durations read like 500ms, 5s, 1m30s; a bare
+number is seconds, as in terminationGracePeriodSeconds.";
 
 const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
@@ -549,9 +550,15 @@ impl FromStr for HealthListen {
     }
 }
 
+/// A duration like 500ms, 5s or 1m30s; a bare number is seconds, as in Kubernetes' own fields
+/// (terminationGracePeriodSeconds), so a manifest can hand its value over as it is.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s or 1m30s ({e})"))
+    let s = s.trim();
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s, 1m30s or 30 (seconds) ({e})"))
 }
 
 fn parse_hook(s: &str) -> Result<Vec<String>, String> {
@@ -580,10 +587,11 @@ mod tests {
             ("500ms", 500),
             ("0s", 0),
             (" 2s ", 2000),
+            ("30", 30_000),
         ] {
             assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
         }
-        for bad in ["", "5", "five seconds", "-1s"] {
+        for bad in ["", "five seconds", "-1s", "-5", "1.5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
