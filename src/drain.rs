@@ -10,7 +10,7 @@ use tokio::time::sleep_until;
 use crate::error::exit;
 use crate::hooks;
 use crate::keepalive::KeepAliveFlag;
-use crate::nginx::connections;
+use crate::nginx::connections::{self, Listeners};
 use crate::nginx::pidfd::{PidFd, Processes};
 use crate::nginx::tree::ProcessTable;
 use crate::phase::{Phase, Phases};
@@ -126,14 +126,17 @@ impl Drain<'_> {
         }
 
         let mut processes = self.snapshot();
+        // Before the signal: the master closes its listeners as soon as it gets it.
+        let masters: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
+        let listeners = Listeners::of(&masters);
         self.signal_masters(&processes, Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
         );
-        // Counted beside the wait, off this thread: neither the signal nor the exit of the last
-        // nginx process waits for /proc reads (thousands of TIME_WAIT lines take a while).
-        let counting = count_connections(&processes);
+        // Counted beside the wait, off this thread: neither the exit of the last nginx process
+        // nor a signal waits for the kernel's socket table.
+        let counting = count_connections(listeners);
         self.finish(&mut processes, counting, started).await
     }
 
@@ -141,8 +144,10 @@ impl Drain<'_> {
     /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
         let mut processes = self.snapshot();
+        // Workers hold the listeners too; read before they close them.
+        let listeners = Listeners::of(&processes.pids().collect::<Vec<_>>());
         let told = processes.signal_all(Signal::SIGQUIT);
-        let counting = count_connections(&processes);
+        let counting = count_connections(listeners);
         if told > 0 {
             self.phases.enter(
                 Phase::Quitting,
@@ -162,12 +167,12 @@ impl Drain<'_> {
     async fn finish(
         &self,
         processes: &mut Processes,
-        counting: tokio::task::JoinHandle<Vec<(i32, usize)>>,
+        counting: tokio::task::JoinHandle<Option<usize>>,
         started: Instant,
     ) -> DrainOutcome {
         let (escalated, killed) = self.stop(processes, started).await;
         let connections_at_quit = match counting.is_finished() {
-            true => counting.await.ok().map(|counts| total(&counts)),
+            true => counting.await.ok().flatten(),
             false => None,
         };
         self.phases
@@ -262,11 +267,9 @@ impl Drain<'_> {
     }
 }
 
-/// Reads /proc off the runtime's thread: with many connections it takes a while, and signals
-/// and exits must not wait for it.
-fn count_connections(processes: &Processes) -> tokio::task::JoinHandle<Vec<(i32, usize)>> {
-    let pids: Vec<i32> = processes.pids().collect();
-    tokio::task::spawn_blocking(move || connections::established(&pids))
+/// Established connections to nginx's listeners, counted off the runtime's thread.
+fn count_connections(listeners: Listeners) -> tokio::task::JoinHandle<Option<usize>> {
+    tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
 }
 
 fn total(counts: &[(i32, usize)]) -> usize {
@@ -274,7 +277,11 @@ fn total(counts: &[(i32, usize)]) -> usize {
 }
 
 async fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
-    let counts = count_connections(processes).await.unwrap_or_default();
+    // Which worker holds what: the file descriptor walk, once a second at most.
+    let pids: Vec<i32> = processes.pids().collect();
+    let counts = tokio::task::spawn_blocking(move || connections::by_process(&pids))
+        .await
+        .unwrap_or_default();
     let per_process: Vec<String> = counts.iter().map(|(pid, n)| format!("{pid}:{n}")).collect();
     let time_left_ms = budget_end.saturating_duration_since(Instant::now()).as_millis() as u64;
     phases.publish(serde_json::json!({

@@ -1,33 +1,103 @@
-//! Established TCP connections held by nginx processes, read from procfs: the socket inodes among
-//! each process's file descriptors, matched against the TCP tables of their network namespace.
+//! Established TCP connections held by nginx, from the kernel's socket table (netlink
+//! sock_diag) and the processes' file descriptors.
+//!
+//! Two counts, for two costs. `to_listeners` is the cheap one (one kernel dump, no /proc walk):
+//! every established socket on one of nginx's listening addresses, which is every connection a
+//! client opened to nginx, whichever worker holds it. `by_process` walks each process's file
+//! descriptors as well, to say which worker holds what; it is for progress reports and `status`.
+//! Both see the caller's network namespace, which is nginx's in a pod.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 
-use procfs::net::TcpState;
 use procfs::process::{FDTarget, Process};
 
-/// Established TCP connections (IPv4 and IPv6) held by each of `pids`, which share one network
-/// namespace (nginx's workers do). Listening sockets do not count; a process that is gone or
-/// unreadable is left out.
-pub fn established(pids: &[i32]) -> Vec<(i32, usize)> {
+use super::sock_diag::{self, Family, states};
+
+/// The addresses nginx listens on, read from the master's sockets before it closes them
+/// (SIGQUIT makes the master close its listeners at once).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listeners(Vec<SocketAddr>);
+
+impl Listeners {
+    /// The listening sockets among `masters`' file descriptors.
+    pub fn of(masters: &[i32]) -> Self {
+        let inodes: HashSet<u64> = masters
+            .iter()
+            .filter_map(|&pid| socket_inodes(pid))
+            .flatten()
+            .collect();
+        if inodes.is_empty() {
+            return Self::default();
+        }
+        let mut addrs: Vec<SocketAddr> = [Family::V4, Family::V6]
+            .into_iter()
+            .flat_map(|family| sock_diag::tcp_sockets(family, states::LISTEN, &[]).unwrap_or_default())
+            .filter(|socket| inodes.contains(&socket.inode))
+            .map(|socket| socket.local)
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        Self(addrs)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a connection with this local address was accepted on one of these listeners.
+    fn accepted(&self, local: &SocketAddr) -> bool {
+        self.0.iter().any(|listener| {
+            listener.port() == local.port()
+                && (listener.ip().is_unspecified()
+                    || listener.ip() == local.ip()
+                    || mapped(local) == Some(listener.ip()))
+        })
+    }
+}
+
+/// An IPv4 client on a dual-stack IPv6 listener shows as ::ffff:a.b.c.d.
+fn mapped(addr: &SocketAddr) -> Option<std::net::IpAddr> {
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        std::net::IpAddr::V4(_) => None,
+    }
+}
+
+/// Established connections to `listeners`: accepted or waiting to be. `None` when the kernel's
+/// table cannot be read.
+pub fn to_listeners(listeners: &Listeners) -> Option<usize> {
+    let mut ports: Vec<u16> = listeners.0.iter().map(SocketAddr::port).collect();
+    ports.dedup();
+    // Only the families nginx listens on: each dump walks the kernel's whole table. An IPv4
+    // client of a dual-stack IPv6 listener is an IPv6 socket.
+    let mut count = 0;
+    for family in [Family::V4, Family::V6] {
+        if listeners.0.iter().any(|l| l.is_ipv4() == (family == Family::V4)) {
+            let sockets = sock_diag::tcp_sockets(family, states::ESTABLISHED, &ports).ok()?;
+            count += sockets.iter().filter(|s| listeners.accepted(&s.local)).count();
+        }
+    }
+    Some(count)
+}
+
+/// Established TCP connections (IPv4 and IPv6) held by each of `pids`: their sockets, less
+/// listeners and sockets in other states. A process that is gone or unreadable is left out.
+pub fn by_process(pids: &[i32]) -> Vec<(i32, usize)> {
     let sockets: HashMap<i32, HashSet<u64>> = pids
         .iter()
         .filter_map(|&pid| Some((pid, socket_inodes(pid)?)))
         .collect();
-    // The tables are read once, through any of the processes: they are per namespace. Through
-    // one that is still there: during a drain, idle workers exit while we read.
-    let Some(tables) = sockets.keys().find_map(|&pid| {
-        let process = Process::new(pid).ok()?;
-        Some([process.tcp().ok()?, process.tcp6().unwrap_or_default()])
-    }) else {
+    if sockets.is_empty() {
         return Vec::new();
-    };
-    let established: HashSet<u64> = tables
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry.state == TcpState::Established)
-        .map(|entry| entry.inode)
-        .collect();
+    }
+    let mut established = HashSet::new();
+    for family in [Family::V4, Family::V6] {
+        match sock_diag::tcp_sockets(family, states::ESTABLISHED, &[]) {
+            Ok(sockets) => established.extend(sockets.into_iter().map(|s| s.inode)),
+            Err(_) => return Vec::new(),
+        }
+    }
     let mut counts: Vec<(i32, usize)> = sockets
         .iter()
         .map(|(&pid, inodes)| (pid, inodes.intersection(&established).count()))
@@ -53,15 +123,68 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     #[test]
-    fn counts_this_process_connections_but_not_its_listener() {
-        let me = std::process::id() as i32;
-        let count = || established(&[me, i32::MAX]);
+    fn counts_a_process_connections_but_not_its_listener() {
+        use std::os::fd::OwnedFd;
+        use std::process::{Command, Stdio};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let before = count()[0].1;
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        // Both ends live in this process: two more established sockets; the missing pid is left out.
-        assert_eq!(count(), [(me, before + 2)]);
-        drop((client, server));
+        // A process holding exactly one listener and one established socket, and nothing else
+        // this test binary's other threads might open meanwhile.
+        let mut holder = Command::new("sleep")
+            .arg("10")
+            .stdin(Stdio::from(OwnedFd::from(server)))
+            .stdout(Stdio::from(OwnedFd::from(listener)))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = holder.id() as i32;
+        // A pid that does not exist is left out.
+        let counts = by_process(&[pid, i32::MAX]);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(counts, [(pid, 1)]);
+        drop(client);
+    }
+
+    #[test]
+    fn counts_connections_to_a_listener_not_from_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listeners = Listeners(vec![addr]);
+        assert_eq!(to_listeners(&listeners), Some(0));
+        let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // Not accepted yet: still connections nginx must serve.
+        assert_eq!(to_listeners(&listeners), Some(3));
+        let accepted = listener.accept().unwrap();
+        assert_eq!(to_listeners(&listeners), Some(3));
+        drop((clients, accepted));
+    }
+
+    #[test]
+    fn a_wildcard_listener_owns_every_address_on_its_port() {
+        let listeners = Listeners(vec![
+            "0.0.0.0:8080".parse().unwrap(),
+            "[::]:8443".parse().unwrap(),
+        ]);
+        for (local, accepted) in [
+            ("10.0.0.7:8080", true),
+            ("10.0.0.7:8081", false),
+            ("[fd00::7]:8443", true),
+            ("[::ffff:10.0.0.7]:8443", true),
+        ] {
+            assert_eq!(listeners.accepted(&local.parse().unwrap()), accepted, "{local}");
+        }
+        let one = Listeners(vec!["127.0.0.11:80".parse().unwrap()]);
+        assert!(one.accepted(&"127.0.0.11:80".parse().unwrap()));
+        assert!(!one.accepted(&"127.0.0.12:80".parse().unwrap()));
+        assert!(one.accepted(&"[::ffff:127.0.0.11]:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn finds_the_listeners_among_a_process_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let found = Listeners::of(&[std::process::id() as i32]);
+        assert!(found.0.contains(&listener.local_addr().unwrap()), "{found:?}");
     }
 }

@@ -7,4 +7,5 @@ pub mod generations;
 pub mod log;
 pub mod pidfd;
 pub mod pidfile;
+pub mod sock_diag;
 pub mod tree;

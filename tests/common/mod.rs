@@ -575,7 +575,7 @@ pub fn nginx_path() -> PathBuf {
 pub fn wait_for_busy_worker(root: i32) -> i32 {
     let mut busy = None;
     wait_until("a request in flight on a worker", Duration::from_secs(5), || {
-        busy = nginx_graceful::nginx::connections::established(&descendants_of(root))
+        busy = nginx_graceful::nginx::connections::by_process(&descendants_of(root))
             .into_iter()
             .find(|(_, n)| *n > 0)
             .map(|(pid, _)| pid);
