@@ -106,6 +106,20 @@ EXIT CODES:
   22   refused: a drain has begun
   23   nginx is not running";
 
+const STATUS_AFTER_HELP: &str = "\
+With a `run` supervisor (its control socket in --runtime-dir), the supervisor answers: its
+phase, the last reload and its outcome, and the worker generations it retired. Without one,
+status reads the master from --pid-file (checked in /proc like `drain` checks it), and tells
+generations apart by their workers' start times. Connections are the established TCP
+connections each worker holds.
+
+In a pod:  kubectl exec POD -- nginx-graceful status
+
+EXIT CODES:
+  0    nginx runs
+  23   nginx is not running
+  15, 16, 17  the pid file is not usable (as for drain)";
+
 const SOAK_ABOUT: &str = "\
 Load an HTTP server and classify every failed request; exit 1 if any failed.
 
@@ -199,6 +213,9 @@ pub enum Command {
     /// Load an HTTP server and classify every failed request; exit 1 if any failed.
     #[command(long_about = SOAK_ABOUT, after_long_help = SOAK_AFTER_HELP)]
     Soak(SoakArgs),
+    /// Show the nginx master, its workers by generation, their connections, the phase and the last reload.
+    #[command(after_long_help = STATUS_AFTER_HELP)]
+    Status(StatusArgs),
     /// Rehearse a Kubernetes rolling termination locally; exit 1 if any request failed.
     #[command(long_about = REHEARSE_ABOUT, after_long_help = REHEARSE_AFTER_HELP)]
     Rehearse(RehearseArgs),
@@ -372,6 +389,16 @@ pub struct PreStopArgs {
 
     #[command(flatten)]
     pub target: NginxTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: NginxTarget,
+
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,8 @@
-//! The control socket: how `drain` (the preStop hook) asks a `run` supervisor in the same
-//! container to drain, and follows it to the end.
+//! The control socket: how `drain` (the preStop hook), `reload` and `status` reach a `run`
+//! supervisor in the same container.
 //!
-//! One JSON object per line. The client sends `{"request":"drain"}`; the server answers with
+//! One JSON object per line. `{"request":"status"}` gets one reply, what `status` prints.
+//! `{"request":"reload"}` gets the reload's outcome. For `{"request":"drain"}` the server answers with
 //! `{"event":"accepted",...}`, then every phase and progress event, then one
 //! `{"event":"outcome",...}`, and waits for the client to hang up: the hook process exits before
 //! the supervisor does, so the kubelet sees a hook that finished, not one that was killed.
@@ -16,6 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
+use crate::live::Live;
 use crate::phase::Phases;
 
 /// How long the supervisor waits for its `drain` clients to hang up before it exits.
@@ -48,7 +50,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Binds the socket, owner-only. The runtime directory is locked by this supervisor, so a
     /// socket file already there is left over from a dead one.
-    pub fn start(runtime_dir: &Path, phases: &Phases) -> Result<Self, Error> {
+    pub fn start(runtime_dir: &Path, phases: &Phases, live: std::sync::Arc<Live>) -> Result<Self, Error> {
         let path = socket_path(runtime_dir);
         let fail = |source| Error::RuntimeDir {
             path: path.clone(),
@@ -80,6 +82,7 @@ impl ControlServer {
                     events: feed.subscribe(),
                     outcome: outcome_rx.clone(),
                     requests: request_tx.clone(),
+                    live: live.clone(),
                     _alive: client_alive.clone(),
                 };
                 tokio::spawn(connection.serve(stream));
@@ -112,6 +115,7 @@ struct Connection {
     events: tokio::sync::broadcast::Receiver<Value>,
     outcome: watch::Receiver<Option<Value>>,
     requests: mpsc::Sender<ControlRequest>,
+    live: std::sync::Arc<Live>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -125,6 +129,15 @@ impl Connection {
         };
         match request["request"].as_str() {
             Some("drain") => {}
+            Some("status") => {
+                // /proc reads: off the thread that handles signals.
+                let live = self.live.clone();
+                let status = tokio::task::spawn_blocking(move || crate::status::of_supervisor(&live))
+                    .await
+                    .unwrap_or_else(|_| json!({"error": "the status could not be read"}));
+                let _ = send(&mut write, &status).await;
+                return;
+            }
             Some("reload") => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let _ = self.requests.send(ControlRequest::Reload(reply)).await;
@@ -236,12 +249,22 @@ pub async fn request_drain(
 
 /// Asks the supervisor to reload; `Ok(None)` when no supervisor answers.
 pub async fn request_reload(runtime_dir: &Path) -> Result<Option<Value>, Error> {
+    request(runtime_dir, "reload").await
+}
+
+/// Asks the supervisor what it and nginx are doing; `Ok(None)` when no supervisor answers.
+pub async fn request_status(runtime_dir: &Path) -> Result<Option<Value>, Error> {
+    request(runtime_dir, "status").await
+}
+
+/// One request, one reply.
+async fn request(runtime_dir: &Path, what: &str) -> Result<Option<Value>, Error> {
     let path = socket_path(runtime_dir);
     let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&path)).await else {
         return Ok(None);
     };
     let (read, mut write) = stream.into_split();
-    if send(&mut write, &json!({"request": "reload"})).await.is_err() {
+    if send(&mut write, &json!({ "request": what })).await.is_err() {
         return Ok(None);
     }
     match BufReader::new(read).lines().next_line().await {

@@ -1,4 +1,5 @@
-//! The health endpoint: `/healthz` for liveness, `/readyz` for readiness.
+//! The health endpoint: `/healthz` for liveness, `/readyz` for readiness, `/metrics` for
+//! Prometheus.
 //!
 //! Readiness fails from the first instant of a drain, so the kubelet's own probe removes the pod
 //! from the Service too, in case the endpoint controller is slow.
@@ -6,7 +7,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -15,46 +15,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::nginx::tree::ProcessTable;
-use crate::phase::Phase;
-
-/// What the probes look at.
-#[derive(Debug)]
-pub struct HealthState {
-    phase: watch::Receiver<Phase>,
-    /// The nginx master's pid, 0 once it has exited.
-    master: AtomicI32,
-}
-
-impl HealthState {
-    pub fn new(phase: watch::Receiver<Phase>) -> Arc<Self> {
-        Arc::new(Self {
-            phase,
-            master: AtomicI32::new(0),
-        })
-    }
-
-    pub fn set_master(&self, pid: i32) {
-        self.master.store(pid, Ordering::Relaxed);
-    }
-
-    fn live(&self) -> bool {
-        self.master.load(Ordering::Relaxed) != 0
-    }
-
-    /// Ready when no drain has started and nginx serves: the master has started its workers,
-    /// which it does only after it has bound every listening socket.
-    fn ready(&self) -> bool {
-        let master = self.master.load(Ordering::Relaxed);
-        if *self.phase.borrow() != Phase::Serving || master == 0 {
-            return false;
-        }
-        ProcessTable::read().is_ok_and(|table| table.children(master).next().is_some())
-    }
-}
+use crate::live::Live;
 
 /// Binds before nginx starts, so a taken port stops start-up with nothing left behind.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
@@ -72,7 +35,7 @@ const MAX_CONNECTIONS: usize = 32;
 /// A probe that has not sent its request line by then is not a probe.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub async fn serve(listener: std::net::TcpListener, state: Arc<HealthState>) {
+pub async fn serve(listener: std::net::TcpListener, state: Arc<Live>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => return tracing::error!(%err, "health listener unusable"),
@@ -101,10 +64,8 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<HealthState>) {
     }
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    state: Arc<HealthState>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(req: Request<Incoming>, state: Arc<Live>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut content_type = "text/plain; charset=utf-8";
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") if state.live() => (StatusCode::OK, "ok\n".to_owned()),
         (&Method::GET | &Method::HEAD, "/healthz") => (
@@ -114,11 +75,27 @@ async fn answer(
         (&Method::GET | &Method::HEAD, "/readyz") if state.ready() => (StatusCode::OK, "ready\n".to_owned()),
         (&Method::GET | &Method::HEAD, "/readyz") => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", *state.phase.borrow()),
+            format!("not ready: {}\n", state.phase()),
         ),
-        _ => (StatusCode::NOT_FOUND, "try /healthz or /readyz\n".to_owned()),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            content_type = crate::metrics::CONTENT_TYPE;
+            // /proc reads: off the thread that handles signals.
+            let state = state.clone();
+            let text = tokio::task::spawn_blocking(move || state.metrics_text())
+                .await
+                .unwrap_or_default();
+            (StatusCode::OK, text)
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "try /healthz, /readyz or /metrics\n".to_owned(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     Ok(response)
 }

@@ -3,7 +3,7 @@
 use clap::Parser;
 use nginx_graceful::cli::{Cli, Command};
 use nginx_graceful::error::exit;
-use nginx_graceful::{logging, prestop, rehearse, reload, soak, supervisor};
+use nginx_graceful::{logging, prestop, rehearse, reload, soak, status, supervisor};
 
 fn main() {
     let cli = Cli::parse();
@@ -24,6 +24,7 @@ fn main() {
             Command::Drain(args) => prestop::drain(args).await,
             Command::Reload(args) => reload::command(args).await,
             Command::Soak(args) => soak::command(args).await,
+            Command::Status(args) => status::command(args).await,
             Command::Rehearse(args) => rehearse::command(args).await,
         }
     });

@@ -33,6 +33,20 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 10] = [
+        Phase::Starting,
+        Phase::Serving,
+        Phase::Unready,
+        Phase::KeepAliveClose,
+        Phase::PreDrainHooks,
+        Phase::PropagationDelay,
+        Phase::Quitting,
+        Phase::FastShutdown,
+        Phase::Killing,
+        Phase::Stopped,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Phase::Starting => "starting",
@@ -124,19 +138,7 @@ mod tests {
 
     #[test]
     fn drain_phases_run_forward_only() {
-        use Phase::*;
-        let order = [
-            Starting,
-            Serving,
-            Unready,
-            KeepAliveClose,
-            PreDrainHooks,
-            PropagationDelay,
-            Quitting,
-            FastShutdown,
-            Killing,
-            Stopped,
-        ];
+        let order = Phase::ALL;
         for (i, a) in order.iter().enumerate() {
             for (j, b) in order.iter().enumerate() {
                 assert_eq!(b.may_follow(*a), j > i, "{a} -> {b}");

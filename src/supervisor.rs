@@ -9,7 +9,9 @@ use crate::cli::{HealthListen, RunArgs};
 use crate::control::{ControlRequest, ControlServer};
 use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
-use crate::health::{self, HealthState};
+use crate::health;
+use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::nginx::command::NginxCommand;
 use crate::nginx::log::NginxErrors;
 use crate::nginx::pidfd::PidFd;
@@ -45,7 +47,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let reaper = Reaper::start(signals.child.take().expect("SIGCHLD stream"));
     let phases = Phases::default();
-    let mut control = ControlServer::start(runtime.path(), &phases)?;
+    let nginx_errors = NginxErrors::default();
+    let generations = reload::Generations::default();
+    let live = Live::new(
+        phases.subscribe(),
+        generations.clone(),
+        Metrics::new(nginx_errors.worker_crashes.clone()),
+    );
+    let mut control = ControlServer::start(runtime.path(), &phases, live.clone())?;
     let flag = runtime.flag();
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, "starting");
 
@@ -56,14 +65,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let nginx = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
     let mut watch = start_watch(&args, &config_dump);
-    let nginx_errors = NginxErrors::default();
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
     let master_pid = master.pidfd.pid();
-    let health = HealthState::new(phases.subscribe());
-    health.set_master(master_pid);
+    live.set_master(master_pid);
     if let Some(listener) = health_listener {
-        tokio::spawn(health::serve(listener, health.clone()));
+        tokio::spawn(health::serve(listener, live.clone()));
     }
     phases.enter(
         Phase::Serving,
@@ -95,11 +102,15 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let reload_settings = reload::ReloadSettings {
         timeout: args.reload.reload_timeout,
         max_draining_generations: args.reload.max_draining_generations,
-        generations: reload::Generations::default(),
+        generations,
         close_window: args.reload.reload_close_window,
         flag: Some(flag.clone()),
     };
-    let start_reload = || reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, &reload_settings);
+    let start_reload = || {
+        let started = Instant::now();
+        let reload = reload::reload(&nginx, &reaper, &master.pidfd, &nginx_errors, &reload_settings);
+        async move { (reload.await, started.elapsed()) }
+    };
     let mut reloading = None;
     let mut reloads = reload::ReloadQueue::default();
     let (trigger_plan, started) = loop {
@@ -108,7 +119,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             biased;
             status = &mut master.exit => {
                 let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
-                health.set_master(0);
+                live.set_master(0);
+                live.metrics.master_exited_unexpectedly();
                 tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
                 drop(reloading.take());
                 reloads.refuse_all();
@@ -118,6 +130,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 let mut report = outcome.to_json();
                 report["outcome"] = "nginx_exited".into();
                 report["exit_code"] = status.as_exit_code().into();
+                live.metrics.drain_finished(&report);
                 control.finish(report).await;
                 flush(nginx_log).await;
                 return Ok(status.as_exit_code());
@@ -156,8 +169,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     reloading = Some(Box::pin(start_reload()));
                 }
             }
-            outcome = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
+            (outcome, took) = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
                 reloading = None;
+                live.reload_finished(outcome.to_json(), took);
                 if reloads.done(&outcome) {
                     reloading = Some(Box::pin(start_reload()));
                 }
@@ -181,7 +195,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             outcome = &mut draining => break outcome,
             status = &mut master.exit, if master_status.is_none() => {
                 // Liveness follows the master even mid-drain.
-                health.set_master(0);
+                live.set_master(0);
                 master_status = Some(status.unwrap_or(Exit::Code(exit::INTERNAL)));
             }
             trigger = signals.next() => match trigger {
@@ -202,7 +216,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             },
         }
     };
-    health.set_master(0);
+    live.set_master(0);
     reaper.reap_now();
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
@@ -219,6 +233,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         report["exit_code"] = status.as_exit_code().into();
     }
     let code = log_summary(&report, "drain finished");
+    live.metrics.drain_finished(&report);
     record_outcome(runtime.path(), &report);
     // The preStop hook, if one asked, hears the outcome and exits before we do.
     control.finish(report).await;

@@ -26,7 +26,7 @@ pub fn serving_workers(master: i32) -> Vec<i32> {
 
 /// The worker sets each reload retired, so the ones still draining can be counted exactly.
 /// Without that history (`reload` without a supervisor) they are told apart by start time.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Generations {
     retired: std::sync::Arc<std::sync::Mutex<Vec<Vec<i32>>>>,
 }

@@ -11,12 +11,15 @@ use tokio::sync::broadcast;
 #[derive(Debug, Clone)]
 pub struct NginxErrors {
     tx: broadcast::Sender<String>,
+    /// Workers that crashed, as the master reports them (it starts a new one each time).
+    pub worker_crashes: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for NginxErrors {
     fn default() -> Self {
         Self {
             tx: broadcast::Sender::new(32),
+            worker_crashes: Default::default(),
         }
     }
 }
@@ -29,6 +32,15 @@ impl NginxErrors {
 
 pub fn is_error_line(line: &str) -> bool {
     line.contains("[emerg]")
+}
+
+/// The master's line for a worker that died: "worker process 7 exited on signal 11", or
+/// "... exited with fatal code 2 and cannot be respawned". A worker that quits when told
+/// exits with code 0, at notice level.
+pub fn is_worker_crash(line: &str) -> bool {
+    line.contains("[alert]")
+        && line.contains(" worker process ")
+        && (line.contains(" exited on signal ") || line.contains(" exited with fatal code "))
 }
 
 /// Copies `pipe` to our stderr until every nginx process has closed it.
@@ -55,6 +67,9 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
                     if is_error_line(&text) {
                         let _ = errors.tx.send(text.trim_end().to_owned());
                     }
+                    if is_worker_crash(&text) {
+                        errors.worker_crashes.inc();
+                    }
                 }
             }
         }
@@ -79,5 +94,24 @@ mod tests {
         assert!(!is_error_line(
             "[warn] 1#1: the \"user\" directive makes sense only if ..."
         ));
+    }
+
+    #[test]
+    fn worker_crashes_are_told_from_workers_that_quit() {
+        for (line, crash) in [
+            (
+                "2026/11/22 06:00:00 [alert] 12#12: worker process 41 exited on signal 9",
+                true,
+            ),
+            (
+                "[alert] 12#12: worker process 41 exited with fatal code 2 and cannot be respawned",
+                true,
+            ),
+            ("[notice] 12#12: worker process 41 exited with code 0", false),
+            ("[alert] 12#12: cache loader process 43 exited on signal 9", false),
+            ("[notice] 12#12: signal 17 (SIGCHLD) received from 41", false),
+        ] {
+            assert_eq!(is_worker_crash(line), crash, "{line}");
+        }
     }
 }

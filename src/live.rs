@@ -1,0 +1,91 @@
+//! What the supervisor knows about nginx right now, shared by the health probes, `/metrics`
+//! and `status`: the phase, the master, the worker generations, the last reload.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::nginx::generations::{Generations, serving_workers};
+use crate::nginx::tree::ProcessTable;
+use crate::phase::Phase;
+
+#[derive(Debug)]
+pub struct Live {
+    phase: watch::Receiver<Phase>,
+    /// The nginx master's pid, 0 once it has exited.
+    master: AtomicI32,
+    pub generations: Generations,
+    last_reload: Mutex<Option<Value>>,
+    pub metrics: Metrics,
+}
+
+impl Live {
+    pub fn new(phase: watch::Receiver<Phase>, generations: Generations, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            phase,
+            master: AtomicI32::new(0),
+            generations,
+            last_reload: Mutex::new(None),
+            metrics,
+        })
+    }
+
+    pub fn set_master(&self, pid: i32) {
+        self.master.store(pid, Ordering::Relaxed);
+    }
+
+    /// The master's pid, `None` once it has exited.
+    pub fn master(&self) -> Option<i32> {
+        Some(self.master.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Liveness: the master runs.
+    pub fn live(&self) -> bool {
+        self.master().is_some()
+    }
+
+    /// Ready when no drain has started and nginx serves: the master has started its workers,
+    /// which it does only after it has bound every listening socket.
+    pub fn ready(&self) -> bool {
+        let Some(master) = self.master() else {
+            return false;
+        };
+        self.phase() == Phase::Serving
+            && ProcessTable::read().is_ok_and(|table| table.children(master).next().is_some())
+    }
+
+    /// Records a reload's reply (see `ReloadOutcome::to_json`) for `status` and `/metrics`.
+    pub fn reload_finished(&self, mut reply: Value, took: Duration) {
+        self.metrics.reload_finished(&reply, took);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        reply["finished_unix_ms"] = (now.as_millis() as u64).into();
+        reply["took_ms"] = (took.as_millis() as u64).into();
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply);
+    }
+
+    pub fn last_reload(&self) -> Option<Value> {
+        self.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The `/metrics` text, with the generations read from /proc now.
+    pub fn metrics_text(&self) -> String {
+        let (serving, shutting_down) = match self.master() {
+            Some(master) => (
+                usize::from(!serving_workers(master).is_empty()),
+                self.generations.draining(master).len(),
+            ),
+            None => (0, 0),
+        };
+        self.metrics.render(self.phase(), serving, shutting_down)
+    }
+}

@@ -1,0 +1,225 @@
+//! `GET /metrics` on the health listener: what the supervisor did (drains, reloads, escalations)
+//! and what nginx is doing now (phase, worker generations), in the Prometheus text format.
+//!
+//! Counters and histograms are updated where things happen; the gauges that describe the
+//! present (phase, generations) are set from the live state at each scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::phase::Phase;
+
+/// What Prometheus negotiates for this format (OpenMetrics text, read by Prometheus 2 and 3).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GenerationState {
+    state: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    drains: Family<Outcome, Counter>,
+    drain_seconds: Histogram,
+    connections_at_quit: Gauge,
+    killed: Counter,
+    reloads: Family<Outcome, Counter>,
+    reload_seconds: Histogram,
+    generations: Family<GenerationState, Gauge>,
+    master_exits: Counter,
+    phase: Family<PhaseLabel, Gauge>,
+}
+
+impl Metrics {
+    /// `worker_crashes` is counted where nginx's log is read.
+    pub fn new(worker_crashes: Counter) -> Self {
+        let mut registry = Registry::with_prefix("nginx_graceful");
+        let drains = Family::<Outcome, Counter>::default();
+        registry.register(
+            "drains",
+            "Drains by outcome: clean, escalated (SIGTERM/SIGKILL at the end of the budget), nginx_failed, nginx_exited",
+            drains.clone(),
+        );
+        let drain_seconds = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]);
+        registry.register(
+            "drain_duration_seconds",
+            "From the drain's trigger to the exit of the last nginx process",
+            drain_seconds.clone(),
+        );
+        let connections_at_quit = Gauge::default();
+        registry.register(
+            "connections_at_quit",
+            "Established connections to nginx when the last drain sent SIGQUIT",
+            connections_at_quit.clone(),
+        );
+        let killed = Counter::default();
+        registry.register(
+            "escalation_killed_processes",
+            "nginx processes killed with SIGKILL when a drain's budget ran out",
+            killed.clone(),
+        );
+        let reloads = Family::<Outcome, Counter>::default();
+        registry.register(
+            "reloads",
+            "Reloads by outcome: reloaded, invalid (refused by nginx -t), rolled_back (the master kept the old config), unconfirmed",
+            reloads.clone(),
+        );
+        let reload_seconds = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        registry.register(
+            "reload_duration_seconds",
+            "From the reload request to its outcome (config test, SIGHUP, new workers serving)",
+            reload_seconds.clone(),
+        );
+        let generations = Family::<GenerationState, Gauge>::default();
+        registry.register(
+            "worker_generations",
+            "Generations of nginx workers alive: serving, or shutting_down (retired by a reload and still finishing connections)",
+            generations.clone(),
+        );
+        let master_exits = Counter::default();
+        registry.register(
+            "nginx_master_unexpected_exits",
+            "Times the nginx master exited without being asked to (crash, OOM kill, nginx -s stop)",
+            master_exits.clone(),
+        );
+        registry.register(
+            "nginx_worker_crashes",
+            "nginx workers that exited on a signal or with an error; the master starts a new one",
+            worker_crashes.clone(),
+        );
+        let phase = Family::<PhaseLabel, Gauge>::default();
+        registry.register(
+            "phase",
+            "The supervisor's phase: 1 for the current one",
+            phase.clone(),
+        );
+        Self {
+            registry,
+            drains,
+            drain_seconds,
+            connections_at_quit,
+            killed,
+            reloads,
+            reload_seconds,
+            generations,
+            master_exits,
+            phase,
+        }
+    }
+
+    /// From a drain's outcome event (see `DrainOutcome::to_json`).
+    pub fn drain_finished(&self, outcome: &serde_json::Value) {
+        let label = outcome["outcome"].as_str().unwrap_or("unknown").to_owned();
+        self.drains.get_or_create(&Outcome { outcome: label }).inc();
+        if let Some(ms) = outcome["elapsed_ms"].as_u64() {
+            self.drain_seconds.observe(ms as f64 / 1000.0);
+        }
+        if let Some(n) = outcome["connections_at_quit"].as_i64() {
+            self.connections_at_quit.set(n);
+        }
+        self.killed.inc_by(outcome["killed"].as_u64().unwrap_or(0));
+    }
+
+    /// From a reload's reply (see `ReloadOutcome::to_json`) and how long it took.
+    pub fn reload_finished(&self, reply: &serde_json::Value, took: std::time::Duration) {
+        let label = reply["outcome"].as_str().unwrap_or("unknown").to_owned();
+        self.reloads.get_or_create(&Outcome { outcome: label }).inc();
+        self.reload_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn master_exited_unexpectedly(&self) {
+        self.master_exits.inc();
+    }
+
+    /// The text a scrape gets, with the present state filled in first.
+    pub fn render(&self, phase: Phase, serving_generations: usize, shutting_down: usize) -> String {
+        for candidate in Phase::ALL {
+            let value = i64::from(candidate == phase);
+            self.phase
+                .get_or_create(&PhaseLabel {
+                    phase: candidate.name().to_owned(),
+                })
+                .set(value);
+        }
+        for (state, n) in [("serving", serving_generations), ("shutting_down", shutting_down)] {
+            self.generations
+                .get_or_create(&GenerationState {
+                    state: state.to_owned(),
+                })
+                .set(n as i64);
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The value of the sample whose line starts with `series`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_scrape_shows_what_happened_and_what_is() {
+        let metrics = Metrics::new(Counter::default());
+        metrics.reload_finished(
+            &json!({"outcome": "reloaded"}),
+            std::time::Duration::from_millis(120),
+        );
+        metrics.reload_finished(
+            &json!({"outcome": "invalid"}),
+            std::time::Duration::from_millis(30),
+        );
+        metrics.reload_finished(
+            &json!({"outcome": "reloaded"}),
+            std::time::Duration::from_millis(90),
+        );
+        metrics.drain_finished(
+            &json!({"outcome": "escalated", "elapsed_ms": 28000, "connections_at_quit": 42, "killed": 3}),
+        );
+        metrics.master_exited_unexpectedly();
+        let text = metrics.render(Phase::Quitting, 1, 2);
+
+        for (series, value) in [
+            ("nginx_graceful_reloads_total{outcome=\"reloaded\"}", 2.0),
+            ("nginx_graceful_reloads_total{outcome=\"invalid\"}", 1.0),
+            ("nginx_graceful_reload_duration_seconds_count", 3.0),
+            ("nginx_graceful_reload_duration_seconds_bucket{le=\"0.1\"}", 2.0),
+            ("nginx_graceful_drains_total{outcome=\"escalated\"}", 1.0),
+            ("nginx_graceful_drain_duration_seconds_sum", 28.0),
+            ("nginx_graceful_connections_at_quit", 42.0),
+            ("nginx_graceful_escalation_killed_processes_total", 3.0),
+            ("nginx_graceful_nginx_master_unexpected_exits_total", 1.0),
+            ("nginx_graceful_nginx_worker_crashes_total", 0.0),
+            ("nginx_graceful_worker_generations{state=\"serving\"}", 1.0),
+            ("nginx_graceful_worker_generations{state=\"shutting_down\"}", 2.0),
+            ("nginx_graceful_phase{phase=\"quitting\"}", 1.0),
+            ("nginx_graceful_phase{phase=\"serving\"}", 0.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
