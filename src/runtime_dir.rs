@@ -30,8 +30,12 @@ impl RuntimeDir {
             .mode(0o755)
             .create(path)
             .map_err(fail)?;
-        // nginx workers run as another user and must stat() the drain flag.
-        if let Err(err) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)) {
+        // nginx workers run as another user and must stat() the drain flag. A Kubernetes
+        // emptyDir is root's with mode 777: already open enough, and not ours to chmod.
+        let open_enough = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005);
+        if !open_enough
+            && let Err(err) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        {
             tracing::warn!(dir = %path.display(), %err, "cannot make the runtime directory world-readable; nginx workers may not see the drain flag");
         }
         let lock_file = OpenOptions::new()
