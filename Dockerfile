@@ -1,0 +1,46 @@
+# nginx supervised by nginx-graceful: `docker build -t nginx-graceful .`
+#
+# The runtime stage is the official nginx image; another one built like it (nginx on PATH,
+# /etc/nginx, /etc/nginx/mime.types, uid 101) can take its place:
+#   docker build --build-arg NGINX_IMAGE=nginx:1.28-alpine -t nginx-graceful .
+ARG NGINX_IMAGE=nginx:stable
+
+# A static (musl) binary: it needs nothing from the image it runs in, not even a libc.
+FROM rust:1-alpine AS build
+RUN apk add --no-cache musl-dev
+WORKDIR /src
+# Only what the build reads: src embeds the files of nginx-conf (include_str!), and cargo refuses
+# to start when a [[bench]] that Cargo.toml declares has no file.
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY nginx-conf nginx-conf
+COPY benches benches
+RUN cargo build --release --locked \
+ && install -D target/release/nginx-graceful /out/nginx-graceful
+
+FROM ${NGINX_IMAGE}
+COPY --from=build /out/nginx-graceful /usr/local/bin/nginx-graceful
+# The base image's sites go (its default.conf listens on 80, a privileged port); the
+# runtime directory is the only place nginx and the supervisor write: the pid file, temp files,
+# the drain flag, the control socket. A read-only root filesystem needs an emptyDir there.
+RUN rm -rf /etc/nginx/conf.d \
+ && install -d -o 101 -g 101 -m 755 /run/nginx-graceful
+COPY nginx-conf/image/nginx.conf /etc/nginx/nginx.conf
+COPY nginx-conf/image/default.conf /etc/nginx/conf.d/default.conf
+COPY nginx-conf/graceful-drain.conf /etc/nginx/graceful-drain.conf
+# Where nginx.conf's `pid` directive puts the master's pid: `nginx-graceful drain` and `reload`
+# read it when no supervisor answers. The runtime directory stays at its default,
+# /run/nginx-graceful, the path graceful-drain.conf tests for the drain flag.
+ENV NGINX_GRACEFUL_PID_FILE=/run/nginx-graceful/nginx.pid
+# The official image's user nginx, by number so that Kubernetes' runAsNonRoot can check it.
+USER 101:101
+# 8080: nginx (default.conf). 8081: the supervisor's /healthz and /readyz.
+EXPOSE 8080 8081
+# SIGTERM on purpose, where the official image sets SIGQUIT (nginx's graceful quit, which closes
+# the listeners at once): the supervisor turns SIGTERM into the ordered drain (readiness fails,
+# keep-alive clients are told to close, the propagation delay) and only then sends nginx
+# SIGQUIT. A SIGQUIT to the supervisor would skip the propagation delay.
+STOPSIGNAL SIGTERM
+# Replaces the official image's /docker-entrypoint.sh: the supervisor is PID 1.
+ENTRYPOINT ["nginx-graceful", "run", "--"]
+CMD ["nginx", "-g", "daemon off;"]
