@@ -1,15 +1,51 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need and a fresh Debian machine lacks: nginx, curl and
-# unshare (util-linux). Does nothing when everything is there already.
+# unshare (util-linux); kubectl and kubernetes-validate for deploy/kubernetes. Does nothing when
+# everything is there already.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 need=()
 command -v nginx >/dev/null || need+=(nginx)
 command -v curl >/dev/null || need+=(curl)
 command -v unshare >/dev/null || need+=(util-linux)
-[ ${#need[@]} -eq 0 ] && exit 0
+# tests/image.rs brings up loopback in the network namespace it runs the image in.
+command -v ip >/dev/null || need+=(iproute2)
+# deploy/kubernetes (tests/kubernetes.rs): kubectl renders the manifests with its kustomize, and
+# kubernetes-validate (PyPI, through pip) checks them against the Kubernetes API schemas.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+has_validator() { python3 -c 'import kubernetes_validate' 2>/dev/null; }
+has_validator || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# Not in every Debian release: without it only tests/kubernetes.rs fails, and says why.
+optional=()
+command -v kubectl >/dev/null || optional+=(kubernetes-client)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "installing: ${need[*]}" >&2
-$sudo apt-get update -q
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
+  echo "installing: ${need[*]} ${optional[*]}" >&2
+  $sudo apt-get update -q
+  [ ${#need[@]} -eq 0 ] \
+    || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+  [ ${#optional[@]} -eq 0 ] \
+    || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${optional[@]}" \
+    || echo "warning: cannot install ${optional[*]}" >&2
+fi
+if ! has_validator; then
+  echo "installing: kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip)" >&2
+  # Debian's own Python refuses pip installs (externally managed) unless told: this is a test
+  # tool (as root it goes to /usr/local, beside Debian's packages and not over them; else to
+  # ~/.local).
+  user=()
+  [ "$(id -u)" -eq 0 ] || user=(--user)
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q "${user[@]}" \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+# Debian 12's kubernetes-client is kubectl 1.20, whose kustomize (v2.0.3) cannot build the
+# manifests: they use `replacements` and directories in `resources` (kustomize v4.1, kubectl 1.22).
+kubectl_version=$(kubectl version --client -o json 2>/dev/null | python3 -c \
+  'import json, sys; v = json.load(sys.stdin)["clientVersion"]; print(v["minor"].rstrip("+"), v["gitVersion"])' \
+  2>/dev/null || echo "0 none")
+if [ "${kubectl_version%% *}" -lt 22 ]; then
+  echo "warning: tests/kubernetes.rs needs kubectl 1.22 or later (kustomize v4.1 or later), and" \
+    "kubectl here is ${kubectl_version#* }: install a current kubectl from the Kubernetes" \
+    "project's packages (https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/)" >&2
+fi
