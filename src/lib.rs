@@ -8,7 +8,7 @@
 //!    [`plan::DrainPlan`], a pure timeline of hooks, delay, quit window and escalation.
 //!    [`signals`]: every handler is installed before nginx starts, and each signal becomes a
 //!    [`signals::Trigger`]. [`watch`]: a change of the config's contents on disk. [`control`]: a
-//!    `drain` or `reload` request from a hook on the supervisor's Unix socket.
+//!    `drain`, `reload` or `status` request on the supervisor's Unix socket.
 //! 2. [`supervisor`] (`run`): the one `select!` loop that owns the nginx master. It starts nginx
 //!    after `nginx -T`, forwards signals, runs reloads beside the loop, and on a drain trigger
 //!    runs [`drain`]. [`prestop`] (`drain`) runs the same drain without a supervisor, on a master
@@ -23,6 +23,11 @@
 //! 5. [`reaper`]: as PID 1 or child subreaper, reaps every zombie and hands exit statuses to
 //!    whoever spawned the process.
 //! 6. `main` maps the outcome or the [`error::Error`] to one exit code and one line.
+//!
+//! What the supervisor knows at any moment ([`live`]: phase, master, generations, last reload)
+//! is read by the probes ([`health`]), by `/metrics` ([`metrics`]) and by [`status`], which
+//! without a supervisor reads the same from the pid file and /proc. Connections are counted from
+//! the kernel's socket table ([`nginx::sock_diag`], [`nginx::connections`]).
 //!
 //! Beside the supervisor, two commands prove it: [`soak`] loads a server and classifies every
 //! failed request; [`rehearse`] plays a Kubernetes rolling termination on one machine (pods as
