@@ -65,8 +65,11 @@ fn mapped(addr: &SocketAddr) -> Option<std::net::IpAddr> {
 }
 
 /// Established connections to `listeners`: accepted or waiting to be. `None` when the kernel's
-/// table cannot be read.
+/// table cannot be read, or no listener was found (the master's fds were not readable).
 pub fn to_listeners(listeners: &Listeners) -> Option<usize> {
+    if listeners.is_empty() {
+        return None;
+    }
     let mut ports: Vec<u16> = listeners.0.iter().map(SocketAddr::port).collect();
     ports.dedup();
     // Only the families nginx listens on: each dump walks the kernel's whole table. An IPv4
@@ -153,6 +156,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let listeners = Listeners(vec![addr]);
         assert_eq!(to_listeners(&listeners), Some(0));
+        assert_eq!(to_listeners(&Listeners::default()), None, "not counted is not 0");
         let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
         // Not accepted yet: still connections nginx must serve.
         assert_eq!(to_listeners(&listeners), Some(3));
