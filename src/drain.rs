@@ -61,6 +61,9 @@ pub struct Drain<'a> {
     pub tree: NginxTree,
     /// Notified to cut the propagation delay short (a second Ctrl-C).
     pub skip_delay: &'a Notify,
+    /// nginx's `worker_shutdown_timeout`, when known: the connections still open when it fires
+    /// are the ones nginx closes itself, and the drain reports how many.
+    pub shutdown_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,9 @@ pub struct DrainOutcome {
     /// Established connections when SIGQUIT went out; `None` when nginx was gone before the
     /// count finished (it had nothing in flight worth waiting for).
     pub connections_at_quit: Option<usize>,
+    /// Connections still open when nginx's worker_shutdown_timeout fired, which nginx then
+    /// closed itself (WebSockets, streams, slow downloads); `None` when the timeout is unknown.
+    pub closed_by_shutdown_timeout: Option<usize>,
     pub killed: usize,
     pub elapsed: Duration,
 }
@@ -91,6 +97,7 @@ impl DrainOutcome {
             "exit_code": self.exit_code(),
             "elapsed_ms": self.elapsed.as_millis() as u64,
             "connections_at_quit": self.connections_at_quit,
+            "closed_by_shutdown_timeout": self.closed_by_shutdown_timeout,
             "killed": self.killed,
         })
     }
@@ -136,8 +143,12 @@ impl Drain<'_> {
         );
         // Counted beside the wait, off this thread: neither the exit of the last nginx process
         // nor a signal waits for the kernel's socket table.
-        let counting = count_connections(listeners);
-        self.finish(&mut processes, counting, started).await
+        let counting = count_connections(listeners.clone());
+        let before_timeout = self
+            .shutdown_timeout
+            .map(|timeout| count_before_shutdown_timeout(listeners, timeout));
+        self.finish(&mut processes, counting, before_timeout, started)
+            .await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
@@ -154,7 +165,7 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(&mut processes, counting, started).await
+        self.finish(&mut processes, counting, None, started).await
     }
 
     /// Every nginx process, held by pidfd.
@@ -168,6 +179,7 @@ impl Drain<'_> {
         &self,
         processes: &mut Processes,
         counting: tokio::task::JoinHandle<Option<usize>>,
+        before_timeout: Option<tokio::task::JoinHandle<Option<usize>>>,
         started: Instant,
     ) -> DrainOutcome {
         let (escalated, killed) = self.stop(processes, started).await;
@@ -175,11 +187,21 @@ impl Drain<'_> {
             true => counting.await.ok().flatten(),
             false => None,
         };
+        // nginx was done before its timeout fired: it closed nothing.
+        let closed_by_shutdown_timeout = match before_timeout {
+            Some(count) if count.is_finished() => count.await.ok().flatten(),
+            Some(count) => {
+                count.abort();
+                Some(0)
+            }
+            None => None,
+        };
         self.phases
             .enter(Phase::Stopped, "every nginx process has exited");
         DrainOutcome {
             escalated,
             connections_at_quit,
+            closed_by_shutdown_timeout,
             killed,
             elapsed: started.elapsed(),
         }
@@ -267,6 +289,22 @@ impl Drain<'_> {
     }
 }
 
+/// The connections open just before nginx's worker_shutdown_timeout fires (counted from
+/// SIGQUIT): the ones nginx is about to close. One timer, not a poll.
+fn count_before_shutdown_timeout(
+    listeners: Listeners,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Option<usize>> {
+    const JUST_BEFORE: Duration = Duration::from_millis(50);
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout.saturating_sub(JUST_BEFORE)).await;
+        tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
+            .await
+            .ok()
+            .flatten()
+    })
+}
+
 /// Established connections to nginx's listeners, counted off the runtime's thread.
 fn count_connections(listeners: Listeners) -> tokio::task::JoinHandle<Option<usize>> {
     tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
@@ -307,15 +345,21 @@ pub fn log_summary(outcome: &Value, how: &str) -> i32 {
         outcome = outcome["outcome"].as_str().unwrap_or("unknown"),
         elapsed_ms = elapsed.as_millis() as u64,
         connections_at_quit = outcome["connections_at_quit"].as_u64(),
+        closed_by_shutdown_timeout = outcome["closed_by_shutdown_timeout"].as_u64(),
         killed = outcome["killed"].as_u64().unwrap_or(0),
         exit_code = code,
-        "{how}: {} in {}, {} connections at SIGQUIT, {} processes killed",
+        "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
         outcome["outcome"].as_str().unwrap_or("unknown"),
         fmt(elapsed),
         // Not counted when nginx was gone before the count was: it held nothing for long.
         outcome["connections_at_quit"]
             .as_u64()
             .map_or("uncounted".to_string(), |n| n.to_string()),
+        outcome["closed_by_shutdown_timeout"]
+            .as_u64()
+            .map_or(String::new(), |n| format!(
+                " {n} closed by worker_shutdown_timeout,"
+            )),
         outcome["killed"],
     );
     code

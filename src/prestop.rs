@@ -99,6 +99,8 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
         masters: masters.iter().map(|m| &m.pidfd).collect(),
         tree,
         skip_delay: &skip_delay,
+        // Set in nginx's config or not, a running nginx does not tell.
+        shutdown_timeout: None,
     };
     let outcome = drain.run(started).await;
     if let Err(err) = flag.lower() {

@@ -63,7 +63,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     } else {
         String::new()
     };
-    let nginx = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
+    let (nginx, shutdown_timeout) = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
     let mut watch = start_watch(&args, &config_dump);
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
@@ -94,6 +94,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             masters: vec![&master.pidfd],
             tree,
             skip_delay: &skip_delay,
+            shutdown_timeout,
         }
     };
 
@@ -263,29 +264,46 @@ async fn check_config(
 
 /// Long-lived connections (WebSockets, streams) never finish on their own: unless the config
 /// or `-g` sets it, nginx gets a `worker_shutdown_timeout` that makes it close them itself,
-/// cleanly, before the budget would make us escalate with signals.
-fn fit_worker_shutdown_timeout(nginx: NginxCommand, plan: &DrainPlan, config_dump: &str) -> NginxCommand {
-    let set_by_user = sets_directive(config_dump, "worker_shutdown_timeout")
-        || nginx.directives_set("worker_shutdown_timeout");
+/// cleanly, before the budget would make us escalate with signals. Returns the command and the
+/// timeout nginx will apply, when known.
+fn fit_worker_shutdown_timeout(
+    nginx: NginxCommand,
+    plan: &DrainPlan,
+    config_dump: &str,
+) -> (NginxCommand, Option<std::time::Duration>) {
+    if let Some(value) = directive_value(config_dump, "worker_shutdown_timeout") {
+        return (nginx, crate::cli::parse_duration(&value).ok());
+    }
+    if nginx.directives_set("worker_shutdown_timeout") {
+        return (nginx, None);
+    }
     match plan.worker_shutdown_timeout() {
-        Some(timeout) if nginx.is_nginx() && !set_by_user => {
+        Some(timeout) if nginx.is_nginx() => {
             let ms = timeout.as_millis();
             tracing::info!(
                 worker_shutdown_timeout_ms = ms as u64,
                 "nginx will close connections still open {ms}ms after SIGQUIT (worker_shutdown_timeout, not set in the config)"
             );
-            nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;"))
+            (
+                nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;")),
+                Some(timeout),
+            )
         }
-        _ => nginx,
+        _ => (nginx, None),
     }
 }
 
-/// Whether a config dump sets `directive` anywhere (outside comments).
-fn sets_directive(config_dump: &str, directive: &str) -> bool {
-    config_dump.lines().any(|line| {
+/// The value of `directive` where a config dump sets it (outside comments), as written.
+fn directive_value(config_dump: &str, directive: &str) -> Option<String> {
+    config_dump.lines().find_map(|line| {
         let line = line.trim_start();
-        !line.starts_with('#')
-            && line.split(|c: char| c.is_whitespace() || c == ';').next() == Some(directive)
+        if line.starts_with('#') {
+            return None;
+        }
+        let mut words = line
+            .split(|c: char| c.is_whitespace() || c == ';')
+            .filter(|w| !w.is_empty());
+        (words.next() == Some(directive)).then(|| words.next().unwrap_or_default().to_owned())
     })
 }
 
@@ -337,14 +355,19 @@ mod tests {
 
     #[test]
     fn a_directive_counts_only_where_it_is_set() {
-        for (dump, set) in [
-            ("worker_shutdown_timeout 10s;\n", true),
-            ("events {}\n    worker_shutdown_timeout 1m;\n", true),
-            ("# worker_shutdown_timeout 10s;\n", false),
-            ("worker_shutdown_timeouts 10s;\n", false),
-            ("", false),
+        for (dump, value) in [
+            ("worker_shutdown_timeout 10s;\n", Some("10s")),
+            ("events {}\n    worker_shutdown_timeout 1m;\n", Some("1m")),
+            ("worker_shutdown_timeout 30;\n", Some("30")),
+            ("# worker_shutdown_timeout 10s;\n", None),
+            ("worker_shutdown_timeouts 10s;\n", None),
+            ("", None),
         ] {
-            assert_eq!(sets_directive(dump, "worker_shutdown_timeout"), set, "{dump:?}");
+            assert_eq!(
+                directive_value(dump, "worker_shutdown_timeout").as_deref(),
+                value,
+                "{dump:?}"
+            );
         }
     }
 

@@ -213,6 +213,48 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
 }
 
 #[test]
+fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_counts_it() {
+    let site = Site::new();
+    let path = site.slow_path(30);
+    // worker_shutdown_timeout = 5 s - 1 s (margin) - 0.5 s (delay) - 1 s = 2.5 s after SIGQUIT.
+    let mut supervisor = start(
+        &site,
+        &[
+            "--grace-period",
+            "5s",
+            "--safety-margin",
+            "1s",
+            "--propagation-delay",
+            "500ms",
+        ],
+    );
+    let download = http::get_in_background(site.addr(), &path);
+    let idle = http::get_in_background(site.addr(), "/");
+    assert_eq!(idle.join().unwrap().map(|r| r.status.as_u16()), Ok(200));
+    common::wait_for_busy_worker(supervisor.pid);
+
+    supervisor.signal(SIGTERM);
+    assert_eq!(
+        code(supervisor.wait_exit(10 * SECONDS)),
+        0,
+        "nginx closed the download itself: no escalation"
+    );
+    let outcome = supervisor
+        .log
+        .events()
+        .into_iter()
+        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
+        .unwrap();
+    assert_eq!(outcome["outcome"], "clean", "{outcome}");
+    assert_eq!(outcome["killed"], 0, "{outcome}");
+    assert_eq!(outcome["closed_by_shutdown_timeout"], 1, "{outcome}");
+    assert!(
+        download.join().unwrap().is_err(),
+        "the download was cut by nginx's timeout"
+    );
+}
+
+#[test]
 fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
     let site = Site::new();
     let path = site.slow_path(30);
