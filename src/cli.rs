@@ -57,11 +57,22 @@ EXIT CODES:
   70   internal error
   other  nginx exited on its own: its exit code, or 128 + the signal that killed it
 
+CONTROLLER MODE (--pid-file, and a COMMAND that is not nginx):
+  For ingress images whose main process is a controller that starts nginx itself. COMMAND is
+  the controller; the nginx master is the process --pid-file names, read again at each use, so
+  a master the controller restarted is followed. On SIGTERM the drain above runs on nginx;
+  only when every nginx process has exited does the controller get SIGTERM (and SIGKILL at
+  G - M/2). SIGHUP, SIGUSR1, SIGUSR2 and SIGWINCH go to the nginx master; the controller owns
+  nginx's config, so there is no config test or watch, and nginx's worker_shutdown_timeout is
+  the controller's to set (below G - M - the propagation delay).
+
 EXAMPLES:
   nginx-graceful run
       nginx with the bundled config on port 8080, health on 8081; Ctrl-C shows the drain
   nginx-graceful run --grace-period 60s -- nginx -g 'daemon off;'
-      your own nginx, for a pod with terminationGracePeriodSeconds: 60";
+      your own nginx, for a pod with terminationGracePeriodSeconds: 60
+  nginx-graceful run --pid-file /tmp/nginx/nginx.pid -- /nginx-ingress-controller ...
+      ingress-nginx: the controller starts nginx; nginx drains before the controller stops";
 
 const DRAIN_ABOUT: &str = "\
 Drain nginx and block until it has exited: the preStop hook.
@@ -341,6 +352,12 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub reload: ReloadOptions,
+
+    /// nginx's pid file, when COMMAND is not nginx but a program that starts nginx itself (an
+    /// ingress controller). The nginx master it names is drained first; COMMAND gets SIGTERM
+    /// only once nginx has exited. With nginx as COMMAND this option changes nothing.
+    #[arg(long, value_name = "FILE", env = "NGINX_GRACEFUL_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
 
     /// Address the bundled config listens on (only without COMMAND).
     #[arg(

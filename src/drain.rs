@@ -347,6 +347,9 @@ pub fn log_summary(outcome: &Value, how: &str) -> i32 {
         connections_at_quit = outcome["connections_at_quit"].as_u64(),
         closed_by_shutdown_timeout = outcome["closed_by_shutdown_timeout"].as_u64(),
         killed = outcome["killed"].as_u64().unwrap_or(0),
+        // Controller mode: how the controller ended once nginx had.
+        controller_exit = outcome["controller_exit"].as_str(),
+        controller_killed = outcome["controller_killed"].as_bool(),
         exit_code = code,
         "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
         outcome["outcome"].as_str().unwrap_or("unknown"),

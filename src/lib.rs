@@ -36,6 +36,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod controller;
 pub mod drain;
 pub mod error;
 pub mod health;

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::controller::Controller;
 use crate::metrics::Metrics;
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::tree::ProcessTable;
@@ -16,40 +17,63 @@ use crate::phase::Phase;
 #[derive(Debug)]
 pub struct Live {
     phase: watch::Receiver<Phase>,
-    /// The nginx master's pid, 0 once it has exited.
-    master: AtomicI32,
+    /// The command's pid (the nginx master, or the controller), 0 once it has exited.
+    child: AtomicI32,
+    /// In controller mode, where the nginx master is found.
+    controller: Option<Controller>,
     pub generations: Generations,
     last_reload: Mutex<Option<Value>>,
     pub metrics: Metrics,
 }
 
 impl Live {
-    pub fn new(phase: watch::Receiver<Phase>, generations: Generations, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        phase: watch::Receiver<Phase>,
+        controller: Option<Controller>,
+        generations: Generations,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             phase,
-            master: AtomicI32::new(0),
+            child: AtomicI32::new(0),
+            controller,
             generations,
             last_reload: Mutex::new(None),
             metrics,
         })
     }
 
-    pub fn set_master(&self, pid: i32) {
-        self.master.store(pid, Ordering::Relaxed);
+    /// The command started, or 0 once it has exited.
+    pub fn set_child(&self, pid: i32) {
+        self.child.store(pid, Ordering::Relaxed);
     }
 
-    /// The master's pid, `None` once it has exited.
+    /// The controller's pid in controller mode.
+    pub fn controller(&self) -> Option<i32> {
+        self.controller.as_ref().and(self.child())
+    }
+
+    fn child(&self) -> Option<i32> {
+        Some(self.child.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
+    }
+
+    /// The nginx master's pid: the child, or in controller mode the master the pid file names
+    /// now. `None` when it is not running.
     pub fn master(&self) -> Option<i32> {
-        Some(self.master.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
+        let child = self.child()?;
+        match &self.controller {
+            Some(controller) => controller.nginx_master().map(|m| m.pidfd.pid()),
+            None => Some(child),
+        }
     }
 
     pub fn phase(&self) -> Phase {
         *self.phase.borrow()
     }
 
-    /// Liveness: the master runs.
+    /// Liveness: the command runs (the controller restarts an nginx that dies).
     pub fn live(&self) -> bool {
-        self.master().is_some()
+        self.child().is_some()
     }
 
     /// Ready when no drain has started and nginx serves: the master has started its workers,

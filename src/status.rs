@@ -49,6 +49,9 @@ pub fn of_supervisor(live: &Live) -> Value {
     };
     status["source"] = "supervisor".into();
     status["supervisor_pid"] = std::process::id().into();
+    if let Some(controller) = live.controller() {
+        status["controller_pid"] = controller.into();
+    }
     status["phase"] = live.phase().name().into();
     status["last_reload"] = live.last_reload().unwrap_or(Value::Null);
     status
@@ -140,6 +143,9 @@ pub fn table(status: &Value) -> String {
         _ => format!("the pid file {}", status["pid_file"].as_str().unwrap_or("?")),
     };
     out.push_str(&format!("{:<13}{source}\n", "from"));
+    if let Some(pid) = status["controller_pid"].as_i64() {
+        out.push_str(&format!("{:<13}pid {pid} (starts nginx itself)\n", "controller"));
+    }
     if let Some(phase) = status["phase"].as_str() {
         out.push_str(&format!("{:<13}{phase}\n", "phase"));
     }

@@ -7,6 +7,7 @@ use tokio::sync::Notify;
 
 use crate::cli::{HealthListen, RunArgs};
 use crate::control::{ControlRequest, ControlServer};
+use crate::controller::Controller;
 use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
 use crate::error::{Error, exit};
 use crate::health;
@@ -41,6 +42,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     } else {
         NginxCommand::custom(args.command.clone())
     };
+    // A controller that starts nginx itself: nginx is found through its pid file. With nginx
+    // itself as the command, the pid file is only where nginx writes its pid.
+    let controller = args
+        .pid_file
+        .clone()
+        .filter(|_| !nginx.is_nginx())
+        .map(Controller::new);
     let health_listener = match args.health_listen {
         HealthListen::On(addr) => Some(health::bind(addr)?),
         HealthListen::Off => None,
@@ -51,12 +59,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let generations = reload::Generations::default();
     let live = Live::new(
         phases.subscribe(),
+        controller.clone(),
         generations.clone(),
         Metrics::new(nginx_errors.worker_crashes.clone()),
     );
     let mut control = ControlServer::start(runtime.path(), &phases, live.clone())?;
     let flag = runtime.flag();
-    tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, "starting");
+    tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, controller_mode = controller.is_some(), "starting");
 
     let config_dump = if nginx.is_nginx() {
         check_config(&nginx, &reaper, &flag).await?
@@ -68,34 +77,43 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
     let master_pid = master.pidfd.pid();
-    live.set_master(master_pid);
+    live.set_child(master_pid);
     if let Some(listener) = health_listener {
         tokio::spawn(health::serve(listener, live.clone()));
     }
-    phases.enter(
-        Phase::Serving,
-        &format!("nginx started (master pid {master_pid})"),
-    );
+    match &controller {
+        Some(c) => phases.enter(
+            Phase::Serving,
+            &format!(
+                "controller started (pid {master_pid}); its nginx is found through {}",
+                c.pid_file().display()
+            ),
+        ),
+        None => phases.enter(
+            Phase::Serving,
+            &format!("nginx started (master pid {master_pid})"),
+        ),
+    }
 
     let skip_delay = Notify::new();
-    let drain = |plan| {
-        // Read when the drain starts: by then the child has exec'd nginx, even through a wrapper.
-        let comm = ProcStat::read(master_pid).map_or_else(|| command_name(&nginx), |stat| stat.comm);
-        let tree = NginxTree {
+    // Read when the drain starts: by then the child has exec'd nginx, even through a wrapper.
+    let nginx_comm = || match &controller {
+        Some(_) => "nginx".to_owned(),
+        None => ProcStat::read(master_pid).map_or_else(|| command_name(&nginx), |stat| stat.comm),
+    };
+    let drain = |plan, masters, comm| Drain {
+        plan,
+        phases: &phases,
+        reaper: &reaper,
+        flag: &flag,
+        masters,
+        tree: NginxTree {
             roots: vec![std::process::id() as i32],
             include_roots: false,
             comm,
-        };
-        Drain {
-            plan,
-            phases: &phases,
-            reaper: &reaper,
-            flag: &flag,
-            masters: vec![&master.pidfd],
-            tree,
-            skip_delay: &skip_delay,
-            shutdown_timeout,
-        }
+        },
+        skip_delay: &skip_delay,
+        shutdown_timeout,
     };
 
     // Serving: until a drain trigger, or nginx ends on its own. A reload runs beside the loop,
@@ -120,12 +138,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             biased;
             status = &mut master.exit => {
                 let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
-                live.set_master(0);
+                live.set_child(0);
                 live.metrics.master_exited_unexpectedly();
-                tracing::error!(pid = master_pid, %status, "nginx master exited on its own");
+                let what = if controller.is_some() { "the controller" } else { "the nginx master" };
+                tracing::error!(pid = master_pid, %status, "{what} exited on its own");
                 drop(reloading.take());
                 reloads.refuse_all();
-                let outcome = drain(&plan).orphans(Instant::now()).await;
+                let outcome = drain(&plan, Vec::new(), nginx_comm()).orphans(Instant::now()).await;
                 reaper.reap_now();
                 let _ = flag.lower();
                 let mut report = outcome.to_json();
@@ -145,17 +164,22 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay");
                     break (plan.without_delay(), Instant::now());
                 }
+                // The controller owns nginx's config: a SIGHUP is nginx's plain reload.
+                Trigger::Reload if controller.is_some() => forward_to_nginx(&controller, &master.pidfd, nix::sys::signal::Signal::SIGHUP),
                 Trigger::Reload => {
                     if reloads.ask(None) {
                         reloading = Some(Box::pin(start_reload()));
                     }
                 }
-                Trigger::Forward(signal) => forward(&master.pidfd, signal),
+                Trigger::Forward(signal) => forward_to_nginx(&controller, &master.pidfd, signal),
             },
             Some(request) = control.requests.recv() => match request {
                 ControlRequest::Drain => {
                     tracing::info!("drain requested over the control socket (preStop hook)");
                     break (plan.clone(), Instant::now());
+                }
+                ControlRequest::Reload(reply) if controller.is_some() => {
+                    let _ = reply.send(reload::refused_because("the controller owns nginx's config and reloads it: change it through the controller"));
                 }
                 ControlRequest::Reload(reply) => {
                     tracing::info!("reload requested over the control socket");
@@ -166,7 +190,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             },
             Some(()) = async { watch.as_mut().expect("guarded").changes.recv().await }, if watch.is_some() => {
                 tracing::info!("the nginx config changed on disk");
-                if reloads.ask(None) {
+                if controller.is_some() {
+                    forward_to_nginx(&controller, &master.pidfd, nix::sys::signal::Signal::SIGHUP);
+                } else if reloads.ask(None) {
                     reloading = Some(Box::pin(start_reload()));
                 }
             }
@@ -188,7 +214,18 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     reloads.refuse_all();
 
     // Draining: signals keep arriving; only a second SIGINT (or a SIGQUIT) changes anything.
-    let draining = drain(&trigger_plan).run(started);
+    // In controller mode the master is the one the pid file names now (the controller may have
+    // restarted it), and none is fine: the controller had not started it, or it had died.
+    let nginx_master = controller.as_ref().and_then(Controller::nginx_master);
+    let masters = match (&controller, &nginx_master) {
+        (None, _) => vec![&master.pidfd],
+        (Some(_), Some(found)) => vec![&found.pidfd],
+        (Some(c), None) => {
+            tracing::warn!(pid_file = %c.pid_file().display(), "no nginx master to drain");
+            Vec::new()
+        }
+    };
+    let draining = drain(&trigger_plan, masters, nginx_comm()).run(started);
     tokio::pin!(draining);
     let mut master_status = None;
     let outcome: DrainOutcome = loop {
@@ -196,8 +233,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             outcome = &mut draining => break outcome,
             status = &mut master.exit, if master_status.is_none() => {
                 // Liveness follows the master even mid-drain.
-                live.set_master(0);
-                master_status = Some(status.unwrap_or(Exit::Code(exit::INTERNAL)));
+                live.set_child(0);
+                let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
+                if controller.is_some() {
+                    tracing::info!(pid = master_pid, %status, "the controller exited while nginx drains");
+                }
+                master_status = Some(status);
             }
             trigger = signals.next() => match trigger {
                 Trigger::Drain { signal: nix::sys::signal::Signal::SIGINT } | Trigger::DrainNow => {
@@ -206,7 +247,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 }
                 Trigger::Drain { signal } => tracing::info!(%signal, phase = %phases.current(), "already draining: the signal changes nothing"),
                 Trigger::Reload => tracing::warn!("reload refused: a drain has begun"),
-                Trigger::Forward(signal) => forward(&master.pidfd, signal),
+                Trigger::Forward(signal) => forward_to_nginx(&controller, &master.pidfd, signal),
             },
             Some(request) = control.requests.recv() => match request {
                 ControlRequest::Drain => tracing::info!(phase = %phases.current(), "drain requested over the control socket: already draining, the client follows this drain"),
@@ -217,18 +258,37 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             },
         }
     };
-    live.set_master(0);
-    reaper.reap_now();
-    if let Err(err) = flag.lower() {
-        tracing::warn!(%err, "cannot remove the drain flag");
-    }
     if master_status.is_none() {
         reaper.reap_now();
         master_status = master.exit.try_recv().ok();
     }
-    let mut report = outcome.to_json();
+    let mut report = match &controller {
+        Some(c) => {
+            // nginx is gone: only now may the controller hear SIGTERM.
+            let end = c
+                .stop(
+                    &master.pidfd,
+                    &mut master.exit,
+                    master_status,
+                    started + trigger_plan.kill_at,
+                )
+                .await;
+            // Whatever nginx it started since (a restart) goes the same way, within the budget.
+            let rest = drain(&trigger_plan, Vec::new(), nginx_comm())
+                .orphans(started)
+                .await;
+            controller_report(&outcome, &rest, end)
+        }
+        None => outcome.to_json(),
+    };
+    live.set_child(0);
+    reaper.reap_now();
+    if let Err(err) = flag.lower() {
+        tracing::warn!(%err, "cannot remove the drain flag");
+    }
     // A master that died during the drain (OOM-killed, say) did not quit cleanly.
-    if let Some(status) = master_status.filter(|s| !s.success() && !outcome.escalated) {
+    if let Some(status) = master_status.filter(|s| controller.is_none() && !s.success() && !outcome.escalated)
+    {
         tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
         report["outcome"] = "nginx_failed".into();
         report["exit_code"] = status.as_exit_code().into();
@@ -329,9 +389,36 @@ async fn flush(nginx_log: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
-fn forward(master: &PidFd, signal: nix::sys::signal::Signal) {
-    let delivered = master.signal(signal);
-    tracing::info!(%signal, pid = master.pid(), delivered, "signal forwarded to the nginx master");
+/// Signals for nginx go to the master: our child, or the one a controller's pid file names.
+fn forward_to_nginx(controller: &Option<Controller>, child: &PidFd, signal: nix::sys::signal::Signal) {
+    match controller {
+        Some(controller) => controller.forward(signal),
+        None => {
+            let delivered = child.signal(signal);
+            tracing::info!(%signal, pid = child.pid(), delivered, "signal forwarded to the nginx master");
+        }
+    }
+}
+
+/// The outcome in controller mode: nginx's drain, anything the controller started meanwhile,
+/// and how the controller ended. Its own exit status is reported, not passed on: ingress-nginx
+/// exits 1 when its `nginx -s quit` finds nginx already gone, which is our doing.
+fn controller_report(
+    drained: &DrainOutcome,
+    rest: &DrainOutcome,
+    end: crate::controller::ControllerEnd,
+) -> serde_json::Value {
+    let escalated = drained.escalated || rest.escalated || end.killed;
+    let mut report = DrainOutcome {
+        escalated,
+        killed: drained.killed + rest.killed + usize::from(end.killed),
+        elapsed: rest.elapsed.max(drained.elapsed),
+        ..drained.clone()
+    }
+    .to_json();
+    report["controller_exit"] = end.status.map(|s| s.to_string()).into();
+    report["controller_killed"] = end.killed.into();
+    report
 }
 
 /// The kernel's name for the processes the command becomes: the file name, cut to 15 bytes.

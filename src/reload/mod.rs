@@ -18,7 +18,7 @@ mod command;
 mod queue;
 
 pub use command::{argv_from_title, command};
-pub use queue::{ReloadQueue, refused};
+pub use queue::{ReloadQueue, refused, refused_because};
 
 /// How often the worker list is read while a reload is being confirmed. No event announces a
 /// fork in another process, so this is the one place that looks repeatedly, and only for

@@ -59,5 +59,9 @@ impl ReloadQueue {
 }
 
 pub fn refused() -> serde_json::Value {
-    serde_json::json!({"event": "reload", "outcome": "refused", "reason": "a drain has begun: nginx is shutting down"})
+    refused_because("a drain has begun: nginx is shutting down")
+}
+
+pub fn refused_because(reason: &str) -> serde_json::Value {
+    serde_json::json!({"event": "reload", "outcome": "refused", "reason": reason})
 }
