@@ -12,7 +12,9 @@
 //! 2. [`supervisor`] (`run`): the one `select!` loop that owns the nginx master. It starts nginx
 //!    after `nginx -T`, forwards signals, runs reloads beside the loop, and on a drain trigger
 //!    runs [`drain`]. [`prestop`] (`drain`) runs the same drain without a supervisor, on a master
-//!    found through its pid file ([`nginx::pidfile`]).
+//!    found through its pid file ([`nginx::pidfile`]). In [`controller`] mode the child is an
+//!    ingress controller: the master is the one its pid file names, drained before the
+//!    controller hears SIGTERM.
 //! 3. [`reload`]: test, bound the old worker generations, SIGHUP, confirm the new generation or
 //!    report nginx's reason (read from its stderr, [`nginx::log`]).
 //! 4. [`drain`]: the ordered drain, one [`phase::Phase`] after another: readiness fails
