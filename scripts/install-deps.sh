@@ -10,6 +10,10 @@ command -v curl >/dev/null || need+=(curl)
 command -v unshare >/dev/null || need+=(util-linux)
 # tests/image.rs brings up loopback in the network namespace it runs the image in.
 command -v ip >/dev/null || need+=(iproute2)
+# tests/protocols.rs makes a self-signed certificate for its TLS servers, and proxies TCP with
+# nginx's stream module, a dynamic module in Debian's nginx.
+command -v openssl >/dev/null || need+=(openssl)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 # deploy/kubernetes (tests/kubernetes.rs): kubectl renders the manifests with its kustomize, and
 # kubernetes-validate (PyPI, through pip) checks them against the Kubernetes API schemas.
 KUBERNETES_VALIDATE_VERSION=1.37.0

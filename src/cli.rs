@@ -151,6 +151,8 @@ FAILURE CLASSES:
   timeout          no complete response within --timeout
   malformed        bytes that are not an HTTP/1 response
   http-5xx         the server answered 500 to 599
+  tls              the TLS handshake failed for TLS's reasons (certificate not trusted, no
+                   protocol in common); a handshake cut by the server is reset-new or eof
 
 A worker whose request fails without a response waits 10 ms before its next one, so that a
 server that is down is not hammered.
@@ -162,7 +164,8 @@ EXIT CODES:
 
 EXAMPLES:
   nginx-graceful soak --url http://127.0.0.1:8080/ -c 32 --duration 30s
-  nginx-graceful soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json";
+  nginx-graceful soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json
+  nginx-graceful soak --url https://my-ingress.example/ --cacert ca.pem -c 8";
 
 const REHEARSE_ABOUT: &str = "\
 Rehearse a Kubernetes rolling termination on this machine, with no cluster, and count every
@@ -198,6 +201,7 @@ EXAMPLES:
   nginx-graceful rehearse --compare --plot rehearsal.svg
   nginx-graceful rehearse --compare nginx-graceful,naive --propagation-lag 3s --repeat 10
   nginx-graceful rehearse --config my-nginx.conf --path-mix '/=80,/api/slow=20'
+  nginx-graceful rehearse --config my-tls.conf --tls     (listen @LISTEN@ ssl; in the config)
   nginx-graceful rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT";
 
 #[derive(Debug, Parser)]
@@ -430,8 +434,8 @@ pub struct ReloadArgs {
 
 #[derive(Debug, Args)]
 pub struct SoakArgs {
-    /// What to load: a plain HTTP URL, like http://127.0.0.1:8080/. Its path is requested
-    /// unless --path-mix is given.
+    /// What to load: an http:// or https:// URL, like http://127.0.0.1:8080/. Its path is
+    /// requested unless --path-mix is given. HTTP/1.1 either way.
     #[arg(long, value_name = "URL")]
     pub url: String,
 
@@ -471,9 +475,17 @@ pub struct SoakArgs {
     #[arg(long, value_name = "FILE")]
     pub timeline: Option<PathBuf>,
 
-    /// A connect that takes longer fails as connect-timeout.
+    /// A connect (with the TLS handshake, for https) that takes longer fails as connect-timeout.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+
+    /// For https: trust the CA certificates in FILE (PEM) instead of the system's.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    pub cacert: Option<PathBuf>,
+
+    /// For https: trust any certificate (the handshake is still checked), as `curl -k`.
+    #[arg(long, short = 'k')]
+    pub insecure: bool,
 
     /// A response not complete by then fails as timeout.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -510,6 +522,11 @@ pub struct RehearseArgs {
     /// The pod's terminationGracePeriodSeconds: SIGKILL when it is over.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub grace_period: Duration,
+
+    /// The pods serve HTTPS: your --config says `listen @LISTEN@ ssl;` and names a certificate.
+    /// The load and the readiness checks speak TLS, trusting any certificate (as `curl -k`).
+    #[arg(long)]
+    pub tls: bool,
 
     /// Your nginx config, with `listen @LISTEN@;` where each pod's address goes and
     /// @RUNTIME_DIR@ for the pod's own directory (pid file, temp paths, drain snippet)

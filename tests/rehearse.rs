@@ -66,6 +66,52 @@ fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
     assert_eq!(output.status.code(), Some(1), "a failed request fails the run");
 }
 
+#[test]
+fn over_tls_the_rehearsal_tells_the_same_story() {
+    let dir = common::TempDir::new("rehearse-tls");
+    let certificate = common::TestCertificate::make(&dir.0);
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx-conf/rehearsal.conf")).unwrap();
+    let config = shipped.replace(
+        "listen @LISTEN@;",
+        &format!(
+            "listen @LISTEN@ ssl;\n        ssl_certificate {};\n        ssl_certificate_key {};",
+            certificate.cert.display(),
+            certificate.key.display()
+        ),
+    );
+    assert_ne!(config, shipped, "the shipped config listens on @LISTEN@");
+    let path = dir.0.join("tls.conf");
+    std::fs::write(&path, config).unwrap();
+
+    let output = Command::new(BIN)
+        .args([
+            "rehearse",
+            "--compare",
+            "nginx-graceful,naive",
+            "--json",
+            "--tls",
+            "--config",
+        ])
+        .arg(&path)
+        .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
+        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "2s")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    let [graceful, naive] = report["rehearsals"].as_array().unwrap().as_slice() else {
+        panic!("two rehearsals: {report}");
+    };
+    for mode in ["close", "keep-alive"] {
+        let summary = &graceful["modes"][mode];
+        assert_eq!(summary["failed"], 0, "{mode}: {summary}");
+        assert!(summary["requests"].as_u64().unwrap() > 300, "{mode}: {summary}");
+    }
+    assert_eq!(graceful["exit"], "exit 0");
+    assert!(naive["modes"]["close"]["failed"].as_u64().unwrap() > 0, "{naive}");
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -198,3 +198,87 @@ fn keepalive_reuses_connections_and_no_keepalive_never_does() {
         );
     }
 }
+
+/// nginx serving HTTPS on loopback with a self-signed certificate; stopped on drop.
+struct TlsNginx {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+    _dir: common::TempDir,
+}
+
+impl TlsNginx {
+    fn start() -> Self {
+        let dir = common::TempDir::new("soak-tls");
+        let certificate = common::TestCertificate::make(&dir.0);
+        let port = free_port();
+        let d = dir.0.display();
+        let config = format!(
+            "pid {d}/nginx.pid;
+error_log stderr warn;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {d}/cb; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+    uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{ return 200 \"ok\\n\"; }}
+    }}
+}}
+",
+            cert = certificate.cert.display(),
+            key = certificate.key.display(),
+        );
+        let path = dir.0.join("nginx.conf");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("nginx")
+            .args(["-e", "stderr", "-c"])
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        common::wait_until("nginx to listen", Duration::from_secs(5), || {
+            TcpStream::connect(addr).is_ok()
+        });
+        Self {
+            child,
+            port,
+            ca: certificate.ca,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsNginx {
+    fn drop(&mut self) {
+        // The master first: its workers exit with it.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_is_loaded_over_tls_and_an_untrusted_certificate_is_a_tls_failure() {
+    let nginx = TlsNginx::start();
+    let url = format!("https://127.0.0.1:{}/", nginx.port);
+    let ca = nginx.ca.display().to_string();
+    for (trust, keepalive) in [
+        (["--cacert", ca.as_str()], "--keepalive"),
+        (["--insecure", "--keepalive"], "--no-keepalive"),
+    ] {
+        let (code, report) = soak(&url, &[&trust[..], &[keepalive, "-c", "4", "-n", "200"]].concat());
+        assert_eq!(code, 0, "{trust:?} {keepalive}: {report}");
+        assert_eq!(report["requests"], 200, "{report}");
+        assert_eq!(report["failed"], 0, "{report}");
+    }
+    // The system's roots do not know a self-signed certificate: every handshake fails, as TLS.
+    let (code, report) = soak(&url, &["-c", "2", "-n", "10"]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failures(&report), [("tls".to_owned(), 10)], "{report}");
+}

@@ -23,6 +23,7 @@ use crate::error::{Error, exit};
 use crate::reaper::Exit;
 use crate::soak::client::{self, Load, Progress};
 use crate::soak::report::summarize;
+use crate::soak::tls::{Tls, Trust};
 use pod::{HookEnd, Pod, PodExit};
 use report::{Event, EventKind, ModeResult, Rehearsal};
 use service::Service;
@@ -80,11 +81,17 @@ pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
         .map_err(Error::internal("cannot find this program's path"))?
         .to_string_lossy()
         .into_owned();
+    // The pods' certificate is whatever the config names: trusted as it is, as `curl -k`.
+    let tls = match args.tls {
+        true => Some(Tls::new("rehearsal.local", Trust::Insecure).map_err(Error::Rehearsal)?),
+        false => None,
+    };
     let settings = Settings {
         args: &args,
         template,
         custom,
         graceful,
+        tls,
     };
     let mut rehearsals = Vec::new();
     let mut outcome = Ok(());
@@ -133,6 +140,8 @@ struct Settings<'a> {
     template: String,
     custom: Custom,
     graceful: String,
+    /// With --tls: how the load and the readiness checks speak to the pods.
+    tls: Option<Tls>,
 }
 
 fn presets(args: &RehearseArgs) -> Result<Vec<Preset>, Error> {
@@ -224,7 +233,8 @@ async fn rehearse(
     // Each pod's commands name its own files: the terminated pod's are the ones that run.
     let strategy = strategies.swap_remove(TERMINATED);
     for pod in &pods {
-        pod.wait_serving(Duration::from_secs(15)).await?;
+        pod.wait_serving(settings.tls.as_ref(), Duration::from_secs(15))
+            .await?;
     }
     let service = Service::start(
         SocketAddr::new(IpAddr::V4(SERVICE_IP), 0),
@@ -251,6 +261,7 @@ async fn rehearse(
             duration: bound,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(5),
+            tls: settings.tls.clone(),
         });
         let progress = Arc::new(Progress::default());
         let running = tokio::spawn(client::run(load, start, progress.clone()));

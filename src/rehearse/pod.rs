@@ -18,6 +18,7 @@ use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree::ProcessTable;
 use crate::reaper::Exit;
 use crate::soak::client::probe;
+use crate::soak::tls::Tls;
 
 pub struct Pod {
     pub name: String,
@@ -85,10 +86,10 @@ impl Pod {
 
     /// Waits until the pod answers HTTP on `/`; fails early when the pod exits instead. A
     /// connect alone proves nothing: `nginx -t`, run before nginx starts, listens for a moment.
-    pub async fn wait_serving(&self, timeout: Duration) -> Result<(), Error> {
+    pub async fn wait_serving(&self, tls: Option<&Tls>, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            if probe(self.addr, "/", Duration::from_secs(1))
+            if probe(self.addr, "/", tls.cloned(), Duration::from_secs(1))
                 .await
                 .is_ok_and(|status| status < 500)
             {

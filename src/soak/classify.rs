@@ -29,10 +29,13 @@ pub enum Failure {
     Malformed,
     /// The server answered 500..=599.
     Http5xx,
+    /// The TLS handshake failed for TLS's own reasons: a certificate not trusted, no protocol
+    /// or cipher in common.
+    Tls,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 10] = [
+    pub const ALL: [Failure; 11] = [
         Failure::Refused,
         Failure::ConnectTimeout,
         Failure::ConnectError,
@@ -43,6 +46,7 @@ impl Failure {
         Failure::Timeout,
         Failure::Malformed,
         Failure::Http5xx,
+        Failure::Tls,
     ];
 
     /// The short name in reports, JSON and timelines.
@@ -58,6 +62,7 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::Malformed => "malformed",
             Failure::Http5xx => "http-5xx",
+            Failure::Tls => "tls",
         }
     }
 
@@ -74,6 +79,7 @@ impl Failure {
             Failure::Timeout => "no complete response within the timeout",
             Failure::Malformed => "not an HTTP/1 response",
             Failure::Http5xx => "HTTP 5xx from the server",
+            Failure::Tls => "the TLS handshake failed (certificate, protocol)",
         }
     }
 

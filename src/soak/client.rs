@@ -41,6 +41,8 @@ pub struct Load {
     pub duration: Duration,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// HTTPS: the TLS client and the server's name; plain HTTP when `None`.
+    pub tls: Option<super::tls::Tls>,
 }
 
 /// One request as the client saw it.
@@ -204,7 +206,12 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
 
 /// One GET of `path` on a new connection: the status, or how it failed. For readiness checks,
 /// where a successful connect proves little (`nginx -t` listens for a moment, for one).
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, Failure> {
+pub async fn probe(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<super::tls::Tls>,
+    timeout: Duration,
+) -> Result<u16, Failure> {
     let load = Load {
         addr,
         host: addr.to_string(),
@@ -216,6 +223,7 @@ pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u1
         duration: timeout,
         connect_timeout: timeout,
         response_timeout: timeout,
+        tls,
     };
     let deadline = tokio::time::Instant::now() + timeout;
     request(&load, &Prepared::new(&load), &mut None, 0, deadline)
@@ -408,6 +416,18 @@ impl Connection {
             Ok(Ok(stream)) => stream,
         };
         let _ = stream.set_nodelay(true);
+        let stream = match &load.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(tls.server_name.clone(), stream);
+                match tokio::time::timeout(load.connect_timeout, handshake).await {
+                    Err(_) => return Err(Failure::ConnectTimeout),
+                    Ok(Err(e)) => return Err(tls_failure(&e)),
+                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
+                }
+            }
+        };
         let received = Arc::new(AtomicU64::new(0));
         let metered = Metered {
             stream,
@@ -427,11 +447,41 @@ impl Connection {
     }
 }
 
-/// A TCP stream that counts the bytes it reads.
+/// A handshake that failed: cut by the server (as any new connection can be), or refused by
+/// TLS itself (a certificate not trusted, no common protocol).
+fn tls_failure(error: &io::Error) -> Failure {
+    match error.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
+            Failure::ResetNew
+        }
+        io::ErrorKind::UnexpectedEof => Failure::Eof,
+        _ => Failure::Tls,
+    }
+}
+
+/// A connection to the server, with or without TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// A stream that counts the bytes it reads (after TLS: response bytes, not records).
 struct Metered {
-    stream: TcpStream,
+    stream: Stream,
     received: Arc<AtomicU64>,
 }
+
+impl Stream {
+    fn pinned(&mut self) -> Pin<&mut (dyn AsyncReadWrite + Send)> {
+        match self {
+            Stream::Plain(stream) => Pin::new(stream),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncReadWrite for T {}
 
 impl AsyncRead for Metered {
     fn poll_read(
@@ -440,7 +490,7 @@ impl AsyncRead for Metered {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let polled = self.stream.pinned().poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
             self.received.fetch_add(read as u64, Ordering::Relaxed);
@@ -451,14 +501,14 @@ impl AsyncRead for Metered {
 
 impl AsyncWrite for Metered {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        self.stream.pinned().poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        self.stream.pinned().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        self.stream.pinned().poll_shutdown(cx)
     }
 }

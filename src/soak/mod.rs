@@ -6,6 +6,7 @@ pub mod classify;
 pub mod client;
 pub mod mix;
 pub mod report;
+pub mod tls;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::cli::SoakArgs;
 use crate::error::{Error, exit};
 use client::{Load, Progress};
 use mix::PathMix;
+use tls::{Tls, Trust};
 
 /// Without --duration or --requests a soak runs this long; with only --requests, at most
 /// [`REQUESTS_TIME_LIMIT`].
@@ -68,6 +70,21 @@ pub async fn command(args: SoakArgs) -> Result<i32, Error> {
 
 async fn load_from(args: &SoakArgs) -> Result<Load, Error> {
     let target = Target::parse(&args.url).await?;
+    let tls = match &target.tls_name {
+        None => None,
+        Some(name) => {
+            let trust = match (&args.cacert, args.insecure) {
+                (Some(file), _) => Trust::CaFile(file),
+                (None, true) => Trust::Insecure,
+                (None, false) => Trust::System,
+            };
+            let tls = Tls::new(name, trust).map_err(|detail| Error::BadTarget {
+                url: args.url.clone(),
+                detail,
+            })?;
+            Some(tls)
+        }
+    };
     Ok(Load {
         addr: target.addr,
         host: target.host,
@@ -86,6 +103,7 @@ async fn load_from(args: &SoakArgs) -> Result<Load, Error> {
         },
         connect_timeout: args.connect_timeout,
         response_timeout: args.timeout,
+        tls,
     })
 }
 
@@ -94,6 +112,8 @@ pub struct Target {
     pub addr: std::net::SocketAddr,
     pub host: String,
     pub path: String,
+    /// For https: the host name for SNI and the certificate.
+    pub tls_name: Option<String>,
 }
 
 impl Target {
@@ -103,11 +123,17 @@ impl Target {
             detail: why.to_owned(),
         };
         let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("soak speaks plain HTTP/1.1: give an http:// URL"));
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(bad(
+                    "soak speaks HTTP/1.1, plain or over TLS: give an http:// or https:// URL",
+                ));
+            }
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let addr = tokio::net::lookup_host((authority.host(), port))
             .await
             .ok()
@@ -117,6 +143,7 @@ impl Target {
             addr,
             host: authority.as_str().to_owned(),
             path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            tls_name: tls.then(|| authority.host().to_owned()),
         })
     }
 }

@@ -31,6 +31,93 @@ pub const DRAIN_PHASES: [&str; 7] = [
     "stopped",
 ];
 
+/// A server certificate for localhost and 127.0.0.1 and the test CA that signed it, made with
+/// openssl in a directory: all PEM.
+pub struct TestCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TestCertificate {
+    pub fn make(dir: &Path) -> Self {
+        let file = |name: &str| dir.join(name).display().to_string();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let steps: [Vec<String>; 3] = [
+            [
+                "req",
+                "-x509",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=nginx-graceful test CA",
+            ]
+            .iter()
+            .chain(&ec)
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), file("ca.key"), "-out".into(), file("ca.pem")])
+            .collect(),
+            ["req", "-subj", "/CN=localhost"]
+                .iter()
+                .chain(&ec)
+                .map(|s| s.to_string())
+                .chain(["-keyout".into(), file("key.pem"), "-out".into(), file("leaf.csr")])
+                .collect(),
+            [
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &file("leaf.csr"),
+                "-CA",
+                &file("ca.pem"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                [
+                    "-CAkey",
+                    &file("ca.key"),
+                    "-CAcreateserial",
+                    "-extfile",
+                    &file("leaf.ext"),
+                ]
+                .map(String::from),
+            )
+            .chain(["-out".into(), file("cert.pem")])
+            .collect(),
+        ];
+        for args in steps {
+            let output = Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Self {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+        }
+    }
+}
+
 /// A port that was free a moment ago, on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
