@@ -7,7 +7,8 @@ ARG NGINX_IMAGE=nginx:stable
 
 # A static (musl) binary: it needs nothing from the image it runs in, not even a libc.
 FROM rust:1-alpine AS build
-RUN apk add --no-cache musl-dev
+# gcc: ring (TLS for soak and rehearse) compiles C.
+RUN apk add --no-cache musl-dev gcc
 WORKDIR /src
 # Only what the build reads: src embeds the files of nginx-conf (include_str!), and cargo refuses
 # to start when a [[bench]] that Cargo.toml declares has no file.
