@@ -21,9 +21,10 @@ nginx-graceful is the container ENTRYPOINT: it runs nginx as its child, is a cor
 reaps every zombie) and turns the kubelet's SIGTERM into an ordered drain instead of nginx's fast
 shutdown, which cuts requests in flight.
 
-Every option can also be set through an environment variable, named after the option:
---grace-period is NGINX_GRACEFUL_GRACE_PERIOD. Durations read like 500ms, 5s, 1m30s; a bare
-number is seconds, as in terminationGracePeriodSeconds.";
+Every option of run, drain and reload (but run --pid-file) can also be set through an
+environment variable, named after the option: --grace-period is NGINX_GRACEFUL_GRACE_PERIOD.
+Durations read like 500ms, 5s, 1m30s; a bare number is seconds, as in
+terminationGracePeriodSeconds.";
 
 const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
@@ -359,8 +360,10 @@ pub struct RunArgs {
 
     /// nginx's pid file, when COMMAND is not nginx but a program that starts nginx itself (an
     /// ingress controller). The nginx master it names is drained first; COMMAND gets SIGTERM
-    /// only once nginx has exited. With nginx as COMMAND this option changes nothing.
-    #[arg(long, value_name = "FILE", env = "NGINX_GRACEFUL_PID_FILE")]
+    /// only once nginx has exited. With nginx as COMMAND this option changes nothing. No
+    /// environment variable: NGINX_GRACEFUL_PID_FILE is for drain, reload and status, and an
+    /// image that sets it must not turn a wrapper script into a controller.
+    #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
     /// Address the bundled config listens on (only without COMMAND).

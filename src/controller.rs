@@ -40,6 +40,12 @@ impl Controller {
         &self.pid_file
     }
 
+    /// The nginx master's pid now, for probes, metrics and status: `None` while the controller
+    /// has not started nginx, is restarting it, or the pid file is unusable (said at the drain).
+    pub fn current_master(&self) -> Option<i32> {
+        find_master(&self.pid_file).ok().flatten().map(|m| m.pidfd.pid())
+    }
+
     /// The nginx master the pid file names now, checked in /proc and pinned by a pidfd. `None`
     /// while the controller has not started nginx (or is restarting it).
     pub fn nginx_master(&self) -> Option<FoundMaster> {

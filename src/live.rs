@@ -62,7 +62,7 @@ impl Live {
     pub fn master(&self) -> Option<i32> {
         let child = self.child()?;
         match &self.controller {
-            Some(controller) => controller.nginx_master().map(|m| m.pidfd.pid()),
+            Some(controller) => controller.current_master(),
             None => Some(child),
         }
     }
