@@ -690,10 +690,16 @@ mod tests {
         let subcommands = cmd
             .get_subcommands()
             .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))
-            .flat_map(|sub| sub.get_arguments());
-        for arg in subcommands.chain(cmd.get_arguments()) {
+            .flat_map(|sub| sub.get_arguments().map(move |arg| (sub.get_name(), arg)));
+        for (command, arg) in subcommands.chain(cmd.get_arguments().map(|arg| ("", arg))) {
             let id = arg.get_id().as_str();
             if ["command", "help", "version"].contains(&id) {
+                continue;
+            }
+            if (command, id) == ("run", "pid_file") {
+                // NGINX_GRACEFUL_PID_FILE is drain's: set in an image, it must not turn `run`
+                // of a wrapper script into controller mode.
+                assert!(arg.get_env().is_none(), "run --pid-file");
                 continue;
             }
             let expected = format!("NGINX_GRACEFUL_{}", id.to_uppercase());

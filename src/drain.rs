@@ -133,8 +133,16 @@ impl Drain<'_> {
         }
 
         let mut processes = self.snapshot();
-        // Before the signal: the master closes its listeners as soon as it gets it.
-        let masters: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
+        // Before the signal: the master closes its listeners as soon as it gets it. Any other
+        // master below (a binary upgrade, or one a controller started during the delay) too.
+        let mut masters: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
+        masters.extend(
+            processes.pids().filter(|&pid| {
+                crate::nginx::pidfile::looks_like_master(&crate::nginx::tree::title(pid), None)
+            }),
+        );
+        masters.sort_unstable();
+        masters.dedup();
         let listeners = Listeners::of(&masters);
         self.signal_masters(&processes, Signal::SIGQUIT);
         self.phases.enter(
@@ -144,9 +152,10 @@ impl Drain<'_> {
         // Counted beside the wait, off this thread: neither the exit of the last nginx process
         // nor a signal waits for the kernel's socket table.
         let counting = count_connections(listeners.clone());
-        let before_timeout = self
-            .shutdown_timeout
-            .map(|timeout| count_before_shutdown_timeout(listeners, timeout));
+        let before_timeout = self.shutdown_timeout.map(|timeout| {
+            let due = Instant::now() + timeout.saturating_sub(JUST_BEFORE_TIMEOUT);
+            (due, count_before_shutdown_timeout(listeners, due))
+        });
         self.finish(&mut processes, counting, before_timeout, started)
             .await
     }
@@ -168,10 +177,16 @@ impl Drain<'_> {
         self.finish(&mut processes, counting, None, started).await
     }
 
-    /// Every nginx process, held by pidfd.
+    /// Every nginx process, held by pidfd: those named like the master below the roots, and the
+    /// masters we were given whatever their name (an nginx-debug, an openresty).
     fn snapshot(&self) -> Processes {
         let mut processes = Processes::default();
         self.tree.track(&mut processes);
+        for master in &self.masters {
+            if let Some(stat) = crate::nginx::tree::ProcStat::read(master.pid()) {
+                processes.track(&stat);
+            }
+        }
         processes
     }
 
@@ -179,7 +194,7 @@ impl Drain<'_> {
         &self,
         processes: &mut Processes,
         counting: tokio::task::JoinHandle<Option<usize>>,
-        before_timeout: Option<tokio::task::JoinHandle<Option<usize>>>,
+        before_timeout: Option<(Instant, tokio::task::JoinHandle<Option<usize>>)>,
         started: Instant,
     ) -> DrainOutcome {
         let (escalated, killed) = self.stop(processes, started).await;
@@ -187,12 +202,21 @@ impl Drain<'_> {
             true => counting.await.ok().flatten(),
             false => None,
         };
-        // nginx was done before its timeout fired: it closed nothing.
         let closed_by_shutdown_timeout = match before_timeout {
-            Some(count) if count.is_finished() => count.await.ok().flatten(),
-            Some(count) => {
+            // The count was due: its few milliseconds are worth the wait, even if nginx, having
+            // closed what it counts, was quicker.
+            Some((due, count)) if Instant::now() >= due => {
+                tokio::time::timeout(Duration::from_secs(1), count)
+                    .await
+                    .ok()
+                    .and_then(|joined| joined.ok())
+                    .flatten()
+            }
+            // nginx was done before its timeout fired: it closed nothing. Unless the budget
+            // ran out first (a timeout longer than the budget): then it is unknown.
+            Some((_, count)) => {
                 count.abort();
-                Some(0)
+                (!escalated).then_some(0)
             }
             None => None,
         };
@@ -289,15 +313,17 @@ impl Drain<'_> {
     }
 }
 
-/// The connections open just before nginx's worker_shutdown_timeout fires (counted from
-/// SIGQUIT): the ones nginx is about to close. One timer, not a poll.
+/// How long before nginx's worker_shutdown_timeout fires its connections are counted.
+const JUST_BEFORE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The connections open at `due`, just before nginx's worker_shutdown_timeout fires: the ones
+/// nginx is about to close. One timer, not a poll.
 fn count_before_shutdown_timeout(
     listeners: Listeners,
-    timeout: Duration,
+    due: Instant,
 ) -> tokio::task::JoinHandle<Option<usize>> {
-    const JUST_BEFORE: Duration = Duration::from_millis(50);
     tokio::spawn(async move {
-        tokio::time::sleep(timeout.saturating_sub(JUST_BEFORE)).await;
+        tokio::time::sleep_until(due.into()).await;
         tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
             .await
             .ok()

@@ -81,10 +81,13 @@ async fn answer(req: Request<Incoming>, state: Arc<Live>) -> Result<Response<Ful
             content_type = crate::metrics::CONTENT_TYPE;
             // /proc reads: off the thread that handles signals.
             let state = state.clone();
-            let text = tokio::task::spawn_blocking(move || state.metrics_text())
-                .await
-                .unwrap_or_default();
-            (StatusCode::OK, text)
+            match tokio::task::spawn_blocking(move || state.metrics_text()).await {
+                Ok(text) => (StatusCode::OK, text),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics unavailable\n".to_owned(),
+                ),
+            }
         }
         _ => (
             StatusCode::NOT_FOUND,

@@ -139,7 +139,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             status = &mut master.exit => {
                 let status = status.unwrap_or(Exit::Code(exit::INTERNAL));
                 live.set_child(0);
-                live.metrics.master_exited_unexpectedly();
+                if controller.is_none() {
+                    live.metrics.master_exited_unexpectedly();
+                }
                 let what = if controller.is_some() { "the controller" } else { "the nginx master" };
                 tracing::error!(pid = master_pid, %status, "{what} exited on its own");
                 drop(reloading.take());
@@ -225,7 +227,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             Vec::new()
         }
     };
-    let draining = drain(&trigger_plan, masters, nginx_comm()).run(started);
+    // The name to look for below us: the master's own (an nginx-debug, an openresty).
+    let comm = nginx_master
+        .as_ref()
+        .map_or_else(nginx_comm, |found| found.comm.clone());
+    let draining = drain(&trigger_plan, masters, comm.clone()).run(started);
     tokio::pin!(draining);
     let mut master_status = None;
     let outcome: DrainOutcome = loop {
@@ -260,7 +266,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     if master_status.is_none() {
         reaper.reap_now();
-        master_status = master.exit.try_recv().ok();
+        // Closed without a status (the reaper gone) must not be awaited again below.
+        master_status = match master.exit.try_recv() {
+            Ok(status) => Some(status),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Some(Exit::Code(exit::INTERNAL)),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+        };
     }
     let mut report = match &controller {
         Some(c) => {
@@ -274,9 +285,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 )
                 .await;
             // Whatever nginx it started since (a restart) goes the same way, within the budget.
-            let rest = drain(&trigger_plan, Vec::new(), nginx_comm())
-                .orphans(started)
-                .await;
+            let rest = drain(&trigger_plan, Vec::new(), comm).orphans(started).await;
             controller_report(&outcome, &rest, end)
         }
         None => outcome.to_json(),
@@ -411,7 +420,8 @@ fn controller_report(
     let escalated = drained.escalated || rest.escalated || end.killed;
     let mut report = DrainOutcome {
         escalated,
-        killed: drained.killed + rest.killed + usize::from(end.killed),
+        // nginx processes; the controller's own kill is `controller_killed`.
+        killed: drained.killed + rest.killed,
         elapsed: rest.elapsed.max(drained.elapsed),
         ..drained.clone()
     }

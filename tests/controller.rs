@@ -34,6 +34,16 @@ fn start_with(
     extra: &[&str],
     behaviour: Option<&str>,
 ) -> (Supervisor, PathBuf) {
+    start_with_env(site, health, extra, behaviour, &[])
+}
+
+fn start_with_env(
+    site: &Site,
+    health: Option<SocketAddr>,
+    extra: &[&str],
+    behaviour: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Supervisor, PathBuf) {
     let events = site.dir.0.join("controller.events");
     let mut args = site.run_args(extra);
     if let Some(health) = health {
@@ -50,7 +60,7 @@ fn start_with(
     args.extend(["sh", CONTROLLER].map(String::from));
     args.extend([&site.config, &site.pid_file(), &events].map(|p| p.display().to_string()));
     args.extend(behaviour.map(String::from));
-    let supervisor = Supervisor::start_as_pid1(&args);
+    let supervisor = Supervisor::start_as_pid1_with_env(&args, env);
     (supervisor, events)
 }
 
@@ -251,4 +261,38 @@ fn a_controller_that_hangs_on_sigterm_is_killed_inside_the_grace_period() {
         .unwrap();
     assert_eq!(outcome["controller_killed"], true, "{outcome}");
     assert_eq!(outcome["controller_exit"], "killed by SIGKILL", "{outcome}");
+}
+
+#[test]
+fn a_master_with_another_name_is_waited_for_all_the_same() {
+    let site = Site::new();
+    // nginx-debug, as some images run: the kernel names its processes after the binary.
+    let link = site.dir.0.join("nginx-debug");
+    std::os::unix::fs::symlink(common::nginx_path(), &link).unwrap();
+    let link = link.display().to_string();
+    let (mut supervisor, events_file) = start_with_env(
+        &site,
+        None,
+        &["--propagation-delay", "200ms"],
+        None,
+        &[("NGINX_BIN", &link)],
+    );
+    supervisor.wait_serving(&site);
+    assert!(
+        supervisor
+            .descendants()
+            .iter()
+            .any(|&pid| common::comm(pid).as_deref() == Some("nginx-debug")),
+        "the master runs as nginx-debug"
+    );
+    let slow = http::get_in_background(site.addr(), &site.slow_path(2));
+    common::wait_for_busy_worker(supervisor.pid);
+    supervisor.signal(SIGTERM);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(slow.join().unwrap().map(|r| r.status.as_u16()), Ok(200));
+    let seen = events(&events_file);
+    assert!(
+        seen.contains(&"SIGTERM with no nginx running".to_owned()),
+        "{seen:?}"
+    );
 }

@@ -71,6 +71,7 @@ pub fn to_listeners(listeners: &Listeners) -> Option<usize> {
         return None;
     }
     let mut ports: Vec<u16> = listeners.0.iter().map(SocketAddr::port).collect();
+    ports.sort_unstable();
     ports.dedup();
     // Only the families nginx listens on: each dump walks the kernel's whole table. An IPv4
     // client of a dual-stack IPv6 listener is an IPv6 socket.

@@ -46,6 +46,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_HEADER_LEN: usize = 16;
 /// struct inet_diag_req_v2 and struct inet_diag_msg.
 const REQUEST_LEN: usize = 56;
@@ -81,6 +82,14 @@ pub fn tcp_sockets(family: Family, states: u32, ports: &[u16]) -> io::Result<Vec
         while messages.len() >= NLMSG_HEADER_LEN {
             let length = u32::from_ne_bytes(messages[0..4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes(messages[4..6].try_into().expect("2 bytes"));
+            let flags = u16::from_ne_bytes(messages[6..8].try_into().expect("2 bytes"));
+            if flags & NLM_F_DUMP_INTR != 0 {
+                // The table changed under the dump: a count from it could be off.
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the socket dump was interrupted",
+                ));
+            }
             if length < NLMSG_HEADER_LEN || length > messages.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

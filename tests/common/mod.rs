@@ -387,10 +387,15 @@ impl Supervisor {
 
     /// As PID 1 of a new PID namespace, the way a container runs it.
     pub fn start_as_pid1(args: &[String]) -> Self {
+        Self::start_as_pid1_with_env(args, &[])
+    }
+
+    pub fn start_as_pid1_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new("unshare");
         command
             .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", BIN])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         Self::spawn(&mut command, true)
     }
 
