@@ -173,12 +173,7 @@ fn nginx_is_drained_and_followed_across_a_restart_before_the_controller_hears_si
     assert_eq!(slow.join().unwrap().map(|r| r.status.as_u16()), Ok(200));
 
     assert_eq!(supervisor.log.phases(), common::DRAIN_PHASES);
-    let outcome = supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
-        .unwrap();
+    let outcome = supervisor.log.drain_summary();
     assert_eq!(outcome["outcome"], "clean", "{outcome}");
     // ingress-nginx exits 1 when `nginx -s quit` finds no nginx: reported, not passed on.
     assert_eq!(outcome["controller_exit"], "exit code 1", "{outcome}");
@@ -253,12 +248,7 @@ fn a_controller_that_hangs_on_sigterm_is_killed_inside_the_grace_period() {
         "{took:?}"
     );
     assert!(events(&events_file).contains(&"SIGTERM ignored".to_owned()));
-    let outcome = supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
-        .unwrap();
+    let outcome = supervisor.log.drain_summary();
     assert_eq!(outcome["controller_killed"], true, "{outcome}");
     assert_eq!(outcome["controller_exit"], "killed by SIGKILL", "{outcome}");
 }

@@ -45,12 +45,7 @@ fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
         !site.runtime.join("draining").exists(),
         "the drain flag is removed at exit"
     );
-    let summary = supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
-        .unwrap();
+    let summary = supervisor.log.drain_summary();
     assert_eq!(summary["outcome"], "clean");
 }
 
@@ -73,12 +68,7 @@ fn a_request_in_flight_at_sigterm_completes() {
         "the request really was slow"
     );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    let quit = supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
-        .unwrap();
+    let quit = supervisor.log.drain_summary();
     assert!(quit["connections_at_quit"].as_u64().unwrap() >= 1, "{quit}");
 }
 
@@ -239,12 +229,7 @@ fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_c
         0,
         "nginx closed the download itself: no escalation"
     );
-    let outcome = supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["event_kind"].is_null() && e["outcome"].is_string())
-        .unwrap();
+    let outcome = supervisor.log.drain_summary();
     assert_eq!(outcome["outcome"], "clean", "{outcome}");
     assert_eq!(outcome["killed"], 0, "{outcome}");
     assert_eq!(outcome["closed_by_shutdown_timeout"], 1, "{outcome}");

@@ -106,12 +106,7 @@ fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
             .iter()
             .any(|l| l.contains("already draining, the client follows"))
     );
-    let summary = hook
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["outcome"].is_string())
-        .unwrap();
+    let summary = hook.log.drain_summary();
     assert_eq!(summary["outcome"], "clean");
     assert!(hook.log.phases().contains(&"quitting".to_string()));
 }
@@ -159,12 +154,7 @@ fn without_a_supervisor_it_drains_a_daemon_nginx_found_by_its_pid_file() {
             "stopped"
         ]
     );
-    let summary = hook
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["outcome"].is_string())
-        .unwrap();
+    let summary = hook.log.drain_summary();
     assert_eq!(summary["connections_at_quit"], 1, "{summary}");
 }
 
@@ -236,14 +226,7 @@ fn two_hooks_at_once_without_a_supervisor_send_one_sigquit() {
     );
     let outcomes: Vec<_> = [&first, &second]
         .iter()
-        .map(|h| {
-            h.log
-                .events()
-                .into_iter()
-                .find(|e| e["outcome"].is_string())
-                .unwrap()["outcome"]
-                .clone()
-        })
+        .map(|h| h.log.drain_summary()["outcome"].clone())
         .collect();
     assert_eq!(outcomes, ["clean", "clean"]);
 }

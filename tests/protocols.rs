@@ -63,20 +63,6 @@ fn start(site: &Site) -> Supervisor {
     supervisor
 }
 
-/// The `drain finished` line: outcome, counts, processes killed.
-fn outcome(supervisor: &Supervisor) -> Value {
-    supervisor
-        .log
-        .events()
-        .into_iter()
-        .find(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("drain finished"))
-        })
-        .unwrap_or_else(|| panic!("no drain finished line: {:?}", supervisor.log.lines()))
-}
-
 /// Exit 0, no escalation, and how many connections nginx's shutdown timer closed.
 fn assert_clean(supervisor: &Supervisor, status: std::process::ExitStatus, closed_by_timeout: u64) {
     assert_eq!(code(status), 0, "{:?}", supervisor.log.lines());
@@ -85,7 +71,7 @@ fn assert_clean(supervisor: &Supervisor, status: std::process::ExitStatus, close
         !phases.iter().any(|p| p == "fast_shutdown" || p == "killing"),
         "{phases:?}"
     );
-    let outcome = outcome(supervisor);
+    let outcome = supervisor.log.drain_summary();
     assert_eq!(outcome["outcome"], "clean", "{outcome}");
     assert_eq!(outcome["killed"], 0, "{outcome}");
     assert_eq!(
@@ -230,13 +216,19 @@ fn parse_transfers(stdout: &str) -> Vec<Transfer> {
 // ---------------------------------------------------------------------------------------------
 // TLS.
 
-/// `listen` lines for a TLS port of the site's server block, with the certificate.
-fn tls_listen(port: u16, params: &str, cert: &TestCertificate) -> String {
-    format!(
+/// A site whose server block also listens with TLS (and `params`, like http2) on a port of its
+/// own, with a certificate made for it: (the certificate's directory, the site, its https URL).
+fn tls_site(params: &str) -> (TempDir, Site, String) {
+    let dir = TempDir::new("tls");
+    let cert = TestCertificate::make(&dir.0);
+    let port = common::free_port();
+    let listen = format!(
         "listen 127.0.0.1:{port} ssl {params}; ssl_certificate {}; ssl_certificate_key {};",
         cert.cert.display(),
         cert.key.display()
-    )
+    );
+    let site = Site::build(true, &listen);
+    (dir, site, format!("https://127.0.0.1:{port}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,11 +627,7 @@ fn http2_through_a_drain(site: &Site, case: Http2Case) {
 
 #[test]
 fn http2_over_tls_streams_in_flight_finish_and_never_carry_a_connection_field() {
-    let tls = TempDir::new("tls");
-    let cert = TestCertificate::make(&tls.0);
-    let port = common::free_port();
-    let site = Site::build(true, &tls_listen(port, "http2", &cert));
-    let base = format!("https://127.0.0.1:{port}");
+    let (_tls, site, base) = tls_site("http2");
     http2_through_a_drain(
         &site,
         Http2Case {
@@ -711,11 +699,7 @@ fn download_finished_after_quit(slow: Curl, quit_seen: Instant) {
 
 #[test]
 fn tls_keepalive_clients_are_told_to_close_and_see_no_failure() {
-    let tls = TempDir::new("tls");
-    let cert = TestCertificate::make(&tls.0);
-    let port = common::free_port();
-    let site = Site::build(true, &tls_listen(port, "", &cert));
-    let base = format!("https://127.0.0.1:{port}");
+    let (_tls, site, base) = tls_site("");
     let mut supervisor = start(&site);
 
     let before = keepalive_round(&base);
@@ -747,11 +731,7 @@ fn tls_keepalive_clients_are_told_to_close_and_see_no_failure() {
 
 #[test]
 fn tls_keepalive_clients_through_drain_without_a_supervisor() {
-    let tls = TempDir::new("tls");
-    let cert = TestCertificate::make(&tls.0);
-    let port = common::free_port();
-    let site = Site::build(true, &tls_listen(port, "", &cert));
-    let base = format!("https://127.0.0.1:{port}");
+    let (_tls, site, base) = tls_site("");
     let nginx = site.start_daemon();
     assert_eq!(keepalive_round(&base).iter().map(|t| t.connects).sum::<u32>(), 1);
 
@@ -770,12 +750,7 @@ fn tls_keepalive_clients_through_drain_without_a_supervisor() {
     download_finished_after_quit(slow, quit_seen);
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
     assert!(nginx.all_gone());
-    let summary = hook
-        .log
-        .events()
-        .into_iter()
-        .find(|e| e["outcome"].is_string())
-        .unwrap();
+    let summary = hook.log.drain_summary();
     assert_eq!(summary["outcome"], "clean", "{summary}");
 }
 
@@ -990,7 +965,7 @@ fn a_websocket_is_served_after_sigquit_and_closed_by_nginx_at_the_shutdown_timeo
     let status = supervisor.wait_exit(10 * SECONDS);
     assert!(signalled.elapsed() < DELAY + SHUTDOWN_TIMEOUT + SECONDS);
     assert_clean(&supervisor, status, 1);
-    assert_eq!(outcome(&supervisor)["connections_at_quit"], 1);
+    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
     // The backend's side was closed by nginx too, orderly.
     common::wait_until("the backend to see both ends", 2 * SECONDS, || {
         backend.ends().len() == 2
@@ -1039,7 +1014,7 @@ fn a_stream_connection_works_after_sigquit_and_is_closed_at_the_shutdown_timeout
     let status = supervisor.wait_exit(10 * SECONDS);
     assert!(signalled.elapsed() < DELAY + SHUTDOWN_TIMEOUT + SECONDS);
     assert_clean(&supervisor, status, 1);
-    assert_eq!(outcome(&supervisor)["connections_at_quit"], 1);
+    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
     common::wait_until("the backend to see the end", 2 * SECONDS, || {
         !backend.ends().is_empty()
     });
@@ -1072,5 +1047,5 @@ fn a_stream_connection_that_ends_before_the_timeout_ends_the_drain_at_once() {
     );
     assert!(quit_seen.elapsed() < SHUTDOWN_TIMEOUT / 2);
     assert_clean(&supervisor, status, 0);
-    assert_eq!(outcome(&supervisor)["connections_at_quit"], 1);
+    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
 }

@@ -17,19 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[test]
 fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
-    // A short rehearsal: the nginx-graceful pods take a 2 s propagation delay from the
-    // environment they inherit, against the Service's 1 s lag.
-    let output = Command::new(BIN)
-        .args(["rehearse", "--compare", "nginx-graceful,naive", "--json"])
-        .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
-        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "2s")
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
-    let [graceful, naive] = report["rehearsals"].as_array().unwrap().as_slice() else {
-        panic!("two rehearsals: {report}");
-    };
+    let (graceful, naive, code) = graceful_against_naive(&[]);
 
     assert_eq!(graceful["strategy"], "nginx-graceful");
     for mode in ["close", "keep-alive"] {
@@ -63,7 +51,26 @@ fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
     // The rehearsal sees what the fast shutdown does: requests lost, in the close mode at least.
     assert_eq!(naive["strategy"], "naive");
     assert!(naive["modes"]["close"]["failed"].as_u64().unwrap() > 0, "{naive}");
-    assert_eq!(output.status.code(), Some(1), "a failed request fails the run");
+    assert_eq!(code, Some(1), "a failed request fails the run");
+}
+
+/// A short rehearsal of nginx-graceful and the naive recipe with `extra` arguments: the
+/// nginx-graceful pods take a 2 s propagation delay from the environment they inherit, against
+/// the Service's 1 s lag. Returns both reports and the exit code.
+fn graceful_against_naive(extra: &[&std::ffi::OsStr]) -> (Value, Value, Option<i32>) {
+    let output = Command::new(BIN)
+        .args(["rehearse", "--compare", "nginx-graceful,naive", "--json"])
+        .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
+        .args(extra)
+        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "2s")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    let [graceful, naive] = report["rehearsals"].as_array().unwrap().as_slice() else {
+        panic!("two rehearsals: {report}");
+    };
+    (graceful.clone(), naive.clone(), output.status.code())
 }
 
 #[test]
@@ -84,25 +91,8 @@ fn over_tls_the_rehearsal_tells_the_same_story() {
     let path = dir.0.join("tls.conf");
     std::fs::write(&path, config).unwrap();
 
-    let output = Command::new(BIN)
-        .args([
-            "rehearse",
-            "--compare",
-            "nginx-graceful,naive",
-            "--json",
-            "--tls",
-            "--config",
-        ])
-        .arg(&path)
-        .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
-        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "2s")
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
-    let [graceful, naive] = report["rehearsals"].as_array().unwrap().as_slice() else {
-        panic!("two rehearsals: {report}");
-    };
+    let (graceful, naive, _) =
+        graceful_against_naive(&["--tls".as_ref(), "--config".as_ref(), path.as_os_str()]);
     for mode in ["close", "keep-alive"] {
         let summary = &graceful["modes"][mode];
         assert_eq!(summary["failed"], 0, "{mode}: {summary}");

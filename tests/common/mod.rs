@@ -332,6 +332,15 @@ impl Log {
             .collect()
     }
 
+    /// The drain's summary event (outcome, exit code, time, connections); panics with the log
+    /// when there is none.
+    pub fn drain_summary(&self) -> Value {
+        self.events()
+            .into_iter()
+            .find(|e| e["outcome"].is_string() && e["exit_code"].is_number() && e["elapsed_ms"].is_number())
+            .unwrap_or_else(|| panic!("no drain summary in the log:\n{}", self.lines().join("\n")))
+    }
+
     /// Phase names in the order they were entered.
     pub fn phases(&self) -> Vec<String> {
         self.events()
