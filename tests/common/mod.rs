@@ -453,6 +453,15 @@ impl Supervisor {
         wait_until("nginx to answer HTTP", Duration::from_secs(10), || {
             site.serves() && http::get(site.addr(), "/").is_ok()
         });
+        // The master forks its second worker a moment after the first one answers: tests
+        // that list the workers would otherwise see one, on a loaded machine.
+        wait_until("both of the site's workers", Duration::from_secs(10), || {
+            self.descendants()
+                .iter()
+                .filter(|&&pid| nginx_graceful::nginx::tree::title(pid) == "nginx: worker process")
+                .count()
+                >= 2
+        });
     }
 
     pub fn signal(&self, signal: i32) {
