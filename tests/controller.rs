@@ -286,3 +286,29 @@ fn a_master_with_another_name_is_waited_for_all_the_same() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn a_daemonized_nginx_is_adopted_and_drained_before_the_controller_hears_sigterm() {
+    let site = Site::new();
+    let (mut supervisor, events_file) =
+        start_with(&site, None, &["--propagation-delay", "300ms"], Some("daemon"));
+    supervisor.wait_serving(&site);
+    // nginx forked away from the controller: its master is now the supervisor's (PID 1's).
+    let master = nginx_master(&supervisor).expect("an nginx master");
+    assert_eq!(
+        common::stat_fields(master).map(|(_, ppid)| ppid),
+        Some(supervisor.pid)
+    );
+
+    let slow = http::get_in_background(site.addr(), &site.slow_path(2));
+    common::wait_for_busy_worker(supervisor.pid);
+    supervisor.signal(SIGTERM);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert_eq!(slow.join().unwrap().map(|r| r.status.as_u16()), Ok(200));
+    let seen = events(&events_file);
+    assert!(
+        seen.contains(&"SIGTERM with no nginx running".to_owned()),
+        "{seen:?}"
+    );
+    assert!(!common::exists(master));
+}
