@@ -992,15 +992,22 @@ fn with_stream_proxy(site: &Site, backend: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-#[test]
-fn a_stream_connection_works_after_sigquit_and_is_closed_at_the_shutdown_timeout() {
+/// An echo backend behind the site's stream proxy, the supervisor, and a TCP connection
+/// through the proxy that has carried one round trip.
+fn stream_session(site: &Site) -> (Echo, Supervisor, TcpStream) {
     let backend = Echo::start(false);
-    let site = Site::new();
-    let proxy = with_stream_proxy(&site, backend.port);
-    let mut supervisor = start(&site);
+    let proxy = with_stream_proxy(site, backend.port);
+    let supervisor = start(site);
     let mut conn = TcpStream::connect(proxy).unwrap();
     conn.set_read_timeout(Some(10 * SECONDS)).unwrap();
     round_trip(&mut conn, b"before");
+    (backend, supervisor, conn)
+}
+
+#[test]
+fn a_stream_connection_works_after_sigquit_and_is_closed_at_the_shutdown_timeout() {
+    let site = Site::new();
+    let (backend, mut supervisor, mut conn) = stream_session(&site);
 
     let signalled = Instant::now();
     supervisor.signal(SIGTERM);
@@ -1023,13 +1030,8 @@ fn a_stream_connection_works_after_sigquit_and_is_closed_at_the_shutdown_timeout
 
 #[test]
 fn a_stream_connection_that_ends_before_the_timeout_ends_the_drain_at_once() {
-    let backend = Echo::start(false);
     let site = Site::new();
-    let proxy = with_stream_proxy(&site, backend.port);
-    let mut supervisor = start(&site);
-    let mut conn = TcpStream::connect(proxy).unwrap();
-    conn.set_read_timeout(Some(10 * SECONDS)).unwrap();
-    round_trip(&mut conn, b"before");
+    let (_backend, mut supervisor, mut conn) = stream_session(&site);
 
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("quitting", 5 * SECONDS);
