@@ -7,16 +7,19 @@ ARG NGINX_IMAGE=nginx:stable
 
 # A static (musl) binary: it needs nothing from the image it runs in, not even a libc.
 FROM rust:1-alpine AS build
-# gcc: ring (TLS for soak and rehearse) compiles C.
-RUN apk add --no-cache musl-dev gcc
+# The supervisor compiles no C: musl's C runtime files are all the link needs.
+RUN apk add --no-cache musl-dev
 WORKDIR /src
-# Only what the build reads: src embeds the files of nginx-conf (include_str!), and cargo refuses
-# to start when a [[bench]] that Cargo.toml declares has no file.
+# Only what the build reads: src embeds the files of nginx-conf (include_str!), and cargo loads
+# every member of the workspace, refusing to start when a target one declares has no file. Only
+# the supervisor is built (-p): the tools' TLS and HTTP client stay out of the image.
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY nginx-conf nginx-conf
 COPY benches benches
-RUN cargo build --release --locked \
+COPY tools tools
+COPY test-support test-support
+RUN cargo build --release --locked -p nginx-graceful \
  && install -D target/release/nginx-graceful /out/nginx-graceful
 
 FROM ${NGINX_IMAGE}

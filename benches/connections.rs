@@ -7,8 +7,7 @@
 //!
 //! `cargo bench --bench connections`
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use test_support as common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};

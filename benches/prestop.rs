@@ -5,10 +5,8 @@
 //! `cargo bench --bench prestop`; BENCH_REPEATS (default 10) changes the effort. The shell
 //! recipe sleeps 3 s first, as written in the wild, so each of its runs takes over 3 s.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "exits.rs"]
-mod exits;
+use test_support as common;
+use test_support::exits;
 
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
@@ -22,7 +20,7 @@ struct Recipe {
 }
 
 fn ours(site: &Site, _master: i32) -> Command {
-    let mut command = Command::new(common::BIN);
+    let mut command = Command::new(common::bin());
     command
         .args(["drain", "--propagation-delay", "0s", "--runtime-dir"])
         .arg(&site.runtime);

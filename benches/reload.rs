@@ -5,10 +5,8 @@
 //! `cargo bench --bench reload`; BENCH_RELOADS (default 50) and BENCH_CHANGES (default 20)
 //! change the effort.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "exits.rs"]
-mod exits;
+use test_support as common;
+use test_support::exits;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -69,7 +67,7 @@ fn run_mode(mode: &Mode, reloads: usize) -> Result {
                 .args(["-s", "reload"])
                 .stderr(Stdio::null())
                 .status(),
-            Mode::Graceful { .. } => Command::new(common::BIN)
+            Mode::Graceful { .. } => Command::new(common::bin())
                 .args(["reload", "--runtime-dir"])
                 .arg(&site.runtime)
                 .stderr(Stdio::null())

@@ -8,10 +8,8 @@
 //! `cargo bench --bench supervisor`; BENCH_REPEATS (default 20) and BENCH_IDLE_SECS (default 60)
 //! change the effort. tini and dumb-init are measured when installed.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "exits.rs"]
-mod exits;
+use test_support as common;
+use test_support::exits;
 
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
@@ -29,7 +27,7 @@ struct Contender {
 fn ours(site: &Site, health_port: u16) -> Vec<String> {
     // A short delay, as every real drain has one: what the supervisor tears down when a drain
     // starts (its inotify watches, about 10 ms in the kernel) overlaps it, as in production.
-    let mut args: Vec<String> = [common::BIN, "run", "--propagation-delay", "100ms"]
+    let mut args: Vec<String> = [common::bin(), "run", "--propagation-delay", "100ms"]
         .map(String::from)
         .to_vec();
     args.extend(["--health-listen".into(), format!("127.0.0.1:{health_port}")]);

@@ -9,14 +9,17 @@ export PATH="$PATH:/usr/sbin:/sbin"
 if ! command -v tini >/dev/null; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tini
 fi
-cargo build --release --locked
-out=${OUT:-target/bench-rehearse}
+# Two builds, so that the supervisor is the lean one a pod runs (no features of the tools' deps).
+cargo build --release --locked -p nginx-graceful
+cargo build --release --locked -p nginx-graceful-tools
+target=${CARGO_TARGET_DIR:-target}
+out=${OUT:-$target/bench-rehearse}
 mkdir -p "$out"
-# A copy, so that a rebuild during the run changes nothing.
-cp target/release/nginx-graceful "$out/nginx-graceful"
+# Copies, so that a rebuild during the run changes nothing; rehearse runs the supervisor beside it.
+cp "$target/release/nginx-graceful" "$target/release/nginx-graceful-tools" "$out/"
 for lag in ${LAGS:-1s 3s}; do
     echo "== propagation lag $lag" >&2
-    "$out/nginx-graceful" rehearse --compare --repeat "${REPEAT:-10}" --propagation-lag "$lag" \
+    "$out/nginx-graceful-tools" rehearse --compare --repeat "${REPEAT:-10}" --propagation-lag "$lag" \
         --plot "$out/lag-$lag.svg" > "$out/lag-$lag.txt" || true
     sed -n '/^strategy /,$p' "$out/lag-$lag.txt"
 done

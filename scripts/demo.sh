@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 export PATH="$PATH:/usr/sbin:/sbin"
-cargo build --release --locked
-exec target/release/nginx-graceful run \
+cargo build --release --locked -p nginx-graceful
+exec "${CARGO_TARGET_DIR:-target}/release/nginx-graceful" run \
     --listen 127.0.0.1:8080 \
     --health-listen 127.0.0.1:8081 \
     --runtime-dir "${TMPDIR:-/tmp}/nginx-graceful-demo" \

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 export PATH="$PATH:/usr/sbin:/sbin"
-cargo test --locked "$@"
+cargo test --workspace --locked "$@"

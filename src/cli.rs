@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::rehearse::Mode;
-use crate::rehearse::strategy::{Preset, parse_signal};
-use crate::soak::mix::PathMix;
+use crate::core::plan::DrainSettings;
+use crate::duration;
 
 const ABOUT: &str = "Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.";
 
@@ -132,79 +131,6 @@ EXIT CODES:
   23   nginx is not running
   15, 16, 17  the pid file is not usable (as for drain)";
 
-const SOAK_ABOUT: &str = "\
-Load an HTTP server and classify every failed request; exit 1 if any failed.
-
-Like a curl loop run while a deployment rolls, but exact: no request is retried, and every
-failure gets a class. A server that answers `Connection: close`, or closes an idle keep-alive
-connection before the next request was written, is not a failure: the client reconnects, as
-every HTTP client does.";
-
-const SOAK_AFTER_HELP: &str = "\
-FAILURE CLASSES:
-  refused          connection refused: nothing listened
-  connect-timeout  the connect did not complete within --connect-timeout
-  connect-error    the connect failed otherwise
-  reset-new        reset before any response byte, on a connection opened for the request
-  reset-reused     reset before any response byte, on a reused keep-alive connection
-  eof              closed after the request, before any response byte
-  truncated        the response started, then was cut off
-  timeout          no complete response within --timeout
-  malformed        bytes that are not an HTTP/1 response
-  http-5xx         the server answered 500 to 599
-  tls              the TLS handshake failed for TLS's reasons (certificate not trusted, no
-                   protocol in common); a handshake cut by the server is reset-new or eof
-
-A worker whose request fails without a response waits 10 ms before its next one, so that a
-server that is down is not hammered.
-
-EXIT CODES:
-  0    every request succeeded
-  1    at least one request failed
-  2    the URL cannot be used
-
-EXAMPLES:
-  nginx-graceful soak --url http://127.0.0.1:8080/ -c 32 --duration 30s
-  nginx-graceful soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json
-  nginx-graceful soak --url https://my-ingress.example/ --cacert ca.pem -c 8";
-
-const REHEARSE_ABOUT: &str = "\
-Rehearse a Kubernetes rolling termination on this machine, with no cluster, and count every
-request it loses.
-
-Two pods each run the strategy's entrypoint as PID 1 of their own PID namespace, nginx
-listening on their own loopback address (127.0.0.11, 127.0.0.12). A Service imitation on
-127.0.0.10 sends each new connection to one of the current endpoints, as kube-proxy does:
-established connections keep their pod, and a pod that refuses or resets is reset to the
-client, never retried. soak load goes through it in close and keep-alive modes, with a share of
-slow (1 s) requests. Then one pod is terminated in the kubelet's order: its endpoint removal is
-scheduled (--propagation-lag), the preStop hook runs inside the pod and is waited for, the stop
-signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).";
-
-const REHEARSE_AFTER_HELP: &str = "\
-STRATEGIES:
-  nginx-graceful           entrypoint `nginx-graceful run -- nginx`, preStop `nginx-graceful drain`
-  naive                    nginx as PID 1; SIGTERM
-  stopsignal-quit          nginx as PID 1; SIGQUIT as the stop signal (the official image)
-  prestop-quit             preStop `nginx -s quit`; SIGTERM
-  prestop-sleep-quit-wait  preStop `sleep 3; nginx -s quit; while [ -d /proc/$PID ]; do sleep 0.1; done`
-  tini                     `tini -- nginx`; SIGTERM
-  custom                   --entrypoint, --prestop, --stop-signal; @NGINX@ is the nginx command,
-                           @CONFIG@, @PID_FILE@, @POD_DIR@ the pod's files
-
-EXIT CODES:
-  0    no request failed
-  1    at least one request failed (in any strategy, mode or run)
-  2    the rehearsal could not be set up (the reason is printed)
-
-EXAMPLES:
-  nginx-graceful rehearse
-  nginx-graceful rehearse --compare --plot rehearsal.svg
-  nginx-graceful rehearse --compare nginx-graceful,naive --propagation-lag 3s --repeat 10
-  nginx-graceful rehearse --config my-nginx.conf --path-mix '/=80,/api/slow=20'
-  nginx-graceful rehearse --config my-tls.conf --tls     (listen @LISTEN@ ssl; in the config)
-  nginx-graceful rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT";
-
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -226,15 +152,9 @@ pub enum Command {
     /// Drain nginx and block until it has exited (the preStop hook).
     #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
     Drain(PreStopArgs),
-    /// Load an HTTP server and classify every failed request; exit 1 if any failed.
-    #[command(long_about = SOAK_ABOUT, after_long_help = SOAK_AFTER_HELP)]
-    Soak(SoakArgs),
     /// Show the nginx master, its workers by generation, their connections, the phase and the last reload.
     #[command(after_long_help = STATUS_AFTER_HELP)]
     Status(StatusArgs),
-    /// Rehearse a Kubernetes rolling termination locally; exit 1 if any request failed.
-    #[command(long_about = REHEARSE_ABOUT, after_long_help = REHEARSE_AFTER_HELP)]
-    Rehearse(RehearseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -263,17 +183,17 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct DrainArgs {
     /// The pod's terminationGracePeriodSeconds: the whole drain, hooks included, must end within it.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_GRACE_PERIOD", default_value = "30s", value_parser = duration::parse)]
     pub grace_period: Duration,
 
     /// How long nginx keeps accepting new connections after the drain starts, while the endpoint
     /// removal reaches every kube-proxy, ingress and load balancer.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = duration::parse)]
     pub propagation_delay: Duration,
 
     /// Kept free at the end of the grace period: SIGTERM goes to nginx at grace-period minus this,
     /// SIGKILL at grace-period minus half of it, so the supervisor exits before the kubelet kills it.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_SAFETY_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_SAFETY_MARGIN", default_value = "2s", value_parser = duration::parse)]
     pub safety_margin: Duration,
 
     /// A command run at the start of the drain, before the propagation delay, e.g. to deregister
@@ -284,7 +204,7 @@ pub struct DrainArgs {
     pub pre_drain_exec: Vec<Vec<String>>,
 
     /// How long each --pre-drain-exec hook may run before it is killed.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub pre_drain_timeout: Duration,
 }
 
@@ -303,12 +223,12 @@ pub struct ReloadOptions {
 
     /// Before each reload, tell keep-alive clients to close for this long (the drain flag), so
     /// none is reusing an idle connection when the old workers close it. 0s turns it off.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_CLOSE_WINDOW", default_value = "100ms", value_parser = duration::parse)]
     pub reload_close_window: Duration,
 
     /// How long a reload may take to show a new generation of workers before it is reported
     /// as failed.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub reload_timeout: Duration,
 }
 
@@ -352,7 +272,7 @@ pub struct RunArgs {
     pub no_watch: bool,
 
     /// Changes closer together than this become one reload.
-    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "NGINX_GRACEFUL_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = duration::parse)]
     pub reload_debounce: Duration,
 
     #[command(flatten)]
@@ -435,167 +355,6 @@ pub struct ReloadArgs {
     pub reload: ReloadOptions,
 }
 
-#[derive(Debug, Args)]
-pub struct SoakArgs {
-    /// What to load: an http:// or https:// URL, like http://127.0.0.1:8080/. Its path is
-    /// requested unless --path-mix is given. HTTP/1.1 either way.
-    #[arg(long, value_name = "URL")]
-    pub url: String,
-
-    /// Connections at once, each with one request in flight.
-    #[arg(long, short = 'c', value_name = "N", default_value = "32")]
-    pub concurrency: usize,
-
-    /// Start no request after this long [default: 10s, or 1h with --requests].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub duration: Option<Duration>,
-
-    /// Stop after this many requests (or at --duration, whichever comes first).
-    #[arg(long, short = 'n', value_name = "N")]
-    pub requests: Option<u64>,
-
-    /// Reuse each connection for many requests (HTTP/1.1 keep-alive). The default.
-    #[arg(long, overrides_with = "no_keepalive")]
-    pub keepalive: bool,
-
-    /// A new connection for every request, which asks `Connection: close`.
-    #[arg(long, overrides_with = "keepalive")]
-    pub no_keepalive: bool,
-
-    /// Requests per second over all connections [default: as fast as the server answers].
-    #[arg(long, value_name = "R")]
-    pub rate: Option<f64>,
-
-    /// Paths with weights, like '/=90,/slow=10' (90 % / and 10 % /slow).
-    #[arg(long, value_name = "MIX")]
-    pub path_mix: Option<PathMix>,
-
-    /// Print the report as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Write every request to FILE as CSV: at_ms,latency_ms,path,reused,status,outcome.
-    #[arg(long, value_name = "FILE")]
-    pub timeline: Option<PathBuf>,
-
-    /// A connect (with the TLS handshake, for https) that takes longer fails as connect-timeout.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
-
-    /// For https: trust the CA certificates in FILE (PEM) instead of the system's.
-    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
-    pub cacert: Option<PathBuf>,
-
-    /// For https: trust any certificate (the handshake is still checked), as `curl -k`.
-    #[arg(long, short = 'k')]
-    pub insecure: bool,
-
-    /// A response not complete by then fails as timeout.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Args)]
-pub struct RehearseArgs {
-    /// The strategy to rehearse.
-    #[arg(long, value_enum, value_name = "NAME", default_value = "nginx-graceful")]
-    pub strategy: Preset,
-
-    /// Rehearse several strategies with the same settings and print one table: a list of the
-    /// strategies above like nginx-graceful,naive, or every one but custom when given alone.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "LIST",
-        value_delimiter = ',',
-        num_args = 0..,
-        hide_possible_values = true
-    )]
-    pub compare: Option<Vec<Preset>>,
-
-    /// Rehearse each strategy this many times.
-    #[arg(long, value_name = "N", default_value = "1")]
-    pub repeat: usize,
-
-    /// How long after the termination starts the pod's endpoint leaves the Service (the time
-    /// kube-proxy, ingresses and load balancers take to hear of it).
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub propagation_lag: Duration,
-
-    /// The pod's terminationGracePeriodSeconds: SIGKILL when it is over.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub grace_period: Duration,
-
-    /// The pods serve HTTPS: your --config says `listen @LISTEN@ ssl;` and names a certificate.
-    /// The load and the readiness checks speak TLS, trusting any certificate (as `curl -k`).
-    #[arg(long)]
-    pub tls: bool,
-
-    /// Your nginx config, with `listen @LISTEN@;` where each pod's address goes and
-    /// @RUNTIME_DIR@ for the pod's own directory (pid file, temp paths, drain snippet)
-    /// [default: nginx-conf/rehearsal.conf, which also serves a 1 s /slow].
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// The nginx binary.
-    #[arg(long, value_name = "PATH", default_value = "nginx")]
-    pub nginx: String,
-
-    /// Client modes, each its own load through the Service at the same time.
-    #[arg(
-        long,
-        value_enum,
-        value_name = "LIST",
-        value_delimiter = ',',
-        default_value = "close,keepalive"
-    )]
-    pub modes: Vec<Mode>,
-
-    /// Connections per mode (slow requests hold theirs for 1 s).
-    #[arg(long, short = 'c', value_name = "N", default_value = "32")]
-    pub concurrency: usize,
-
-    /// Requests per second per mode.
-    #[arg(long, value_name = "R", default_value = "200")]
-    pub rate: f64,
-
-    /// Paths with weights, as for soak.
-    #[arg(long, value_name = "MIX", default_value = "/=90,/slow=10")]
-    pub path_mix: PathMix,
-
-    /// Load before the termination starts.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    pub warmup: Duration,
-
-    /// Load after the pod has exited and its endpoint is gone.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub tail: Duration,
-
-    /// The custom strategy's entrypoint, e.g. 'dumb-init @NGINX@'.
-    #[arg(long, value_name = "CMD")]
-    pub entrypoint: Option<String>,
-
-    /// The custom strategy's preStop command, run inside the pod.
-    #[arg(long, value_name = "CMD")]
-    pub prestop: Option<String>,
-
-    /// The custom strategy's stop signal [default: SIGTERM].
-    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
-    pub stop_signal: Option<nix::sys::signal::Signal>,
-
-    /// Print everything as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Draw requests and failures over time per strategy into an SVG file.
-    #[arg(long, value_name = "FILE.svg")]
-    pub plot: Option<PathBuf>,
-
-    /// Keep the pods' files (configs, logs) here instead of a temporary directory.
-    #[arg(long, value_name = "DIR")]
-    pub work_dir: Option<PathBuf>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthListen {
     Off,
@@ -614,15 +373,16 @@ impl FromStr for HealthListen {
     }
 }
 
-/// A duration like 500ms, 5s or 1m30s; a bare number is seconds, as in Kubernetes' own fields
-/// (terminationGracePeriodSeconds), so a manifest can hand its value over as it is.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(seconds) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(seconds));
+impl DrainArgs {
+    pub fn settings(&self) -> DrainSettings {
+        DrainSettings {
+            grace_period: self.grace_period,
+            propagation_delay: self.propagation_delay,
+            safety_margin: self.safety_margin,
+            pre_drain_exec: self.pre_drain_exec.clone(),
+            pre_drain_timeout: self.pre_drain_timeout,
+        }
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s, 1m30s or 30 (seconds) ({e})"))
 }
 
 fn parse_hook(s: &str) -> Result<Vec<String>, String> {
@@ -641,23 +401,6 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_read_like_a_person_writes_them() {
-        for (text, ms) in [
-            ("5s", 5000),
-            ("1m30s", 90_000),
-            ("500ms", 500),
-            ("0s", 0),
-            (" 2s ", 2000),
-            ("30", 30_000),
-        ] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
-        }
-        for bad in ["", "five seconds", "-1s", "-5", "1.5"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -684,9 +427,7 @@ mod tests {
     #[test]
     fn every_option_has_an_environment_variable() {
         let cmd = Cli::command();
-        // The commands a container runs. soak and rehearse are run by hand and take flags only,
-        // so that NGINX_GRACEFUL_* variables meant for a supervisor never change their own
-        // settings (the nginx-graceful pods of a rehearsal do read them, as a supervisor would).
+        // The commands a container runs.
         let subcommands = cmd
             .get_subcommands()
             .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))

@@ -7,16 +7,15 @@ use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 use tokio::time::sleep_until;
 
-use crate::error::exit;
-use crate::hooks;
-use crate::keepalive::KeepAliveFlag;
+use crate::core::outcome::DrainOutcome;
+use crate::core::phase::{Phase, Phases};
+use crate::core::plan::DrainPlan;
 use crate::nginx::connections::{self, Listeners};
 use crate::nginx::pidfd::{PidFd, Processes};
 use crate::nginx::tree::ProcessTable;
-use crate::phase::{Phase, Phases};
-use crate::plan::{DrainPlan, fmt};
-use crate::reaper::Reaper;
-use serde_json::Value;
+use crate::os::drain_flag::DrainFlag;
+use crate::os::hooks;
+use crate::os::reaper::Reaper;
 
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -55,7 +54,7 @@ pub struct Drain<'a> {
     pub plan: &'a DrainPlan,
     pub phases: &'a Phases,
     pub reaper: &'a Reaper,
-    pub flag: &'a KeepAliveFlag,
+    pub flag: &'a DrainFlag,
     /// The master, or both masters during a binary upgrade.
     pub masters: Vec<&'a PidFd>,
     pub tree: NginxTree,
@@ -64,43 +63,6 @@ pub struct Drain<'a> {
     /// nginx's `worker_shutdown_timeout`, when known: the connections still open when it fires
     /// are the ones nginx closes itself, and the drain reports how many.
     pub shutdown_timeout: Option<Duration>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DrainOutcome {
-    /// The budget ran out and nginx was stopped by SIGTERM or SIGKILL.
-    pub escalated: bool,
-    /// Established connections when SIGQUIT went out; `None` when nginx was gone before the
-    /// count finished (it had nothing in flight worth waiting for).
-    pub connections_at_quit: Option<usize>,
-    /// Connections still open when nginx's worker_shutdown_timeout fired, which nginx then
-    /// closed itself (WebSockets, streams, slow downloads); `None` when the timeout is unknown.
-    pub closed_by_shutdown_timeout: Option<usize>,
-    pub killed: usize,
-    pub elapsed: Duration,
-}
-
-impl DrainOutcome {
-    pub fn exit_code(&self) -> i32 {
-        if self.escalated {
-            crate::error::exit::ESCALATED
-        } else {
-            crate::error::exit::OK
-        }
-    }
-
-    /// The event that ends a drain, for logs and for `drain` clients.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "event": "outcome",
-            "outcome": if self.escalated { "escalated" } else { "clean" },
-            "exit_code": self.exit_code(),
-            "elapsed_ms": self.elapsed.as_millis() as u64,
-            "connections_at_quit": self.connections_at_quit,
-            "closed_by_shutdown_timeout": self.closed_by_shutdown_timeout,
-            "killed": self.killed,
-        })
-    }
 }
 
 impl Drain<'_> {
@@ -361,35 +323,4 @@ async fn report_progress(phases: &Phases, processes: &Processes, budget_end: Ins
         time_left_ms,
         "waiting for nginx to finish"
     );
-}
-
-/// The drain's last line, from its outcome event: outcome, total time, connections at SIGQUIT, processes killed.
-pub fn log_summary(outcome: &Value, how: &str) -> i32 {
-    let code = outcome["exit_code"].as_i64().unwrap_or(exit::INTERNAL as i64) as i32;
-    let elapsed = std::time::Duration::from_millis(outcome["elapsed_ms"].as_u64().unwrap_or(0));
-    tracing::info!(
-        outcome = outcome["outcome"].as_str().unwrap_or("unknown"),
-        elapsed_ms = elapsed.as_millis() as u64,
-        connections_at_quit = outcome["connections_at_quit"].as_u64(),
-        closed_by_shutdown_timeout = outcome["closed_by_shutdown_timeout"].as_u64(),
-        killed = outcome["killed"].as_u64().unwrap_or(0),
-        // Controller mode: how the controller ended once nginx had.
-        controller_exit = outcome["controller_exit"].as_str(),
-        controller_killed = outcome["controller_killed"].as_bool(),
-        exit_code = code,
-        "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
-        outcome["outcome"].as_str().unwrap_or("unknown"),
-        fmt(elapsed),
-        // Not counted when nginx was gone before the count was: it held nothing for long.
-        outcome["connections_at_quit"]
-            .as_u64()
-            .map_or("uncounted".to_string(), |n| n.to_string()),
-        outcome["closed_by_shutdown_timeout"]
-            .as_u64()
-            .map_or(String::new(), |n| format!(
-                " {n} closed by worker_shutdown_timeout,"
-            )),
-        outcome["killed"],
-    );
-    code
 }

@@ -6,10 +6,6 @@ use std::path::PathBuf;
 /// Exit codes, as `--help` and the README document them.
 pub mod exit {
     pub const OK: i32 = 0;
-    /// `soak` and `rehearse`: at least one request failed.
-    pub const REQUESTS_FAILED: i32 = 1;
-    /// `soak` and `rehearse`: the target or the setup cannot be used.
-    pub const BAD_TARGET: i32 = 2;
     pub const ESCALATED: i32 = 3;
     pub const PLAN_DOES_NOT_FIT: i32 = 10;
     pub const CANNOT_START: i32 = 11;
@@ -75,12 +71,6 @@ pub enum Error {
     #[error("the supervisor stopped answering before it reported the drain's outcome: see its log")]
     ControlBroken,
 
-    #[error("cannot load {url}: {detail}")]
-    BadTarget { url: String, detail: String },
-
-    #[error("{0}")]
-    Rehearsal(String),
-
     #[error("{context}: {source}")]
     Internal {
         context: &'static str,
@@ -100,7 +90,6 @@ impl Error {
             Error::NotNginx { .. } => exit::NOT_NGINX,
             Error::OtherUser { .. } => exit::OTHER_USER,
             Error::ControlBroken => exit::CONTROL_BROKEN,
-            Error::BadTarget { .. } | Error::Rehearsal(_) => exit::BAD_TARGET,
             Error::Internal { .. } => exit::INTERNAL,
         }
     }

@@ -37,26 +37,15 @@
 //! and the common recipes.
 
 pub mod cli;
-pub mod control;
-pub mod controller;
+pub mod controller_mode;
+pub mod core;
 pub mod drain;
+pub mod drain_hook;
+pub mod duration;
 pub mod error;
-pub mod health;
-pub mod hooks;
-pub mod keepalive;
-pub mod live;
 pub mod logging;
-pub mod metrics;
 pub mod nginx;
-pub mod phase;
-pub mod plan;
-pub mod prestop;
-pub mod reaper;
-pub mod rehearse;
+pub mod os;
 pub mod reload;
-pub mod runtime_dir;
-pub mod signals;
-pub mod soak;
-pub mod status;
 pub mod supervisor;
-pub mod watch;
+pub mod surfaces;

@@ -3,26 +3,26 @@
 
 use std::sync::OnceLock;
 
-use crate::cli::{LogArgs, LogFormat};
-
-static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+static JSON: OnceLock<bool> = OnceLock::new();
 
 /// Whether log lines are JSON objects: then nginx's own lines are wrapped to match, so a log
 /// pipeline that parses every line as JSON does not choke on them.
 pub fn is_json() -> bool {
-    FORMAT.get() == Some(&LogFormat::Json)
+    JSON.get() == Some(&true)
 }
 
-pub fn init(args: &LogArgs) {
-    let _ = FORMAT.set(args.log_format);
+/// Installs the subscriber: JSON lines or text, at `level` and above.
+pub fn init(json: bool, level: tracing::Level) {
+    let _ = JSON.set(json);
     let builder = tracing_subscriber::fmt()
-        .with_max_level(args.log_level)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false);
-    match args.log_format {
-        LogFormat::Text => builder
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init()
+    } else {
+        builder
             .with_ansi(nix::unistd::isatty(std::io::stderr()).unwrap_or(false))
-            .init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+            .init()
     }
 }

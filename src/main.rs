@@ -1,15 +1,16 @@
 //! The binary: parse the command line, run, and turn the outcome into one exit code.
 
 use clap::Parser;
-use nginx_graceful::cli::{Cli, Command};
+use nginx_graceful::cli::{Cli, Command, LogFormat};
 use nginx_graceful::error::exit;
-use nginx_graceful::{logging, prestop, rehearse, reload, soak, status, supervisor};
+use nginx_graceful::surfaces::status;
+use nginx_graceful::{drain_hook, logging, reload, supervisor};
 
 fn main() {
     let cli = Cli::parse();
-    logging::init(&cli.log);
+    logging::init(cli.log.log_format == LogFormat::Json, cli.log.log_level);
     // One thread: the supervisor waits on signals and pidfds, and a second thread would only
-    // add memory and wake-ups. (soak's load makes threads of its own.)
+    // add memory and wake-ups.
     let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -21,11 +22,9 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => supervisor::run(args).await,
-            Command::Drain(args) => prestop::drain(args).await,
+            Command::Drain(args) => drain_hook::drain(args).await,
             Command::Reload(args) => reload::command(args).await,
-            Command::Soak(args) => soak::command(args).await,
             Command::Status(args) => status::command(args).await,
-            Command::Rehearse(args) => rehearse::command(args).await,
         }
     });
     let code = match result {

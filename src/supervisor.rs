@@ -6,30 +6,32 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::cli::{HealthListen, RunArgs};
-use crate::control::{ControlRequest, ControlServer};
-use crate::controller::Controller;
-use crate::drain::{Drain, DrainOutcome, NginxTree, log_summary};
+use crate::controller_mode::Controller;
+use crate::core::outcome::{DrainOutcome, log_summary};
+use crate::core::phase::{Phase, Phases};
+use crate::core::plan::DrainPlan;
+use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
-use crate::health;
-use crate::live::Live;
-use crate::metrics::Metrics;
 use crate::nginx::command::NginxCommand;
+use crate::nginx::config;
 use crate::nginx::log::NginxErrors;
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree::ProcStat;
-use crate::phase::{Phase, Phases};
-use crate::plan::DrainPlan;
-use crate::reaper::{self, Exit, Reaper};
+use crate::os::config_watch::{ConfigWatch, dirs_to_watch};
+use crate::os::reaper::{self, Exit, Reaper};
+use crate::os::runtime_dir::{RuntimeDir, record_outcome};
+use crate::os::signals::{Signals, Trigger};
 use crate::reload;
-use crate::runtime_dir::{RuntimeDir, record_outcome};
-use crate::signals::{Signals, Trigger};
-use crate::watch::{ConfigWatch, dirs_to_watch};
+use crate::surfaces::control_socket::{ControlRequest, ControlServer};
+use crate::surfaces::health;
+use crate::surfaces::live::Live;
+use crate::surfaces::metrics::Metrics;
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
 pub async fn run(args: RunArgs) -> Result<i32, Error> {
     // Everything that can refuse to start is checked before nginx exists, so a refusal leaves
     // nothing behind.
-    let plan = DrainPlan::new(&args.drain)?;
+    let plan = DrainPlan::new(&args.drain.settings())?;
     PidFd::check_support().map_err(|source| Error::Internal {
         context: "pidfds are needed to wait for nginx (Linux 5.3 or later, and a seccomp profile that allows pidfd_open)",
         source,
@@ -316,7 +318,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
 async fn check_config(
     nginx: &NginxCommand,
     reaper: &Reaper,
-    flag: &crate::keepalive::KeepAliveFlag,
+    flag: &crate::os::drain_flag::DrainFlag,
 ) -> Result<String, Error> {
     let report = nginx.test(reaper).await?;
     for warning in &report.warnings {
@@ -340,8 +342,8 @@ fn fit_worker_shutdown_timeout(
     plan: &DrainPlan,
     config_dump: &str,
 ) -> (NginxCommand, Option<std::time::Duration>) {
-    if let Some(value) = directive_value(config_dump, "worker_shutdown_timeout") {
-        return (nginx, crate::cli::parse_duration(&value).ok());
+    if let Some(value) = config::directive_value(config_dump, "worker_shutdown_timeout") {
+        return (nginx, config::time(&value));
     }
     if nginx.directives_set("worker_shutdown_timeout") {
         return (nginx, None);
@@ -360,20 +362,6 @@ fn fit_worker_shutdown_timeout(
         }
         _ => (nginx, None),
     }
-}
-
-/// The value of `directive` where a config dump sets it (outside comments), as written.
-fn directive_value(config_dump: &str, directive: &str) -> Option<String> {
-    config_dump.lines().find_map(|line| {
-        let line = line.trim_start();
-        if line.starts_with('#') {
-            return None;
-        }
-        let mut words = line
-            .split(|c: char| c.is_whitespace() || c == ';')
-            .filter(|w| !w.is_empty());
-        (words.next() == Some(directive)).then(|| words.next().unwrap_or_default().to_owned())
-    })
 }
 
 /// Watches the config unless told not to; a watch that cannot start is a warning, not a reason
@@ -415,7 +403,7 @@ fn forward_to_nginx(controller: &Option<Controller>, child: &PidFd, signal: nix:
 fn controller_report(
     drained: &DrainOutcome,
     rest: &DrainOutcome,
-    end: crate::controller::ControllerEnd,
+    end: crate::controller_mode::ControllerEnd,
 ) -> serde_json::Value {
     let escalated = drained.escalated || rest.escalated || end.killed;
     let mut report = DrainOutcome {
@@ -449,24 +437,6 @@ fn command_name(nginx: &NginxCommand) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_directive_counts_only_where_it_is_set() {
-        for (dump, value) in [
-            ("worker_shutdown_timeout 10s;\n", Some("10s")),
-            ("events {}\n    worker_shutdown_timeout 1m;\n", Some("1m")),
-            ("worker_shutdown_timeout 30;\n", Some("30")),
-            ("# worker_shutdown_timeout 10s;\n", None),
-            ("worker_shutdown_timeouts 10s;\n", None),
-            ("", None),
-        ] {
-            assert_eq!(
-                directive_value(dump, "worker_shutdown_timeout").as_deref(),
-                value,
-                "{dump:?}"
-            );
-        }
-    }
 
     #[test]
     fn command_names_are_cut_like_the_kernel_cuts_them() {

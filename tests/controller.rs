@@ -2,7 +2,7 @@
 //! controller (tests/fixtures/ingress-controller.sh) that starts, restarts, reloads and quits
 //! nginx itself, the way ingress-nginx's controller does.
 
-mod common;
+use test_support as common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

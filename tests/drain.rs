@@ -1,7 +1,7 @@
 //! `run`'s ordered drain against a real nginx: requests in flight, new connections during the
 //! propagation delay, keep-alive clients, escalation, and the signals around it.
 
-mod common;
+use test_support as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,6 +1,6 @@
 //! The health endpoint, reloads on SIGHUP, and signals forwarded to nginx.
 
-mod common;
+use test_support as common;
 
 use std::time::Duration;
 

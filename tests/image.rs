@@ -5,7 +5,7 @@
 //! runtime directory writable; then ENTRYPOINT + CMD run verbatim, as its USER, with its ENV, as
 //! PID 1 of a new PID namespace, in a network namespace of their own.
 
-mod common;
+use test_support as common;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -341,8 +341,8 @@ fn the_build_stage_copies_every_file_cargo_reads() {
         );
     }
 
-    // Every target cargo resolves before it builds: the library, the binaries and the benches
-    // Cargo.toml declares (cargo refuses to start when one has no file).
+    // Every target cargo resolves before it builds, in every member of the workspace: the
+    // libraries, the binaries and the benches (cargo refuses to start when one has no file).
     let metadata = Command::new(env!("CARGO"))
         .args([
             "metadata",
@@ -362,7 +362,19 @@ fn the_build_stage_copies_every_file_cargo_reads() {
     );
     let metadata: Value = serde_json::from_slice(&metadata.stdout).unwrap();
     let mut targets = 0;
-    for target in metadata["packages"][0]["targets"].as_array().unwrap() {
+    let packages = metadata["packages"].as_array().unwrap();
+    assert!(packages.len() >= 3, "the workspace's members: {}", packages.len());
+    for package in packages {
+        let manifest = Path::new(package["manifest_path"].as_str().unwrap());
+        let inside = manifest.strip_prefix(REPO).unwrap();
+        assert!(
+            in_build.contains(&root.join(inside)),
+            "{} is not copied into the build stage: cargo cannot load the workspace",
+            inside.display()
+        );
+    }
+    let all_targets = packages.iter().flat_map(|p| p["targets"].as_array().unwrap());
+    for target in all_targets {
         let kinds = target["kind"].as_array().unwrap();
         if !kinds
             .iter()
@@ -411,8 +423,12 @@ fn the_build_stage_copies_every_file_cargo_reads() {
 
     let build_runs = runs(build).join("\n");
     assert!(
-        build_runs.contains("cargo build --release --locked"),
-        "a release build with the lock file: {build_runs}"
+        build_runs.contains("cargo build --release --locked -p nginx-graceful"),
+        "a release build of the supervisor alone, with the lock file: {build_runs}"
+    );
+    assert!(
+        !build_runs.contains("gcc"),
+        "the supervisor compiles no C: {build_runs}"
     );
     assert!(
         build_runs.contains(&binary),
@@ -604,7 +620,7 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
             "sh",
         ])
         .arg(&etc.0)
-        .arg(common::BIN)
+        .arg(common::bin())
         .args([uid.to_string(), gid.to_string()])
         .args(&argv)
         .env_clear()

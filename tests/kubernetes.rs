@@ -2,14 +2,14 @@
 //! schemas in strict mode (kubernetes-validate), and keeps the promises a lossless drain rests
 //! on. Needs kubectl (kustomize v4.1 or later) and kubernetes-validate: scripts/install-deps.sh.
 
-mod common;
+use test_support as common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{BIN, TempDir, code, free_port, http, nginx_path, wait_until};
+use common::{TempDir, bin, code, free_port, http, nginx_path, wait_until};
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
@@ -169,7 +169,7 @@ fn env_var<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
 /// same variables with the same code.
 fn prestop_hook(env: &[(String, String)]) -> (i32, String) {
     let dir = TempDir::new("k8s-plan");
-    let mut hook = Command::new(BIN);
+    let mut hook = Command::new(bin());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("NGINX_GRACEFUL_") {
             hook.env_remove(name);

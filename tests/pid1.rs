@@ -1,6 +1,6 @@
 //! The supervisor as PID 1 of its own PID namespace, the way a container runs it.
 
-mod common;
+use test_support as common;
 
 use std::time::Duration;
 

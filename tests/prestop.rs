@@ -1,7 +1,7 @@
 //! `drain`, the preStop hook: through a `run` supervisor in the kubelet's order, and alone against
 //! an nginx found through its pid file.
 
-mod common;
+use test_support as common;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -48,8 +48,14 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     // namespace), where it dies with PID 1 if PID 1 exits first.
     let terminating = Instant::now();
     let mut hook = Command::new("nsenter");
-    hook.args(["--target", &pid1.pid.to_string(), "--pid", "--mount", common::BIN])
-        .args(drain_args(&site, &[]));
+    hook.args([
+        "--target",
+        &pid1.pid.to_string(),
+        "--pid",
+        "--mount",
+        common::bin(),
+    ])
+    .args(drain_args(&site, &[]));
     let mut hook = Supervisor::spawn_command(&mut hook);
     std::thread::sleep(Duration::from_millis(800));
     removed.store(true, Ordering::Relaxed);
@@ -280,7 +286,7 @@ fn a_master_owned_by_another_user_is_refused() {
         "--reuid=nobody".to_string(),
         "--regid=nogroup".into(),
         "--clear-groups".into(),
-        common::BIN.into(),
+        common::bin().into(),
     ];
     args.extend(drain_args(&site, &["--propagation-delay", "0s"]));
     let mut hook = Supervisor::spawn_command(Command::new("setpriv").args(&args));

@@ -3,7 +3,7 @@
 //! `stream {}` TCP proxy. What each client sees is asserted exactly: curl's result for every
 //! transfer, the HTTP/2 frames nginx sends, and how a held connection ends (FIN or reset, when).
 
-mod common;
+use test_support as common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -2,7 +2,7 @@
 //! generation cap, `nginx-graceful reload` with and without a supervisor, and clients through
 //! many reloads.
 
-mod common;
+use test_support as common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,6 +1,6 @@
 //! Start-up: bad input is refused with one line, a documented exit code, and nothing left running.
 
-mod common;
+use test_support as common;
 
 use std::net::TcpListener;
 use std::time::Duration;

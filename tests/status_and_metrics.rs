@@ -1,7 +1,7 @@
 //! `nginx-graceful status` and `GET /metrics`, against a real nginx: with a supervisor, and
 //! from the pid file without one.
 
-mod common;
+use test_support as common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

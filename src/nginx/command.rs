@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use super::log::NginxErrors;
 use super::pidfd::PidFd;
 use crate::error::Error;
-use crate::reaper::{Exit, Reaper};
+use crate::os::reaper::{Exit, Reaper};
 
 /// nginx resolves upstream host names while it tests a config; a DNS server that does not
 /// answer must not stall start-up or a reload for ever.
@@ -169,7 +169,7 @@ impl NginxCommand {
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        crate::reaper::die_with_parent(&mut command);
+        crate::os::reaper::die_with_parent(&mut command);
         let mut child = reaper.spawn(&mut command).map_err(|e| self.spawn_error(e))?;
         let log = child
             .stderr

@@ -2,6 +2,7 @@
 //! connections its workers hold.
 
 pub mod command;
+pub mod config;
 pub mod connections;
 pub mod generations;
 pub mod log;

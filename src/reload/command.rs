@@ -4,7 +4,7 @@
 use super::{Generations, NginxErrors, ReloadSettings, reload};
 use crate::nginx::command::NginxCommand;
 use crate::nginx::tree;
-use crate::reaper::Reaper;
+use crate::os::reaper::Reaper;
 
 /// nginx's argv, read back from a master's process title (`nginx: master process ARGV`). nginx
 /// joined the arguments with spaces; options take one argument each, except that `-g` takes
@@ -39,7 +39,7 @@ pub fn argv_from_title(title: &str) -> Option<Vec<String>> {
 /// `nginx-graceful reload`: through the supervisor, or directly via the pid file.
 pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
     use crate::error::exit;
-    let reply = match crate::control::request_reload(&args.target.runtime_dir).await? {
+    let reply = match crate::surfaces::control_socket::request_reload(&args.target.runtime_dir).await? {
         Some(reply) => reply,
         None => direct(&args).await?,
     };
@@ -87,7 +87,7 @@ async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crat
         max_draining_generations: args.reload.max_draining_generations,
         generations: Generations::default(),
         close_window: args.reload.reload_close_window,
-        flag: Some(crate::keepalive::KeepAliveFlag::in_dir(&args.target.runtime_dir)),
+        flag: Some(crate::os::drain_flag::DrainFlag::in_dir(&args.target.runtime_dir)),
     };
     let outcome = reload(&nginx, &reaper, &master.pidfd, &NginxErrors::default(), &settings).await;
     Ok(outcome.to_json())

@@ -12,7 +12,7 @@ pub use crate::nginx::generations::{Generations, serving_workers};
 pub use crate::nginx::log::NginxErrors;
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree;
-use crate::reaper::Reaper;
+use crate::os::reaper::Reaper;
 
 mod command;
 mod queue;
@@ -44,7 +44,7 @@ pub struct ReloadSettings {
     /// Before the SIGHUP, keep-alive clients are told to close for this long (see
     /// `--reload-close-window`); zero turns it off.
     pub close_window: Duration,
-    pub flag: Option<crate::keepalive::KeepAliveFlag>,
+    pub flag: Option<crate::os::drain_flag::DrainFlag>,
 }
 
 pub async fn reload(
@@ -148,10 +148,10 @@ pub async fn reload(
 }
 
 /// The drain flag, raised for the reload's close window and lowered when dropped.
-struct FlagGuard<'a>(&'a crate::keepalive::KeepAliveFlag);
+struct FlagGuard<'a>(&'a crate::os::drain_flag::DrainFlag);
 
 impl<'a> FlagGuard<'a> {
-    fn raise(flag: &'a crate::keepalive::KeepAliveFlag) -> Self {
+    fn raise(flag: &'a crate::os::drain_flag::DrainFlag) -> Self {
         if let Err(err) = flag.raise() {
             tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
         }
@@ -237,7 +237,7 @@ impl ReloadOutcome {
             }
             ReloadOutcome::Unconfirmed(timeout) => json!({
                 "event": "reload", "outcome": "unconfirmed",
-                "reason": format!("no new generation of workers within {}", crate::plan::fmt(*timeout)),
+                "reason": format!("no new generation of workers within {}", crate::duration::fmt(*timeout)),
             }),
         }
     }

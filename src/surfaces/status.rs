@@ -8,16 +8,16 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::StatusArgs;
+use crate::duration::fmt;
 use crate::error::{Error, exit};
-use crate::keepalive::KeepAliveFlag;
-use crate::live::Live;
 use crate::nginx::connections;
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::tree::ProcStat;
-use crate::plan::fmt;
+use crate::os::drain_flag::DrainFlag;
+use crate::surfaces::live::Live;
 
 pub async fn command(args: StatusArgs) -> Result<i32, Error> {
-    let status = match crate::control::request_status(&args.target.runtime_dir).await? {
+    let status = match crate::surfaces::control_socket::request_status(&args.target.runtime_dir).await? {
         Some(status) => status,
         None => {
             let target = args.target.clone();
@@ -66,7 +66,7 @@ fn of_pid_file(pid_file: &Path, runtime_dir: &Path) -> Result<Value, Error> {
     status["source"] = "pid_file".into();
     status["pid_file"] = pid_file.display().to_string().into();
     // No supervisor, no phase; the drain flag says whether a `drain` has begun.
-    let draining = KeepAliveFlag::in_dir(runtime_dir).path().exists();
+    let draining = DrainFlag::in_dir(runtime_dir).path().exists();
     status["phase"] = if status["master"].is_null() {
         Value::Null
     } else if draining {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
-use crate::reaper::{Exit, Reaper};
+use crate::os::reaper::{Exit, Reaper};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookOutcome {

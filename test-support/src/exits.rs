@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! Timing process exits from outside, for the benchmarks: pidfds polled together, so each exit
 //! is stamped within microseconds and the watcher's own delay is the same for every process.
 

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use super::strategy::PodFiles;
 use crate::error::Error;
-use crate::keepalive::KeepAliveFlag;
-use crate::runtime_dir::render_config;
+use nginx_graceful::os::drain_flag::DrainFlag;
+use nginx_graceful::os::runtime_dir::render_config;
 
 /// The config each pod runs when the user gives none.
-pub const REHEARSAL_CONFIG: &str = include_str!("../../nginx-conf/rehearsal.conf");
+pub const REHEARSAL_CONFIG: &str = include_str!("../../../nginx-conf/rehearsal.conf");
 
 /// 32 KiB, which the rehearsal config's /slow sends at 32 KiB/s: one second.
 const SLOW_BODY: usize = 32 * 1024;
@@ -31,10 +31,7 @@ pub fn prepare(
     let config = render(template, listen, dir)?;
     std::fs::create_dir_all(dir).map_err(Error::internal("cannot create a pod's directory"))?;
     let config_path = write("nginx.conf", config.as_bytes())?;
-    write(
-        "graceful-drain.conf",
-        KeepAliveFlag::in_dir(dir).snippet().as_bytes(),
-    )?;
+    write("graceful-drain.conf", DrainFlag::in_dir(dir).snippet().as_bytes())?;
     write("slow.bin", &vec![b'.'; SLOW_BODY])?;
     let (pid_file, globals) = match pid_directive(&config) {
         Some(path) => (path, "daemon off;".to_owned()),

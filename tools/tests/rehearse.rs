@@ -2,15 +2,18 @@
 //! and the Service imitation on its own: it must behave as kube-proxy does, or the rehearsal
 //! proves nothing.
 
-mod common;
+use test_support as common;
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, free_port};
-use nginx_graceful::rehearse::service::Service;
+use common::free_port;
+
+/// The tools binary under test.
+const TOOLS: &str = env!("CARGO_BIN_EXE_nginx-graceful-tools");
+use nginx_graceful_tools::rehearse::service::Service;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,7 +61,7 @@ fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
 /// nginx-graceful pods take a 2 s propagation delay from the environment they inherit, against
 /// the Service's 1 s lag. Returns both reports and the exit code.
 fn graceful_against_naive(extra: &[&std::ffi::OsStr]) -> (Value, Value, Option<i32>) {
-    let output = Command::new(BIN)
+    let output = Command::new(TOOLS)
         .args(["rehearse", "--compare", "nginx-graceful,naive", "--json"])
         .args(["--warmup", "1s", "--tail", "500ms", "--grace-period", "10s"])
         .args(extra)
@@ -77,8 +80,11 @@ fn graceful_against_naive(extra: &[&std::ffi::OsStr]) -> (Value, Value, Option<i
 fn over_tls_the_rehearsal_tells_the_same_story() {
     let dir = common::TempDir::new("rehearse-tls");
     let certificate = common::TestCertificate::make(&dir.0);
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx-conf/rehearsal.conf")).unwrap();
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../nginx-conf/rehearsal.conf"
+    ))
+    .unwrap();
     let config = shipped.replace(
         "listen @LISTEN@;",
         &format!(
@@ -203,12 +209,12 @@ fn a_refusing_or_resetting_pod_is_a_reset_for_the_client_never_a_retry() {
 fn a_custom_strategy_runs_the_users_config_and_commands() {
     let dir = common::TempDir::new("rehearse-custom");
     // The user's own config: the rehearsal config with another response, to see it is used.
-    let config = nginx_graceful::rehearse::pod_config::REHEARSAL_CONFIG
+    let config = nginx_graceful_tools::rehearse::pod_config::REHEARSAL_CONFIG
         .replace("nginx-graceful: nginx is serving", "served by the user's config");
     let config_path = dir.0.join("my-nginx.conf");
     std::fs::write(&config_path, config).unwrap();
     let work = dir.0.join("work");
-    let output = Command::new(BIN)
+    let output = Command::new(TOOLS)
         .args([
             "rehearse",
             "--strategy",
@@ -255,7 +261,7 @@ fn a_config_without_a_listen_placeholder_is_refused_before_anything_starts() {
     let config_path = dir.0.join("nginx.conf");
     std::fs::write(&config_path, "events {}\nhttp { server { listen 8080; } }\n").unwrap();
     let work = dir.0.join("work");
-    let output = Command::new(BIN)
+    let output = Command::new(TOOLS)
         .args(["rehearse", "--config", config_path.to_str().unwrap()])
         .args(["--work-dir", work.to_str().unwrap()])
         .output()

@@ -2,12 +2,23 @@
 
 use std::time::Duration;
 
-use crate::cli::DrainArgs;
+use crate::duration::fmt;
 use crate::error::Error;
 
 /// The least time nginx gets between SIGQUIT and the escalation deadline. Below this a drain is
 /// a fast shutdown in all but name, so a plan that leaves less is refused.
 pub const MIN_QUIT_WINDOW: Duration = Duration::from_secs(1);
+
+/// What the operator asked of a drain; [`DrainPlan::new`] checks that it fits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainSettings {
+    pub grace_period: Duration,
+    pub propagation_delay: Duration,
+    pub safety_margin: Duration,
+    /// Pre-drain hooks, each an argv.
+    pub pre_drain_exec: Vec<Vec<String>>,
+    pub pre_drain_timeout: Duration,
+}
 
 /// A timeline relative to the instant the drain starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +34,7 @@ pub struct DrainPlan {
 }
 
 impl DrainPlan {
-    pub fn new(args: &DrainArgs) -> Result<Self, Error> {
+    pub fn new(args: &DrainSettings) -> Result<Self, Error> {
         let hooks_budget = args.pre_drain_timeout * args.pre_drain_exec.len() as u32;
         let needed = hooks_budget + args.propagation_delay + MIN_QUIT_WINDOW + args.safety_margin;
         if needed > args.grace_period {
@@ -81,17 +92,12 @@ impl DrainPlan {
     }
 }
 
-pub fn fmt(d: Duration) -> String {
-    // Milliseconds are the finest unit anyone sets here; nanoseconds would be noise in messages.
-    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args(grace: u64, delay: u64, margin: u64, hooks: usize, hook_timeout: u64) -> DrainArgs {
-        DrainArgs {
+    fn args(grace: u64, delay: u64, margin: u64, hooks: usize, hook_timeout: u64) -> DrainSettings {
+        DrainSettings {
             grace_period: Duration::from_secs(grace),
             propagation_delay: Duration::from_secs(delay),
             safety_margin: Duration::from_secs(margin),

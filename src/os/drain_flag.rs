@@ -8,15 +8,15 @@
 use std::path::{Path, PathBuf};
 
 /// The snippet as shipped, for the default runtime directory.
-pub const SNIPPET: &str = include_str!("../nginx-conf/graceful-drain.conf");
+pub const SNIPPET: &str = include_str!("../../nginx-conf/graceful-drain.conf");
 const SHIPPED_FLAG: &str = "/run/nginx-graceful/draining";
 
 #[derive(Debug, Clone)]
-pub struct KeepAliveFlag {
+pub struct DrainFlag {
     path: PathBuf,
 }
 
-impl KeepAliveFlag {
+impl DrainFlag {
     pub fn in_dir(runtime_dir: &Path) -> Self {
         Self {
             path: runtime_dir.join("draining"),
@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn the_snippet_follows_the_runtime_dir() {
-        let flag = KeepAliveFlag::in_dir(Path::new("/tmp/rt"));
+        let flag = DrainFlag::in_dir(Path::new("/tmp/rt"));
         let snippet = flag.snippet();
         assert!(snippet.contains("if (-f /tmp/rt/draining)"), "{snippet}");
         assert!(!snippet.contains(SHIPPED_FLAG));
@@ -70,19 +70,19 @@ mod tests {
 
     #[test]
     fn a_config_dump_shows_whether_the_snippet_is_loaded() {
-        let flag = KeepAliveFlag::in_dir(Path::new("/run/nginx-graceful"));
+        let flag = DrainFlag::in_dir(Path::new("/run/nginx-graceful"));
         assert!(flag.is_checked_by(SNIPPET));
         assert!(!flag.is_checked_by("server {\n    listen 80;\n}\n"));
         // A comment that names the flag does not count; nor does another runtime dir.
         assert!(!flag.is_checked_by("# if (-f /run/nginx-graceful/draining) {"));
-        assert!(!KeepAliveFlag::in_dir(Path::new("/elsewhere")).is_checked_by(SNIPPET));
+        assert!(!DrainFlag::in_dir(Path::new("/elsewhere")).is_checked_by(SNIPPET));
     }
 
     #[test]
     fn raising_and_lowering_the_flag() {
         let dir = std::env::temp_dir().join(format!("ng-flag-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let flag = KeepAliveFlag::in_dir(&dir);
+        let flag = DrainFlag::in_dir(&dir);
         assert!(!flag.lower().unwrap());
         flag.raise().unwrap();
         assert!(flag.path().exists());

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
-use crate::live::Live;
+use crate::surfaces::live::Live;
 
 /// Binds before nginx starts, so a taken port stops start-up with nothing left behind.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
@@ -78,7 +78,7 @@ async fn answer(req: Request<Incoming>, state: Arc<Live>) -> Result<Response<Ful
             format!("not ready: {}\n", state.phase()),
         ),
         (&Method::GET | &Method::HEAD, "/metrics") => {
-            content_type = crate::metrics::CONTENT_TYPE;
+            content_type = crate::surfaces::metrics::CONTENT_TYPE;
             // /proc reads: off the thread that handles signals.
             let state = state.clone();
             match tokio::task::spawn_blocking(move || state.metrics_text()).await {

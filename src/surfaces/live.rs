@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::controller::Controller;
-use crate::metrics::Metrics;
+use crate::controller_mode::Controller;
+use crate::core::phase::Phase;
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::tree::ProcessTable;
-use crate::phase::Phase;
+use crate::surfaces::metrics::Metrics;
 
 #[derive(Debug)]
 pub struct Live {

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::pidfile::{FoundMaster, find_master};
-use crate::reaper::Exit;
+use crate::os::reaper::Exit;
 
 #[derive(Debug, Clone)]
 pub struct Controller {

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::Error;
-use crate::keepalive::KeepAliveFlag;
+use crate::os::drain_flag::DrainFlag;
 
-pub const BUNDLED_CONFIG: &str = include_str!("../nginx-conf/nginx.conf");
+pub const BUNDLED_CONFIG: &str = include_str!("../../nginx-conf/nginx.conf");
 
 #[derive(Debug)]
 pub struct RuntimeDir {
@@ -62,8 +62,8 @@ impl RuntimeDir {
         &self.path
     }
 
-    pub fn flag(&self) -> KeepAliveFlag {
-        KeepAliveFlag::in_dir(&self.path)
+    pub fn flag(&self) -> DrainFlag {
+        DrainFlag::in_dir(&self.path)
     }
 
     /// Writes the bundled config and its drain snippet; returns the config's path.
@@ -129,7 +129,7 @@ mod tests {
     fn a_stale_flag_is_cleared() {
         let path = std::env::temp_dir().join(format!("ng-rt-stale-{}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
-        KeepAliveFlag::in_dir(&path).raise().unwrap();
+        DrainFlag::in_dir(&path).raise().unwrap();
         let dir = RuntimeDir::prepare(&path).unwrap();
         assert!(!dir.flag().path().exists());
         std::fs::remove_dir_all(&path).unwrap();

@@ -16,9 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::core::phase::Phases;
 use crate::error::Error;
-use crate::live::Live;
-use crate::phase::Phases;
+use crate::surfaces::live::Live;
 
 /// How long the supervisor waits for its `drain` clients to hang up before it exits.
 pub const CLIENT_EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -132,9 +132,10 @@ impl Connection {
             Some("status") => {
                 // /proc reads: off the thread that handles signals.
                 let live = self.live.clone();
-                let status = tokio::task::spawn_blocking(move || crate::status::of_supervisor(&live))
-                    .await
-                    .unwrap_or_else(|_| json!({"error": "the status could not be read"}));
+                let status =
+                    tokio::task::spawn_blocking(move || crate::surfaces::status::of_supervisor(&live))
+                        .await
+                        .unwrap_or_else(|_| json!({"error": "the status could not be read"}));
                 let _ = send(&mut write, &status).await;
                 return;
             }

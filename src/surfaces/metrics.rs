@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::phase::Phase;
+use crate::core::phase::Phase;
 
 /// What Prometheus negotiates for this format (OpenMetrics text, read by Prometheus 2 and 3).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -20,10 +20,10 @@ use clap::ValueEnum;
 
 use crate::cli::RehearseArgs;
 use crate::error::{Error, exit};
-use crate::reaper::Exit;
 use crate::soak::client::{self, Load, Progress};
 use crate::soak::report::summarize;
 use crate::soak::tls::{Tls, Trust};
+use nginx_graceful::os::reaper::Exit;
 use pod::{HookEnd, Pod, PodExit};
 use report::{Event, EventKind, ModeResult, Rehearsal};
 use service::Service;
@@ -52,7 +52,7 @@ const POD_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127,
 /// The pod that is terminated; the other keeps serving.
 const TERMINATED: usize = 0;
 
-pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
+pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::Rehearsal(
             "rehearse makes a PID namespace per pod (unshare --pid), which needs root: run it as root".into(),
@@ -77,10 +77,7 @@ pub async fn command(args: RehearseArgs) -> Result<i32, Error> {
             true,
         ),
     };
-    let graceful = std::env::current_exe()
-        .map_err(Error::internal("cannot find this program's path"))?
-        .to_string_lossy()
-        .into_owned();
+    let graceful = supervisor_binary(&args)?;
     // The pods' certificate is whatever the config names: trusted as it is, as `curl -k`.
     let tls = match args.tls {
         true => Some(Tls::new("rehearsal.local", Trust::Insecure).map_err(Error::Rehearsal)?),
@@ -383,4 +380,22 @@ async fn terminate(
         format!("{}: {exit}", pod.name),
     ));
     Ok((exit, exited_at, events))
+}
+
+/// The supervisor the pods run: `--supervisor`, or `nginx-graceful` beside this program (both
+/// are built into the same directory).
+fn supervisor_binary(args: &RehearseArgs) -> Result<String, Error> {
+    let path = match &args.supervisor {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(Error::internal("cannot find this program's path"))?
+            .with_file_name("nginx-graceful"),
+    };
+    if !path.is_file() {
+        return Err(Error::Rehearsal(format!(
+            "the supervisor binary {} does not exist: build it (cargo build -p nginx-graceful) or pass --supervisor",
+            path.display()
+        )));
+    }
+    Ok(path.to_string_lossy().into_owned())
 }

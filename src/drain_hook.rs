@@ -11,18 +11,19 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use crate::cli::PreStopArgs;
-use crate::control;
-use crate::drain::{Drain, NginxTree, log_summary};
+use crate::core::outcome::log_summary;
+use crate::core::phase::Phases;
+use crate::core::plan::DrainPlan;
+use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
-use crate::keepalive::KeepAliveFlag;
 use crate::nginx::pidfile::{self, FoundMaster};
-use crate::phase::Phases;
-use crate::plan::DrainPlan;
-use crate::reaper::Reaper;
-use crate::runtime_dir::{record_outcome, recorded_outcome};
+use crate::os::drain_flag::DrainFlag;
+use crate::os::reaper::Reaper;
+use crate::os::runtime_dir::{record_outcome, recorded_outcome};
+use crate::surfaces::control_socket as control;
 
 pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
-    let plan = DrainPlan::new(&args.drain)?;
+    let plan = DrainPlan::new(&args.drain.settings())?;
     let started = Instant::now();
     let started_at = SystemTime::now();
     let sigchld = signal(SignalKind::child()).map_err(Error::internal("installing the SIGCHLD handler"))?;
@@ -84,7 +85,7 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
 
     let reaper = Reaper::start(sigchld);
     let phases = Phases::default();
-    let flag = KeepAliveFlag::in_dir(&args.target.runtime_dir);
+    let flag = DrainFlag::in_dir(&args.target.runtime_dir);
     let skip_delay = Notify::new();
     let tree = NginxTree {
         roots: masters.iter().map(|m| m.pidfd.pid()).collect(),

@@ -5,10 +5,8 @@
 //! `cargo bench --bench soak`; BENCH_ROUNDS (default 5) and BENCH_SECS (default 5) change the
 //! effort. Needs wrk (apt-get install wrk).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "exits.rs"]
-mod exits;
+use test_support as common;
+use test_support::exits;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -101,7 +99,7 @@ fn main() {
         .map(String::from)
         .into();
     let soak: Vec<String> = [
-        common::BIN,
+        env!("CARGO_BIN_EXE_nginx-graceful-tools"),
         "soak",
         "--url",
         &url,
@@ -125,7 +123,7 @@ fn main() {
             }
         }
     }
-    supervisor.signal(libc::SIGTERM);
+    supervisor.signal(15); // SIGTERM
     supervisor.wait_exit(Duration::from_secs(10));
 
     println!(

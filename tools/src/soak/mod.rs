@@ -24,7 +24,7 @@ use tls::{Tls, Trust};
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub const REQUESTS_TIME_LIMIT: Duration = Duration::from_secs(3600);
 
-pub async fn command(args: SoakArgs) -> Result<i32, Error> {
+pub async fn run(args: SoakArgs) -> Result<i32, Error> {
     let load = Arc::new(load_from(&args).await?);
     let progress = Arc::new(Progress::default());
     let show_progress = !args.json && std::io::stderr().is_terminal();

@@ -2,14 +2,17 @@
 //! lands in its own class, and what is not a failure (Connection: close, an idle connection
 //! closed cleanly) is not counted as one.
 
-mod common;
+use test_support as common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, free_port};
+use common::free_port;
+
+/// The tools binary under test.
+const TOOLS: &str = env!("CARGO_BIN_EXE_nginx-graceful-tools");
 use serde_json::Value;
 
 /// A server whose behaviour is chosen by the request path; `n` counts requests on a connection.
@@ -104,7 +107,7 @@ fn reset(stream: TcpStream) {
 
 /// Runs soak with `args` and returns its exit code and JSON report.
 fn soak(url: &str, args: &[&str]) -> (i32, Value) {
-    let output = Command::new(BIN)
+    let output = Command::new(TOOLS)
         .args(["soak", "--url", url, "--json", "--timeout", "500ms"])
         .args(args)
         .output()

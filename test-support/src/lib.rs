@@ -1,8 +1,8 @@
 //! Test harness: a real nginx site in a temporary directory, the supervisor as a real process
 //! (optionally PID 1 of its own PID namespace), its log as it arrives, and cleanup that runs even
 //! when a test fails.
-#![allow(dead_code)]
 
+pub mod exits;
 pub mod http;
 
 use std::io::{BufRead, BufReader};
@@ -10,12 +10,35 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_nginx-graceful");
+/// The supervisor binary under test, `nginx-graceful` beside the directory of the running test
+/// or bench (cargo builds every binary of the packages it tests before it runs a test:
+/// `cargo test --workspace`, or `-p nginx-graceful`).
+pub fn bin() -> &'static str {
+    static BIN: LazyLock<String> = LazyLock::new(|| {
+        let exe = std::env::current_exe().expect("the test's own path");
+        // target/<profile>/deps/<test> -> target/<profile>/nginx-graceful
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .join("nginx-graceful");
+        assert!(
+            bin.exists(),
+            "{} is missing: build it first (cargo build -p nginx-graceful), or run scripts/test.sh",
+            bin.display()
+        );
+        bin.to_string_lossy().into_owned()
+    });
+    &BIN
+}
+
+/// The repository's top directory, where nginx-conf/ and deploy/ are.
+pub const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// Bytes per second nginx sends on /slow/ URLs: a file of N * RATE bytes takes about N seconds.
 pub const SLOW_RATE: usize = 100 * 1024;
@@ -166,6 +189,12 @@ pub struct Site {
     pub runtime: PathBuf,
 }
 
+impl Default for Site {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Site {
     /// A site whose config includes the drain snippet, as the README tells users to.
     pub fn new() -> Self {
@@ -186,7 +215,7 @@ impl Site {
         let snippet_path = root.join("graceful-drain.conf");
         let shipped = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/nginx-conf/graceful-drain.conf"
+            "/../nginx-conf/graceful-drain.conf"
         ))
         .unwrap();
         let snippet_text = shipped.replace(
@@ -387,11 +416,11 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn start(args: &[String]) -> Self {
-        Self::spawn(Command::new(BIN).args(args), false)
+        Self::spawn(Command::new(bin()).args(args), false)
     }
 
     pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
-        Self::spawn(Command::new(BIN).args(args).envs(env.iter().copied()), false)
+        Self::spawn(Command::new(bin()).args(args).envs(env.iter().copied()), false)
     }
 
     /// As PID 1 of a new PID namespace, the way a container runs it.
@@ -402,7 +431,7 @@ impl Supervisor {
     pub fn start_as_pid1_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new("unshare");
         command
-            .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", BIN])
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", bin()])
             .args(args)
             .envs(env.iter().copied());
         Self::spawn(&mut command, true)

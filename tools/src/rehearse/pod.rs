@@ -14,11 +14,11 @@ use tokio::process::{Child, Command};
 
 use super::strategy::Strategy;
 use crate::error::Error;
-use crate::nginx::pidfd::PidFd;
-use crate::nginx::tree::ProcessTable;
-use crate::reaper::Exit;
 use crate::soak::client::probe;
 use crate::soak::tls::Tls;
+use nginx_graceful::nginx::pidfd::PidFd;
+use nginx_graceful::nginx::tree::ProcessTable;
+use nginx_graceful::os::reaper::Exit;
 
 pub struct Pod {
     pub name: String,
@@ -182,7 +182,7 @@ fn logged_command(program: &str, log: File) -> Result<Command, Error> {
         .stdout(stdout)
         .stderr(log)
         .kill_on_drop(true);
-    crate::reaper::die_with_parent(command.as_std_mut());
+    nginx_graceful::os::reaper::die_with_parent(command.as_std_mut());
     Ok(command)
 }
 

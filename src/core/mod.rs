@@ -1,0 +1,6 @@
+//! The domain core: what a drain is and what the supervisor decides. Pure: no clock, no I/O,
+//! tested with tables.
+
+pub mod outcome;
+pub mod phase;
+pub mod plan;
