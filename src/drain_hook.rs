@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 use crate::cli::PreStopArgs;
-use crate::core::outcome::log_summary;
+use crate::core::outcome::Outcome;
 use crate::core::phase::Phases;
 use crate::core::plan::DrainPlan;
 use crate::drain::{Drain, NginxTree};
@@ -20,7 +20,7 @@ use crate::nginx::pidfile::{self, FoundMaster};
 use crate::os::drain_flag::DrainFlag;
 use crate::os::reaper::Reaper;
 use crate::os::runtime_dir::{record_outcome, recorded_outcome};
-use crate::surfaces::control_socket as control;
+use crate::surfaces::control_client as control;
 
 pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     let plan = DrainPlan::new(&args.drain.settings())?;
@@ -45,8 +45,9 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
             _ => {}
         }
     };
-    if let Some(outcome) = control::request_drain(&args.target.runtime_dir, relay).await? {
-        return Ok(log_summary(&outcome, "the supervisor drained nginx"));
+    if let Some(event) = control::request_drain(&args.target.runtime_dir, relay).await? {
+        let outcome = Outcome::from_json(&event).ok_or(Error::ControlBroken)?;
+        return Ok(outcome.log_summary("the supervisor drained nginx"));
     }
 
     // No supervisor: this process drains nginx. Two hooks at once share one drain.
@@ -70,10 +71,7 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
             .checked_sub(plan.grace_period)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         if let Some(outcome) = recorded_outcome(&args.target.runtime_dir, recent) {
-            return Ok(log_summary(
-                &outcome,
-                "nginx is not running; the last drain ended",
-            ));
+            return Ok(outcome.log_summary("nginx is not running; the last drain ended"));
         }
         tracing::info!(pid_file = %args.target.pid_file.display(), "nginx is not running: nothing to drain");
         return Ok(exit::OK);
@@ -107,11 +105,11 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
-    let report = outcome.to_json();
+    let outcome = Outcome::of_drain(outcome);
     if let Some(runtime) = &runtime {
-        record_outcome(&runtime.dir, &report);
+        record_outcome(&runtime.dir, &outcome);
     }
-    Ok(log_summary(&report, "drained nginx"))
+    Ok(outcome.log_summary("drained nginx"))
 }
 
 /// The files a direct drain keeps in the runtime directory: a lock that makes concurrent hooks

@@ -37,7 +37,6 @@
 //! and the common recipes.
 
 pub mod cli;
-pub mod controller_mode;
 pub mod core;
 pub mod drain;
 pub mod drain_hook;

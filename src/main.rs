@@ -23,8 +23,8 @@ fn main() {
         match cli.command {
             Command::Run(args) => supervisor::run(args).await,
             Command::Drain(args) => drain_hook::drain(args).await,
-            Command::Reload(args) => reload::command(args).await,
-            Command::Status(args) => status::command(args).await,
+            Command::Reload(args) => reload::request(args).await,
+            Command::Status(args) => status::show(args).await,
         }
     });
     let code = match result {

@@ -4,3 +4,4 @@
 pub mod outcome;
 pub mod phase;
 pub mod plan;
+pub mod policy;

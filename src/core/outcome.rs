@@ -1,13 +1,63 @@
-//! What a drain ended with, for the exit code, the log, `/metrics` and the `drain` client.
+//! How things ended: a process ([`Exit`]), a drain ([`DrainOutcome`]) and the supervisor's whole
+//! run ([`Outcome`]). Typed until they leave the process: [`Outcome::to_json`] is what the log,
+//! the `drain` client and the outcome file get, and [`Outcome::from_json`] reads it back on the
+//! other side of the socket or the file.
 
+use std::fmt;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::duration::fmt;
+use crate::duration::fmt as fmt_duration;
 use crate::error::exit;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The status a shell would report: the exit code, or 128 + the signal number.
+    pub fn as_exit_code(self) -> i32 {
+        match self {
+            Exit::Code(code) => code,
+            Exit::Signal(sig) => 128 + sig,
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+}
+
+impl From<std::process::ExitStatus> for Exit {
+    /// A waited-for status is always one of the two; -1 stands for what cannot happen.
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(signal)) => Exit::Signal(signal),
+            (None, None) => Exit::Code(-1),
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit code {code}"),
+            Exit::Signal(sig) => {
+                let name = nix::sys::signal::Signal::try_from(*sig).map_or("?", |s| s.as_str());
+                write!(f, "killed by {name}")
+            }
+        }
+    }
+}
+
+/// What the drain procedure observed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainOutcome {
     /// The budget ran out and nginx was stopped by SIGTERM or SIGKILL.
     pub escalated: bool,
@@ -17,60 +67,230 @@ pub struct DrainOutcome {
     /// Connections still open when nginx's worker_shutdown_timeout fired, which nginx then
     /// closed itself (WebSockets, streams, slow downloads); `None` when the timeout is unknown.
     pub closed_by_shutdown_timeout: Option<usize>,
+    /// nginx processes killed with SIGKILL.
     pub killed: usize,
     pub elapsed: Duration,
 }
 
-impl DrainOutcome {
-    pub fn exit_code(&self) -> i32 {
-        if self.escalated {
-            crate::error::exit::ESCALATED
-        } else {
-            crate::error::exit::OK
+/// How the run (or a `drain` without a supervisor) ended, in one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// nginx quit within the budget.
+    Clean,
+    /// The budget ran out: nginx was stopped with SIGTERM/SIGKILL.
+    Escalated,
+    /// The nginx master (or the controller) exited on its own while serving.
+    NginxExited,
+    /// The nginx master died mid-drain without quitting cleanly (OOM-killed, say).
+    NginxFailed,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Clean => "clean",
+            Verdict::Escalated => "escalated",
+            Verdict::NginxExited => "nginx_exited",
+            Verdict::NginxFailed => "nginx_failed",
         }
     }
 
-    /// The event that ends a drain, for logs and for `drain` clients.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "event": "outcome",
-            "outcome": if self.escalated { "escalated" } else { "clean" },
-            "exit_code": self.exit_code(),
-            "elapsed_ms": self.elapsed.as_millis() as u64,
-            "connections_at_quit": self.connections_at_quit,
-            "closed_by_shutdown_timeout": self.closed_by_shutdown_timeout,
-            "killed": self.killed,
-        })
+    fn from_name(name: &str) -> Option<Self> {
+        [
+            Verdict::Clean,
+            Verdict::Escalated,
+            Verdict::NginxExited,
+            Verdict::NginxFailed,
+        ]
+        .into_iter()
+        .find(|v| v.name() == name)
     }
 }
 
-/// The drain's last line, from its outcome event: outcome, total time, connections at SIGQUIT, processes killed.
-pub fn log_summary(outcome: &Value, how: &str) -> i32 {
-    let code = outcome["exit_code"].as_i64().unwrap_or(exit::INTERNAL as i64) as i32;
-    let elapsed = std::time::Duration::from_millis(outcome["elapsed_ms"].as_u64().unwrap_or(0));
-    tracing::info!(
-        outcome = outcome["outcome"].as_str().unwrap_or("unknown"),
-        elapsed_ms = elapsed.as_millis() as u64,
-        connections_at_quit = outcome["connections_at_quit"].as_u64(),
-        closed_by_shutdown_timeout = outcome["closed_by_shutdown_timeout"].as_u64(),
-        killed = outcome["killed"].as_u64().unwrap_or(0),
-        // Controller mode: how the controller ended once nginx had.
-        controller_exit = outcome["controller_exit"].as_str(),
-        controller_killed = outcome["controller_killed"].as_bool(),
-        exit_code = code,
-        "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
-        outcome["outcome"].as_str().unwrap_or("unknown"),
-        fmt(elapsed),
-        // Not counted when nginx was gone before the count was: it held nothing for long.
-        outcome["connections_at_quit"]
-            .as_u64()
-            .map_or("uncounted".to_string(), |n| n.to_string()),
-        outcome["closed_by_shutdown_timeout"]
-            .as_u64()
-            .map_or(String::new(), |n| format!(
-                " {n} closed by worker_shutdown_timeout,"
-            )),
-        outcome["killed"],
-    );
-    code
+/// How a controller ended after its nginx had drained (controller mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerEnd {
+    /// Its exit status as words (`exit code 0`, `killed by SIGKILL`), when known.
+    pub status: Option<String>,
+    /// It did not exit on SIGTERM within the budget and was killed.
+    pub killed: bool,
+}
+
+/// The end of a drain as the supervisor reports it: the one exit code, and what was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub exit_code: i32,
+    pub drain: DrainOutcome,
+    pub controller: Option<ControllerEnd>,
+}
+
+impl Outcome {
+    /// A drain that ran to its end.
+    pub fn of_drain(drain: DrainOutcome) -> Self {
+        let (verdict, exit_code) = match drain.escalated {
+            true => (Verdict::Escalated, exit::ESCALATED),
+            false => (Verdict::Clean, exit::OK),
+        };
+        Self {
+            verdict,
+            exit_code,
+            drain,
+            controller: None,
+        }
+    }
+
+    /// nginx (or the controller) ended with `status` before or during the drain; the exit code
+    /// is its own.
+    pub fn nginx_ended(verdict: Verdict, status: Exit, drain: DrainOutcome) -> Self {
+        Self {
+            verdict,
+            exit_code: status.as_exit_code(),
+            drain,
+            controller: None,
+        }
+    }
+
+    /// The event that ends a drain, for the log, the outcome file and `drain` clients.
+    pub fn to_json(&self) -> Value {
+        let drain = &self.drain;
+        let mut event = json!({
+            "event": "outcome",
+            "outcome": self.verdict.name(),
+            "exit_code": self.exit_code,
+            "elapsed_ms": drain.elapsed.as_millis() as u64,
+            "connections_at_quit": drain.connections_at_quit,
+            "closed_by_shutdown_timeout": drain.closed_by_shutdown_timeout,
+            "killed": drain.killed,
+        });
+        if let Some(controller) = &self.controller {
+            event["controller_exit"] = controller.status.clone().into();
+            event["controller_killed"] = controller.killed.into();
+        }
+        event
+    }
+
+    /// An outcome event written by [`Outcome::to_json`] (by a supervisor, or in the outcome
+    /// file); `None` when it is not one.
+    pub fn from_json(event: &Value) -> Option<Self> {
+        let count = |field: &str| event[field].as_u64().map(|n| n as usize);
+        Some(Self {
+            verdict: Verdict::from_name(event["outcome"].as_str()?)?,
+            exit_code: i32::try_from(event["exit_code"].as_i64()?).ok()?,
+            drain: DrainOutcome {
+                escalated: event["outcome"] == "escalated",
+                connections_at_quit: count("connections_at_quit"),
+                closed_by_shutdown_timeout: count("closed_by_shutdown_timeout"),
+                killed: count("killed").unwrap_or(0),
+                elapsed: Duration::from_millis(event["elapsed_ms"].as_u64().unwrap_or(0)),
+            },
+            controller: event.get("controller_killed").map(|killed| ControllerEnd {
+                status: event["controller_exit"].as_str().map(str::to_owned),
+                killed: killed.as_bool().unwrap_or(false),
+            }),
+        })
+    }
+
+    /// The drain's last line: verdict, total time, connections at SIGQUIT, processes killed.
+    /// Returns the exit code.
+    pub fn log_summary(&self, how: &str) -> i32 {
+        let drain = &self.drain;
+        tracing::info!(
+            outcome = self.verdict.name(),
+            elapsed_ms = drain.elapsed.as_millis() as u64,
+            connections_at_quit = drain.connections_at_quit,
+            closed_by_shutdown_timeout = drain.closed_by_shutdown_timeout,
+            killed = drain.killed,
+            // Controller mode: how the controller ended once nginx had.
+            controller_exit = self.controller.as_ref().and_then(|c| c.status.as_deref()),
+            controller_killed = self.controller.as_ref().map(|c| c.killed),
+            exit_code = self.exit_code,
+            "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
+            self.verdict.name(),
+            fmt_duration(drain.elapsed),
+            // Not counted when nginx was gone before the count was: it held nothing for long.
+            drain
+                .connections_at_quit
+                .map_or("uncounted".to_string(), |n| n.to_string()),
+            drain
+                .closed_by_shutdown_timeout
+                .map_or(String::new(), |n| format!(
+                    " {n} closed by worker_shutdown_timeout,"
+                )),
+            drain.killed,
+        );
+        self.exit_code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_read_like_a_shell_reports_them() {
+        for (exit, code, success, words) in [
+            (Exit::Code(0), 0, true, "exit code 0"),
+            (Exit::Code(3), 3, false, "exit code 3"),
+            (Exit::Signal(9), 137, false, "killed by SIGKILL"),
+            (Exit::Signal(15), 143, false, "killed by SIGTERM"),
+        ] {
+            assert_eq!(exit.as_exit_code(), code, "{exit:?}");
+            assert_eq!(exit.success(), success, "{exit:?}");
+            assert_eq!(exit.to_string(), words);
+        }
+    }
+
+    #[test]
+    fn verdicts_and_exit_codes() {
+        let escalated = DrainOutcome {
+            escalated: true,
+            ..Default::default()
+        };
+        for (outcome, verdict, code) in [
+            (Outcome::of_drain(DrainOutcome::default()), "clean", 0),
+            (Outcome::of_drain(escalated), "escalated", 3),
+            (
+                Outcome::nginx_ended(Verdict::NginxExited, Exit::Code(1), DrainOutcome::default()),
+                "nginx_exited",
+                1,
+            ),
+            (
+                Outcome::nginx_ended(Verdict::NginxFailed, Exit::Signal(9), DrainOutcome::default()),
+                "nginx_failed",
+                137,
+            ),
+        ] {
+            assert_eq!(outcome.verdict.name(), verdict);
+            assert_eq!(outcome.exit_code, code, "{verdict}");
+            assert_eq!(outcome.to_json()["outcome"], verdict);
+            assert_eq!(outcome.to_json()["exit_code"], code);
+        }
+    }
+
+    #[test]
+    fn an_outcome_reads_back_as_it_was_written() {
+        let drain = DrainOutcome {
+            escalated: true,
+            connections_at_quit: Some(12),
+            closed_by_shutdown_timeout: None,
+            killed: 2,
+            elapsed: Duration::from_millis(28_500),
+        };
+        let mut with_controller = Outcome::of_drain(drain.clone());
+        with_controller.controller = Some(ControllerEnd {
+            status: Some("exit code 1".into()),
+            killed: false,
+        });
+        for outcome in [Outcome::of_drain(drain), with_controller] {
+            let json = outcome.to_json();
+            assert_eq!(json["event"], "outcome");
+            assert_eq!(Outcome::from_json(&json), Some(outcome), "{json}");
+        }
+        assert_eq!(Outcome::from_json(&json!({"event": "accepted"})), None);
+        assert_eq!(
+            Outcome::from_json(&json!({"outcome": "vanished", "exit_code": 0})),
+            None
+        );
+    }
 }

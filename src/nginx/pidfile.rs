@@ -36,6 +36,50 @@ pub struct FoundMaster {
     pub pid_file: PathBuf,
 }
 
+/// The nginx master a pid file names, followed across restarts (an ingress controller's nginx).
+/// For the probes, the master last found is kept by its pidfd, and the file is read again only
+/// once that master has exited: a probe costs a poll of a pidfd, not a read of the file.
+#[derive(Debug)]
+pub struct FollowedMaster {
+    path: PathBuf,
+    last: std::sync::Mutex<Option<PidFd>>,
+}
+
+impl FollowedMaster {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The master's pid now, quietly: `None` while nginx is not started, is restarting, or the
+    /// pid file is unusable (the drain says why, when it matters).
+    pub fn current(&self) -> Option<i32> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(master) = last.as_ref().filter(|m| m.is_alive()) {
+            return Some(master.pid());
+        }
+        *last = find_master(&self.path).ok().flatten().map(|m| m.pidfd);
+        last.as_ref().map(PidFd::pid)
+    }
+
+    /// The master the pid file names now, read afresh and pinned; why not, logged.
+    pub fn find(&self) -> Option<FoundMaster> {
+        match find_master(&self.path) {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(pid_file = %self.path.display(), %err, "no usable nginx master in the pid file");
+                None
+            }
+        }
+    }
+}
+
 /// Whether the process title and binary are those of an nginx master.
 pub fn looks_like_master(cmdline: &str, exe: Option<&Path>) -> bool {
     let title_ok =

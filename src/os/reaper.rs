@@ -5,7 +5,6 @@
 //! child is started through [`Reaper::spawn`], which registers it before the loop can see it exit.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::process::{ChildStderr, ChildStdout, Command};
 use std::sync::{Arc, Mutex};
 
@@ -14,50 +13,7 @@ use nix::unistd::Pid;
 use tokio::signal::unix::Signal;
 use tokio::sync::oneshot;
 
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-}
-
-impl Exit {
-    /// The status a shell would report: the exit code, or 128 + the signal number.
-    pub fn as_exit_code(self) -> i32 {
-        match self {
-            Exit::Code(code) => code,
-            Exit::Signal(sig) => 128 + sig,
-        }
-    }
-
-    pub fn success(self) -> bool {
-        self == Exit::Code(0)
-    }
-}
-
-impl From<std::process::ExitStatus> for Exit {
-    /// A waited-for status is always one of the two; -1 stands for what cannot happen.
-    fn from(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        match (status.code(), status.signal()) {
-            (Some(code), _) => Exit::Code(code),
-            (None, Some(signal)) => Exit::Signal(signal),
-            (None, None) => Exit::Code(-1),
-        }
-    }
-}
-
-impl fmt::Display for Exit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Exit::Code(code) => write!(f, "exit code {code}"),
-            Exit::Signal(sig) => {
-                let name = nix::sys::signal::Signal::try_from(*sig).map_or("?", |s| s.as_str());
-                write!(f, "killed by {name}")
-            }
-        }
-    }
-}
+pub use crate::core::outcome::Exit;
 
 /// What is below the supervisor: PID 1 of a PID namespace, or a child subreaper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::core::outcome::Outcome;
 use crate::error::Error;
 use crate::os::drain_flag::DrainFlag;
 
@@ -90,20 +91,21 @@ pub fn render_config(template: &str, listen: &str, dir: &Path) -> String {
 const OUTCOME_FILE: &str = "drain-outcome.json";
 
 /// Keeps a drain's outcome event, for hooks that come late or run twice.
-pub fn record_outcome(dir: &Path, outcome: &serde_json::Value) {
-    if let Err(err) = std::fs::write(dir.join(OUTCOME_FILE), outcome.to_string()) {
+pub fn record_outcome(dir: &Path, outcome: &Outcome) {
+    if let Err(err) = std::fs::write(dir.join(OUTCOME_FILE), outcome.to_json().to_string()) {
         tracing::debug!(%err, "cannot record the drain's outcome");
     }
 }
 
 /// The outcome recorded at or after `since`, if any.
-pub fn recorded_outcome(dir: &Path, since: std::time::SystemTime) -> Option<serde_json::Value> {
+pub fn recorded_outcome(dir: &Path, since: std::time::SystemTime) -> Option<Outcome> {
     let path = dir.join(OUTCOME_FILE);
     let written = std::fs::metadata(&path).ok()?.modified().ok()?;
     if written < since {
         return None;
     }
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    let event = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    Outcome::from_json(&event)
 }
 
 #[cfg(test)]

@@ -2,20 +2,9 @@
 //! signal is lost or meets the default disposition (which, for PID 1, is to ignore it).
 
 use nix::sys::signal::Signal as Sig;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// What a signal asks of the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// SIGTERM or SIGINT: the ordered drain.
-    Drain { signal: Sig },
-    /// SIGQUIT: the drain without the propagation delay.
-    DrainNow,
-    /// SIGHUP: validate, then reload.
-    Reload,
-    /// SIGUSR1, SIGUSR2, SIGWINCH: passed on to the nginx master as they are.
-    Forward(Sig),
-}
+pub use crate::core::policy::Trigger;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub struct Signals {
     term: Signal,

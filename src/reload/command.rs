@@ -1,7 +1,7 @@
 //! `nginx-graceful reload`: asks the supervisor over its control socket, or reloads directly
 //! an nginx found through its pid file.
 
-use super::{Generations, NginxErrors, ReloadSettings, reload};
+use super::{Generations, NginxErrors, ReloadReply, ReloadSettings, reload};
 use crate::nginx::command::NginxCommand;
 use crate::nginx::tree;
 use crate::os::reaper::Reaper;
@@ -36,12 +36,13 @@ pub fn argv_from_title(title: &str) -> Option<Vec<String>> {
     (!argv.is_empty()).then_some(argv)
 }
 
-/// `nginx-graceful reload`: through the supervisor, or directly via the pid file.
-pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
+/// `nginx-graceful reload`: through the supervisor, or directly via the pid file. The reply is
+/// read as the supervisor writes it on the control socket.
+pub async fn request(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
     use crate::error::exit;
-    let reply = match crate::surfaces::control_socket::request_reload(&args.target.runtime_dir).await? {
+    let reply = match crate::surfaces::control_client::request_reload(&args.target.runtime_dir).await? {
         Some(reply) => reply,
-        None => direct(&args).await?,
+        None => direct(&args).await?.to_json(),
     };
     let outcome = reply["outcome"].as_str().unwrap_or("unknown");
     let code = match outcome {
@@ -67,11 +68,12 @@ pub async fn command(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::
 
 /// No supervisor: test with the master's own binary and arguments, SIGHUP, confirm. Without the
 /// master's stderr, a rollback shows only as no new generation.
-async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crate::error::Error> {
+async fn direct(args: &crate::cli::ReloadArgs) -> Result<ReloadReply, crate::error::Error> {
     let Some(master) = crate::nginx::pidfile::find_master(&args.target.pid_file)? else {
-        return Ok(
-            serde_json::json!({"event": "reload", "outcome": "not_running", "reason": format!("no nginx master in {}", args.target.pid_file.display())}),
-        );
+        return Ok(ReloadReply::NotRunning(format!(
+            "no nginx master in {}",
+            args.target.pid_file.display()
+        )));
     };
     let pid = master.pidfd.pid();
     let mut argv = argv_from_title(&tree::title(pid)).unwrap_or_else(|| vec!["nginx".into()]);
@@ -90,7 +92,7 @@ async fn direct(args: &crate::cli::ReloadArgs) -> Result<serde_json::Value, crat
         flag: Some(crate::os::drain_flag::DrainFlag::in_dir(&args.target.runtime_dir)),
     };
     let outcome = reload(&nginx, &reaper, &master.pidfd, &NginxErrors::default(), &settings).await;
-    Ok(outcome.to_json())
+    Ok(ReloadReply::Done(outcome))
 }
 
 #[cfg(test)]

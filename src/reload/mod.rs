@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use crate::core::policy::Refusal;
 use crate::nginx::command::NginxCommand;
 use crate::nginx::generations::wait_for_room;
 pub use crate::nginx::generations::{Generations, serving_workers};
@@ -15,10 +16,8 @@ use crate::nginx::tree;
 use crate::os::reaper::Reaper;
 
 mod command;
-mod queue;
 
-pub use command::{argv_from_title, command};
-pub use queue::{ReloadQueue, refused, refused_because};
+pub use command::{argv_from_title, request};
 
 /// How often the worker list is read while a reload is being confirmed. No event announces a
 /// fork in another process, so this is the one place that looks repeatedly, and only for
@@ -220,25 +219,64 @@ fn log(outcome: &ReloadOutcome) {
     }
 }
 
-impl ReloadOutcome {
-    /// The reply to `nginx-graceful reload`.
+/// The answer to whoever asked for a reload: the `reload` command, over the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadReply {
+    Done(ReloadOutcome),
+    Refused(Refusal),
+    /// No nginx master in the pid file (a `reload` without a supervisor).
+    NotRunning(String),
+}
+
+impl ReloadReply {
+    /// The reply as the client reads it.
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::json;
         match self {
-            ReloadOutcome::Reloaded { workers, elapsed } => json!({
-                "event": "reload", "outcome": "reloaded", "workers": workers,
-                "elapsed_ms": elapsed.as_millis() as u64,
-            }),
-            ReloadOutcome::Invalid(reason) => {
-                json!({"event": "reload", "outcome": "invalid", "reason": reason})
+            ReloadReply::Done(outcome) => outcome.to_json(),
+            ReloadReply::Refused(why) => {
+                json!({"event": "reload", "outcome": "refused", "reason": why.reason()})
             }
-            ReloadOutcome::RolledBack(reason) => {
-                json!({"event": "reload", "outcome": "rolled_back", "reason": reason})
+            ReloadReply::NotRunning(reason) => {
+                json!({"event": "reload", "outcome": "not_running", "reason": reason})
             }
-            ReloadOutcome::Unconfirmed(timeout) => json!({
-                "event": "reload", "outcome": "unconfirmed",
-                "reason": format!("no new generation of workers within {}", crate::duration::fmt(*timeout)),
-            }),
         }
+    }
+}
+
+impl ReloadOutcome {
+    /// How it ended, in one word, as the reply and `/metrics` name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReloadOutcome::Reloaded { .. } => "reloaded",
+            ReloadOutcome::Invalid(_) => "invalid",
+            ReloadOutcome::RolledBack(_) => "rolled_back",
+            ReloadOutcome::Unconfirmed(_) => "unconfirmed",
+        }
+    }
+
+    /// Why it failed, in nginx's words or ours; `None` when it did not.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            ReloadOutcome::Reloaded { .. } => None,
+            ReloadOutcome::Invalid(reason) | ReloadOutcome::RolledBack(reason) => Some(reason.clone()),
+            ReloadOutcome::Unconfirmed(timeout) => Some(format!(
+                "no new generation of workers within {}",
+                crate::duration::fmt(*timeout)
+            )),
+        }
+    }
+
+    /// The reply to `nginx-graceful reload`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut reply = serde_json::json!({"event": "reload", "outcome": self.name()});
+        match self {
+            ReloadOutcome::Reloaded { workers, elapsed } => {
+                reply["workers"] = workers.clone().into();
+                reply["elapsed_ms"] = (elapsed.as_millis() as u64).into();
+            }
+            _ => reply["reason"] = self.reason().into(),
+        }
+        reply
     }
 }

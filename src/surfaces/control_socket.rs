@@ -1,5 +1,5 @@
-//! The control socket: how `drain` (the preStop hook), `reload` and `status` reach a `run`
-//! supervisor in the same container.
+//! The control socket, the supervisor's end: how `drain` (the preStop hook), `reload` and
+//! `status` reach a `run` supervisor in the same container.
 //!
 //! One JSON object per line. `{"request":"status"}` gets one reply, what `status` prints.
 //! `{"request":"reload"}` gets the reload's outcome. For `{"request":"drain"}` the server answers with
@@ -12,22 +12,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
+use super::control_client::{send, socket_path};
+use crate::core::outcome::Outcome;
 use crate::core::phase::Phases;
 use crate::error::Error;
+use crate::reload::ReloadReply;
 use crate::surfaces::live::Live;
 
 /// How long the supervisor waits for its `drain` clients to hang up before it exits.
 pub const CLIENT_EXIT_WAIT: Duration = Duration::from_secs(2);
-/// How long a client waits for the supervisor to accept before it drains by itself.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-pub fn socket_path(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("control.sock")
-}
+/// How long a new connection may take to say what it wants.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a client asks of the supervisor.
 #[derive(Debug)]
@@ -35,7 +34,7 @@ pub enum ControlRequest {
     /// Drain; the client follows the phase feed and the outcome.
     Drain,
     /// Validate and reload now; the reply goes back on the sender.
-    Reload(tokio::sync::oneshot::Sender<Value>),
+    Reload(tokio::sync::oneshot::Sender<ReloadReply>),
 }
 
 /// The supervisor's end.
@@ -98,11 +97,11 @@ impl ControlServer {
     }
 
     /// Reports the outcome to every client and waits (bounded) until they have hung up.
-    pub async fn finish(mut self, outcome: Value) {
+    pub async fn finish(mut self, outcome: &Outcome) {
         self.accept_task.abort();
         let _ = std::fs::remove_file(&self.path);
         let _ = self.accept_task.await;
-        self.outcome.send_replace(Some(outcome));
+        self.outcome.send_replace(Some(outcome.to_json()));
         // Each connection holds a sender: `None` once every one of them is gone.
         match tokio::time::timeout(CLIENT_EXIT_WAIT, self.clients_gone.recv()).await {
             Ok(_) => tracing::debug!("every drain client has hung up"),
@@ -123,7 +122,7 @@ impl Connection {
     async fn serve(mut self, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let request = match tokio::time::timeout(CONNECT_TIMEOUT, lines.next_line()).await {
+        let request = match tokio::time::timeout(REQUEST_TIMEOUT, lines.next_line()).await {
             Ok(Ok(Some(line))) => serde_json::from_str::<Value>(&line).unwrap_or(Value::Null),
             _ => return,
         };
@@ -142,7 +141,12 @@ impl Connection {
             Some("reload") => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let _ = self.requests.send(ControlRequest::Reload(reply)).await;
-                let answer = answer.await.unwrap_or_else(|_| json!({"event": "reload", "outcome": "refused", "reason": "the supervisor is stopping"}));
+                let answer = match answer.await {
+                    Ok(reply) => reply.to_json(),
+                    Err(_) => {
+                        json!({"event": "reload", "outcome": "refused", "reason": "the supervisor is stopping"})
+                    }
+                };
                 let _ = send(&mut write, &answer).await;
                 return;
             }
@@ -187,89 +191,5 @@ impl Connection {
             // Wait for the client to hang up (it exits once it has the outcome).
             let _ = tokio::time::timeout(CLIENT_EXIT_WAIT, lines.next_line()).await;
         }
-    }
-}
-
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, event: &Value) -> std::io::Result<()> {
-    let mut line = event.to_string();
-    line.push('\n');
-    write.write_all(line.as_bytes()).await
-}
-
-/// The client's end: `Ok(None)` when no supervisor answers, so the caller drains by itself.
-pub async fn request_drain(
-    runtime_dir: &Path,
-    mut on_event: impl FnMut(&Value),
-) -> Result<Option<Value>, Error> {
-    let path = socket_path(runtime_dir);
-    if !path.exists() {
-        return Ok(None);
-    }
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&path)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
-            tracing::warn!(socket = %path.display(), %err, "the supervisor's control socket does not answer: draining directly");
-            return Ok(None);
-        }
-        Err(_) => {
-            tracing::warn!(socket = %path.display(), "the supervisor's control socket did not answer in time: draining directly");
-            return Ok(None);
-        }
-    };
-    let (read, mut write) = stream.into_split();
-    if send(&mut write, &json!({"request": "drain"})).await.is_err() {
-        tracing::warn!(socket = %path.display(), "the supervisor closed the control socket: draining directly");
-        return Ok(None);
-    }
-    let mut lines = BufReader::new(read).lines();
-    let mut accepted = false;
-    while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        match event["event"].as_str() {
-            Some("outcome") => {
-                // The supervisor exits once this connection closes, and a container's PID 1
-                // takes the hook down with it: keep the socket open until this process exits,
-                // when the kernel closes it after our exit status is set.
-                std::mem::forget(lines);
-                std::mem::forget(write);
-                return Ok(Some(event));
-            }
-            Some("accepted") => accepted = true,
-            _ => on_event(&event),
-        }
-    }
-    if accepted {
-        Err(Error::ControlBroken)
-    } else {
-        tracing::warn!(socket = %path.display(), "the supervisor did not accept the request: draining directly");
-        Ok(None)
-    }
-}
-
-/// Asks the supervisor to reload; `Ok(None)` when no supervisor answers.
-pub async fn request_reload(runtime_dir: &Path) -> Result<Option<Value>, Error> {
-    request(runtime_dir, "reload").await
-}
-
-/// Asks the supervisor what it and nginx are doing; `Ok(None)` when no supervisor answers.
-pub async fn request_status(runtime_dir: &Path) -> Result<Option<Value>, Error> {
-    request(runtime_dir, "status").await
-}
-
-/// One request, one reply.
-async fn request(runtime_dir: &Path, what: &str) -> Result<Option<Value>, Error> {
-    let path = socket_path(runtime_dir);
-    let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&path)).await else {
-        return Ok(None);
-    };
-    let (read, mut write) = stream.into_split();
-    if send(&mut write, &json!({ "request": what })).await.is_err() {
-        return Ok(None);
-    }
-    match BufReader::new(read).lines().next_line().await {
-        Ok(Some(line)) => Ok(serde_json::from_str(&line).ok()),
-        _ => Err(Error::ControlBroken),
     }
 }

@@ -8,10 +8,11 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::controller_mode::Controller;
 use crate::core::phase::Phase;
 use crate::nginx::generations::{Generations, serving_workers};
+use crate::nginx::pidfile::FollowedMaster;
 use crate::nginx::tree::ProcessTable;
+use crate::reload::ReloadOutcome;
 use crate::surfaces::metrics::Metrics;
 
 #[derive(Debug)]
@@ -19,24 +20,24 @@ pub struct Live {
     phase: watch::Receiver<Phase>,
     /// The command's pid (the nginx master, or the controller), 0 once it has exited.
     child: AtomicI32,
-    /// In controller mode, where the nginx master is found.
-    controller: Option<Controller>,
+    /// In controller mode, the nginx master the pid file names.
+    controller_master: Option<Arc<FollowedMaster>>,
     pub generations: Generations,
-    last_reload: Mutex<Option<Value>>,
+    last_reload: Mutex<Option<LastReload>>,
     pub metrics: Metrics,
 }
 
 impl Live {
     pub fn new(
         phase: watch::Receiver<Phase>,
-        controller: Option<Controller>,
+        controller_master: Option<Arc<FollowedMaster>>,
         generations: Generations,
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             phase,
             child: AtomicI32::new(0),
-            controller,
+            controller_master,
             generations,
             last_reload: Mutex::new(None),
             metrics,
@@ -50,7 +51,7 @@ impl Live {
 
     /// The controller's pid in controller mode.
     pub fn controller(&self) -> Option<i32> {
-        self.controller.as_ref().and(self.child())
+        self.controller_master.as_ref().and(self.child())
     }
 
     fn child(&self) -> Option<i32> {
@@ -61,8 +62,8 @@ impl Live {
     /// now. `None` when it is not running.
     pub fn master(&self) -> Option<i32> {
         let child = self.child()?;
-        match &self.controller {
-            Some(controller) => controller.current_master(),
+        match &self.controller_master {
+            Some(master) => master.current(),
             None => Some(child),
         }
     }
@@ -86,18 +87,18 @@ impl Live {
             && ProcessTable::read().is_ok_and(|table| table.children(master).next().is_some())
     }
 
-    /// Records a reload's reply (see `ReloadOutcome::to_json`) for `status` and `/metrics`.
-    pub fn reload_finished(&self, mut reply: Value, took: Duration) {
-        self.metrics.reload_finished(&reply, took);
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        reply["finished_unix_ms"] = (now.as_millis() as u64).into();
-        reply["took_ms"] = (took.as_millis() as u64).into();
-        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply);
+    /// Records how a reload ended, for `status` and `/metrics`.
+    pub fn reload_finished(&self, outcome: &ReloadOutcome, took: Duration) {
+        self.metrics.reload_finished(outcome, took);
+        let last = LastReload {
+            outcome: outcome.clone(),
+            finished: SystemTime::now(),
+            took,
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(last);
     }
 
-    pub fn last_reload(&self) -> Option<Value> {
+    pub fn last_reload(&self) -> Option<LastReload> {
         self.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -111,5 +112,27 @@ impl Live {
             None => (0, 0),
         };
         self.metrics.render(self.phase(), serving, shutting_down)
+    }
+}
+
+/// The last reload: how it ended, when, and how long it took.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    pub outcome: ReloadOutcome,
+    pub finished: SystemTime,
+    pub took: Duration,
+}
+
+impl LastReload {
+    /// As `status` shows it: the reload's reply, with when it finished and how long it took.
+    pub fn to_json(&self) -> Value {
+        let mut reply = self.outcome.to_json();
+        let finished = self
+            .finished
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        reply["finished_unix_ms"] = (finished.as_millis() as u64).into();
+        reply["took_ms"] = (self.took.as_millis() as u64).into();
+        reply
     }
 }

@@ -122,22 +122,20 @@ impl Metrics {
         }
     }
 
-    /// From a drain's outcome event (see `DrainOutcome::to_json`).
-    pub fn drain_finished(&self, outcome: &serde_json::Value) {
-        let label = outcome["outcome"].as_str().unwrap_or("unknown").to_owned();
+    pub fn drain_finished(&self, outcome: &crate::core::outcome::Outcome) {
+        let label = outcome.verdict.name().to_owned();
         self.drains.get_or_create(&Outcome { outcome: label }).inc();
-        if let Some(ms) = outcome["elapsed_ms"].as_u64() {
-            self.drain_seconds.observe(ms as f64 / 1000.0);
+        self.drain_seconds
+            .observe(outcome.drain.elapsed.as_millis() as f64 / 1000.0);
+        if let Some(n) = outcome.drain.connections_at_quit {
+            self.connections_at_quit.set(n as i64);
         }
-        if let Some(n) = outcome["connections_at_quit"].as_i64() {
-            self.connections_at_quit.set(n);
-        }
-        self.killed.inc_by(outcome["killed"].as_u64().unwrap_or(0));
+        self.killed.inc_by(outcome.drain.killed as u64);
     }
 
-    /// From a reload's reply (see `ReloadOutcome::to_json`) and how long it took.
-    pub fn reload_finished(&self, reply: &serde_json::Value, took: std::time::Duration) {
-        let label = reply["outcome"].as_str().unwrap_or("unknown").to_owned();
+    /// How a reload ended, and how long it took.
+    pub fn reload_finished(&self, outcome: &crate::reload::ReloadOutcome, took: std::time::Duration) {
+        let label = outcome.name().to_owned();
         self.reloads.get_or_create(&Outcome { outcome: label }).inc();
         self.reload_seconds.observe(took.as_secs_f64());
     }
@@ -173,7 +171,9 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::core::outcome::{DrainOutcome, Outcome};
+    use crate::reload::ReloadOutcome;
+    use std::time::Duration;
 
     /// The value of the sample whose line starts with `series`.
     fn sample(text: &str, series: &str) -> Option<f64> {
@@ -184,21 +184,21 @@ mod tests {
     #[test]
     fn a_scrape_shows_what_happened_and_what_is() {
         let metrics = Metrics::new(Counter::default());
-        metrics.reload_finished(
-            &json!({"outcome": "reloaded"}),
-            std::time::Duration::from_millis(120),
-        );
-        metrics.reload_finished(
-            &json!({"outcome": "invalid"}),
-            std::time::Duration::from_millis(30),
-        );
-        metrics.reload_finished(
-            &json!({"outcome": "reloaded"}),
-            std::time::Duration::from_millis(90),
-        );
-        metrics.drain_finished(
-            &json!({"outcome": "escalated", "elapsed_ms": 28000, "connections_at_quit": 42, "killed": 3}),
-        );
+        let reloaded = ReloadOutcome::Reloaded {
+            workers: vec![10, 11],
+            elapsed: Duration::from_millis(80),
+        };
+        metrics.reload_finished(&reloaded, Duration::from_millis(120));
+        let invalid = ReloadOutcome::Invalid("unknown directive".into());
+        metrics.reload_finished(&invalid, Duration::from_millis(30));
+        metrics.reload_finished(&reloaded, Duration::from_millis(90));
+        metrics.drain_finished(&Outcome::of_drain(DrainOutcome {
+            escalated: true,
+            connections_at_quit: Some(42),
+            closed_by_shutdown_timeout: None,
+            killed: 3,
+            elapsed: Duration::from_secs(28),
+        }));
         metrics.master_exited_unexpectedly();
         let text = metrics.render(Phase::Quitting, 1, 2);
 

@@ -16,8 +16,8 @@ use crate::nginx::tree::ProcStat;
 use crate::os::drain_flag::DrainFlag;
 use crate::surfaces::live::Live;
 
-pub async fn command(args: StatusArgs) -> Result<i32, Error> {
-    let status = match crate::surfaces::control_socket::request_status(&args.target.runtime_dir).await? {
+pub async fn show(args: StatusArgs) -> Result<i32, Error> {
+    let status = match crate::surfaces::control_client::request_status(&args.target.runtime_dir).await? {
         Some(status) => status,
         None => {
             let target = args.target.clone();
@@ -53,7 +53,7 @@ pub fn of_supervisor(live: &Live) -> Value {
         status["controller_pid"] = controller.into();
     }
     status["phase"] = live.phase().name().into();
-    status["last_reload"] = live.last_reload().unwrap_or(Value::Null);
+    status["last_reload"] = live.last_reload().map_or(Value::Null, |last| last.to_json());
     status
 }
 

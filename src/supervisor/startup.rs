@@ -1,0 +1,80 @@
+//! Before the loop: the config test that gates the first start, the worker_shutdown_timeout
+//! fitted into the drain's budget, the config watch; and nginx's last log lines at the end.
+
+use crate::cli::RunArgs;
+use crate::core::plan::DrainPlan;
+use crate::error::Error;
+use crate::nginx::command::NginxCommand;
+use crate::nginx::config;
+use crate::os::config_watch::{ConfigWatch, dirs_to_watch};
+use crate::os::drain_flag::DrainFlag;
+use crate::os::reaper::Reaper;
+
+/// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and
+/// a config without the drain snippet is pointed out once.
+pub async fn check_config(nginx: &NginxCommand, reaper: &Reaper, flag: &DrainFlag) -> Result<String, Error> {
+    let report = nginx.test(reaper).await?;
+    for warning in &report.warnings {
+        tracing::warn!(nginx = %warning, "nginx config warning");
+    }
+    if !flag.is_checked_by(&report.dump) {
+        tracing::warn!(
+            flag = %flag.path().display(),
+            "the nginx config does not include the drain snippet: keep-alive clients will not be told to close before nginx quits; include nginx-conf/graceful-drain.conf in every server block"
+        );
+    }
+    Ok(report.dump)
+}
+
+/// Long-lived connections (WebSockets, streams) never finish on their own: unless the config
+/// or `-g` sets it, nginx gets a `worker_shutdown_timeout` that makes it close them itself,
+/// cleanly, before the budget would make us escalate with signals. Returns the command and the
+/// timeout nginx will apply, when known.
+pub fn fit_worker_shutdown_timeout(
+    nginx: NginxCommand,
+    plan: &DrainPlan,
+    config_dump: &str,
+) -> (NginxCommand, Option<std::time::Duration>) {
+    if let Some(value) = config::directive_value(config_dump, "worker_shutdown_timeout") {
+        return (nginx, config::time(&value));
+    }
+    if nginx.directives_set("worker_shutdown_timeout") {
+        return (nginx, None);
+    }
+    match plan.worker_shutdown_timeout() {
+        Some(timeout) if nginx.is_nginx() => {
+            let ms = timeout.as_millis();
+            tracing::info!(
+                worker_shutdown_timeout_ms = ms as u64,
+                "nginx will close connections still open {ms}ms after SIGQUIT (worker_shutdown_timeout, not set in the config)"
+            );
+            (
+                nginx.with_directive(&format!("worker_shutdown_timeout {ms}ms;")),
+                Some(timeout),
+            )
+        }
+        _ => (nginx, None),
+    }
+}
+
+/// Watches the config unless told not to; a watch that cannot start is a warning, not a reason
+/// to refuse to serve.
+pub fn start_watch(args: &RunArgs, config_dump: &str) -> Option<ConfigWatch> {
+    if args.no_watch {
+        return None;
+    }
+    let dirs = dirs_to_watch(config_dump, &args.watch);
+    if dirs.is_empty() {
+        return None;
+    }
+    ConfigWatch::start(dirs, args.reload_debounce)
+        .inspect_err(|err| tracing::warn!(%err, "cannot watch the config: reload with SIGHUP instead"))
+        .ok()
+}
+
+/// Lets nginx's last log lines through; the pipe closes with the last nginx process.
+pub async fn flush(nginx_log: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(log) = nginx_log {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), log).await;
+    }
+}
