@@ -5,8 +5,7 @@ use std::sync::OnceLock;
 
 static JSON: OnceLock<bool> = OnceLock::new();
 
-/// Whether log lines are JSON objects: then nginx's own lines are wrapped to match, so a log
-/// pipeline that parses every line as JSON does not choke on them.
+/// Whether log lines are JSON objects (then `run` wraps nginx's own lines to match).
 pub fn is_json() -> bool {
     JSON.get() == Some(&true)
 }

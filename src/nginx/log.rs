@@ -13,18 +13,27 @@ pub struct NginxErrors {
     tx: broadcast::Sender<String>,
     /// Workers that crashed, as the master reports them (it starts a new one each time).
     pub worker_crashes: prometheus_client::metrics::counter::Counter,
+    /// nginx's lines are wrapped in JSON objects, to match a log whose lines are all JSON.
+    as_json: bool,
 }
 
 impl Default for NginxErrors {
     fn default() -> Self {
-        Self {
-            tx: broadcast::Sender::new(32),
-            worker_crashes: Default::default(),
-        }
+        Self::new(false)
     }
 }
 
 impl NginxErrors {
+    /// `as_json`: the supervisor logs JSON lines, so a log pipeline that parses every line as
+    /// JSON must not choke on nginx's own.
+    pub fn new(as_json: bool) -> Self {
+        Self {
+            tx: broadcast::Sender::new(32),
+            worker_crashes: Default::default(),
+            as_json,
+        }
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
         self.tx.subscribe()
     }
@@ -58,7 +67,7 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line);
                     // stderr is unbuffered and a line is small: this write does not stall the loop.
-                    if crate::logging::is_json() {
+                    if errors.as_json {
                         let wrapped = serde_json::json!({"source": "nginx", "message": text.trim_end()});
                         let _ = writeln!(std::io::stderr(), "{wrapped}");
                     } else {

@@ -2,7 +2,7 @@
 //!
 //! The loop is thin: each thing that happens (a signal, a control request, a config change, a
 //! reload's end, the child's exit) becomes an [`Input`]; [`decide`] says what to do about it;
-//! the loop does it. What differs in controller mode is [`Child`]'s.
+//! the loop does it. What differs in controller mode is the `Child`'s (`child.rs`).
 
 mod child;
 mod startup;
@@ -58,7 +58,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let reaper = Reaper::start(signals.child.take().expect("SIGCHLD stream"));
     let phases = Phases::default();
-    let nginx_errors = NginxErrors::default();
+    let nginx_errors = NginxErrors::new(crate::logging::is_json());
     let generations = reload::Generations::default();
     let live = Live::new(
         phases.subscribe(),
