@@ -6,7 +6,10 @@
 //!   and nothing happens.
 //!
 //! `cargo bench --bench supervisor`; BENCH_REPEATS (default 20) and BENCH_IDLE_SECS (default 60)
-//! change the effort. tini and dumb-init are measured when installed.
+//! change the effort. BENCH_SUPERVISORS=NAME=PATH,... measures those nginx-graceful binaries
+//! (builds of one commit or of two, glibc or static) instead of the one cargo built;
+//! scripts/bench-supervisor.sh gives it the release builds a pod runs. tini and dumb-init
+//! have a row either way: "not installed" when they are missing.
 
 use test_support as common;
 use test_support::exits;
@@ -20,14 +23,19 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 struct Contender {
-    name: &'static str,
-    argv: fn(&Site, u16) -> Vec<String>,
+    name: String,
+    /// The program: a path, or a name to find on PATH (the peers, which may be missing).
+    program: String,
+    argv: Argv,
 }
 
-fn ours(site: &Site, health_port: u16) -> Vec<String> {
+/// The command line of a contender for a site, with a free port for our health listener.
+type Argv = Box<dyn Fn(&Site, u16) -> Vec<String>>;
+
+fn ours(binary: &str, site: &Site, health_port: u16) -> Vec<String> {
     // A short delay, as every real drain has one: what the supervisor tears down when a drain
     // starts (its inotify watches, about 10 ms in the kernel) overlaps it, as in production.
-    let mut args: Vec<String> = [common::bin(), "run", "--propagation-delay", "100ms"]
+    let mut args: Vec<String> = [binary, "run", "--propagation-delay", "100ms"]
         .map(String::from)
         .to_vec();
     args.extend(["--health-listen".into(), format!("127.0.0.1:{health_port}")]);
@@ -150,48 +158,66 @@ fn idle(contender: &Contender, seconds: u64) -> Idle {
     }
 }
 
-fn installed(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// The program's path, when it is installed.
+fn installed(program: &str) -> Option<String> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v \"$0\"", program])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+    (found.status.success() && !path.is_empty()).then_some(path)
 }
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let repeats = exits::env_or("BENCH_REPEATS", 20) as usize;
     let idle_secs = exits::env_or("BENCH_IDLE_SECS", 60);
-    let all = [
-        Contender {
-            name: "nginx-graceful run",
-            argv: ours,
-        },
-        Contender {
-            name: "tini",
-            argv: tini,
-        },
-        Contender {
-            name: "dumb-init",
-            argv: dumb_init,
-        },
-    ];
-    let contenders: Vec<&Contender> = all
-        .iter()
-        .filter(|c| c.name.starts_with("nginx-graceful") || installed(c.name))
+    let supervisors = std::env::var("BENCH_SUPERVISORS")
+        .unwrap_or_else(|_| format!("nginx-graceful run={}", common::bin()));
+    let mut contenders: Vec<Contender> = supervisors
+        .split(',')
+        .map(|entry| {
+            let (name, binary) = entry.split_once('=').expect("BENCH_SUPERVISORS: NAME=PATH,...");
+            let program = binary.to_owned();
+            let binary = binary.to_owned();
+            Contender {
+                name: name.to_owned(),
+                program,
+                argv: Box::new(move |site, port| ours(&binary, site, port)),
+            }
+        })
         .collect();
+    contenders.push(Contender {
+        name: "tini".into(),
+        program: "tini".into(),
+        argv: Box::new(tini),
+    });
+    contenders.push(Contender {
+        name: "dumb-init".into(),
+        program: "dumb-init".into(),
+        argv: Box::new(dumb_init),
+    });
 
     println!(
-        "| supervisor | exit latency median | p90 | max | RSS serving | CPU over {idle_secs} s idle | wake-ups over {idle_secs} s idle |"
+        "| supervisor | binary | exit latency median | p90 | max | RSS serving | CPU over {idle_secs} s idle | wake-ups over {idle_secs} s idle |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for contender in contenders {
+    println!("|---|---|---|---|---|---|---|---|");
+    for contender in &contenders {
+        let Some(path) = installed(&contender.program) else {
+            println!(
+                "| {} | not installed (apt-get install {}) | | | | | | |",
+                contender.name, contender.program
+            );
+            continue;
+        };
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
         let mut latencies: Vec<f64> = (0..repeats).map(|_| exit_latency(contender)).collect();
         latencies.sort_by(f64::total_cmp);
         let idle = idle(contender, idle_secs);
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {} ms | {} |",
+            "| {} | {:.2} MB | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MiB | {} ms | {} |",
             contender.name,
+            size as f64 / 1e6,
             exits::percentile(&latencies, 0.5),
             exits::percentile(&latencies, 0.9),
             latencies.last().unwrap(),

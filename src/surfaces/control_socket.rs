@@ -193,3 +193,135 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use serde_json::{Value, json};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::core::outcome::DrainOutcome;
+    use crate::core::phase::Phase;
+    use crate::core::policy::Refusal;
+    use crate::nginx::generations::Generations;
+    use crate::surfaces::control_client::{request_drain, request_reload};
+    use crate::surfaces::metrics::Metrics;
+
+    /// A runtime directory of the test's own, removed at the end.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ng-control-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn server(dir: &Dir, phases: &Phases) -> ControlServer {
+        let live = Live::new(
+            phases.subscribe(),
+            None,
+            Generations::default(),
+            Metrics::new(Default::default()),
+        );
+        ControlServer::start(&dir.0, phases, live).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_the_owners_alone() {
+        let dir = Dir::new("mode");
+        let phases = Phases::default();
+        let _server = server(&dir, &phases);
+        let mode = std::fs::metadata(socket_path(&dir.0))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_drain_client_hears_the_phases_then_the_outcome() {
+        let dir = Dir::new("drain");
+        let phases = Phases::default();
+        let mut server = server(&dir, &phases);
+        let path = dir.0.clone();
+        let client = tokio::spawn(async move {
+            let mut events = Vec::new();
+            let outcome = request_drain(&path, |event: &Value| events.push(event["phase"].clone()))
+                .await
+                .unwrap();
+            (events, outcome)
+        });
+        let Some(ControlRequest::Drain) = server.requests.recv().await else {
+            panic!("the drain request reaches the loop");
+        };
+        phases.enter(Phase::Unready, "drain started");
+        phases.enter(Phase::Quitting, "SIGQUIT");
+        let outcome = Outcome::of_drain(DrainOutcome {
+            connections_at_quit: Some(3),
+            ..Default::default()
+        });
+        server.finish(&outcome).await;
+        let (events, received) = client.await.unwrap();
+        assert_eq!(events, [json!("unready"), json!("quitting")]);
+        let received = received.expect("an outcome");
+        assert_eq!(Outcome::from_json(&received), Some(outcome));
+    }
+
+    #[tokio::test]
+    async fn a_reload_client_hears_the_reply_the_loop_gives() {
+        let dir = Dir::new("reload");
+        let phases = Phases::default();
+        let mut server = server(&dir, &phases);
+        let path = dir.0.clone();
+        let client = tokio::spawn(async move { request_reload(&path).await.unwrap() });
+        let Some(ControlRequest::Reload(reply)) = server.requests.recv().await else {
+            panic!("the reload request reaches the loop");
+        };
+        reply.send(ReloadReply::Refused(Refusal::Draining)).unwrap();
+        let answer = client.await.unwrap().expect("a reply");
+        assert_eq!(answer["outcome"], "refused");
+        assert_eq!(answer["reason"], Refusal::Draining.reason());
+
+        // A loop that drops the request (it is stopping) still gets the client an answer.
+        let path = dir.0.clone();
+        let client = tokio::spawn(async move { request_reload(&path).await.unwrap() });
+        let Some(ControlRequest::Reload(reply)) = server.requests.recv().await else {
+            panic!("the reload request reaches the loop");
+        };
+        drop(reply);
+        let answer = client.await.unwrap().expect("a reply");
+        assert_eq!(answer["reason"], "the supervisor is stopping");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_request_is_answered_not_passed_on() {
+        let dir = Dir::new("unknown");
+        let phases = Phases::default();
+        let mut server = server(&dir, &phases);
+        let stream = UnixStream::connect(socket_path(&dir.0)).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.write_all(b"{\"request\":\"explode\"}\n").await.unwrap();
+        let line = BufReader::new(read).lines().next_line().await.unwrap().unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["event"], "error");
+        assert!(server.requests.try_recv().is_err(), "nothing reached the loop");
+    }
+
+    #[tokio::test]
+    async fn without_a_supervisor_the_client_is_told_so() {
+        let dir = Dir::new("none");
+        assert_eq!(request_drain(&dir.0, |_| {}).await.unwrap(), None);
+        assert_eq!(request_reload(&dir.0).await.unwrap(), None);
+    }
+}

@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The supervisor binary under test, `nginx-graceful` beside the directory of the running test
-/// or bench (cargo builds every binary of the packages it tests before it runs a test:
-/// `cargo test --workspace`, or `-p nginx-graceful`).
+/// The supervisor binary under test: `NGINX_GRACEFUL_BIN` when set, else `nginx-graceful` beside
+/// the directory of the running test or bench (cargo builds every binary of the packages it
+/// tests before it runs a test: `cargo test --workspace`, or `-p nginx-graceful`).
 pub fn bin() -> &'static str {
     static BIN: LazyLock<String> = LazyLock::new(|| {
+        if let Ok(bin) = std::env::var("NGINX_GRACEFUL_BIN") {
+            return bin;
+        }
         let exe = std::env::current_exe().expect("the test's own path");
         // target/<profile>/deps/<test> -> target/<profile>/nginx-graceful
         let bin = exe
