@@ -133,7 +133,7 @@ fn main() {
     let mut rates = Vec::new();
     for (name, runs) in [
         ("wrk -t2 -c32", &wrk_runs),
-        ("nginx-graceful soak -c 32", &soak_runs),
+        ("nginx-graceful-tools soak -c 32", &soak_runs),
     ] {
         let column = |f: fn(&Run) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
         let rate = column(|r| r.rate);
