@@ -308,7 +308,12 @@ async fn rehearse(
     let mut modes = Vec::new();
     let origin = t0 - start;
     for (mode, _, running) in loads {
-        let records = running.await.unwrap_or_default();
+        // A load that died has no count: reading it as 0 failures would pass any strategy.
+        let records = running.await.map_err(|err| {
+            Error::Rehearsal(format!(
+                "the {mode:?} load stopped before the end ({err}): its requests are not counted, so the rehearsal has no result"
+            ))
+        })?;
         let summary = summarize(&records, start.elapsed(), origin);
         modes.push(ModeResult::new(mode, summary, &records, origin));
     }
