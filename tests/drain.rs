@@ -3,12 +3,10 @@
 
 use test_support as common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{self, keepalive_loop};
-use common::{Site, Supervisor, code};
+use common::http;
+use common::{Site, Supervisor, Traffic, code};
 
 const SIGINT: i32 = 2;
 const SIGQUIT: i32 = 3;
@@ -104,47 +102,31 @@ fn new_connections_during_the_propagation_delay_are_served() {
 fn keepalive_and_one_shot_clients_see_no_error_through_the_drain() {
     let site = Site::new();
     let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
-    let endpoint_removed = Arc::new(AtomicBool::new(false));
-    let clients = keepalive_loop(
-        site.addr(),
-        8,
-        Duration::from_millis(20),
-        endpoint_removed.clone(),
-        20 * SECONDS,
-    );
-    let one_shot = http::close_loop(site.addr(), endpoint_removed.clone(), 20 * SECONDS);
+    let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().start();
     std::thread::sleep(Duration::from_millis(300));
 
     supervisor.signal(SIGTERM);
     // The endpoint removal reaches the Service within the propagation delay, as it should.
     std::thread::sleep(Duration::from_millis(800));
-    endpoint_removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    let report = clients.join().unwrap();
-    let one_shot = one_shot.join().unwrap();
-    assert!(
-        one_shot.errors.is_empty() && one_shot.ok > 20,
-        "connection-per-request client: {one_shot:?}"
-    );
+    let report = traffic.finish();
 
     // No reset, no EOF on a reused connection, no refusal: every client was told to close,
     // reconnected while the pod was still an endpoint, and left once it no longer was.
+    report.assert_no_failures();
+    let (one_shot, keepalive) = (&report.one_shot, &report.keepalive);
+    assert!(one_shot.ok > 20, "connection-per-request client: {one_shot:?}");
+    assert!(keepalive.ok > 100, "{keepalive:?}");
     assert!(
-        report.errors.is_empty(),
-        "{} failures: {:?}",
-        report.errors.len(),
-        report.errors
-    );
-    assert!(report.ok > 100, "{report:?}");
-    assert!(
-        report.told_to_close >= 8,
-        "every client was told to close: {report:?}"
+        keepalive.told_to_close >= 8,
+        "every client was told to close: {keepalive:?}"
     );
     assert!(
-        report.connections > 8,
-        "clients reconnected after close: {report:?}"
+        keepalive.connections > 8,
+        "clients reconnected after close: {keepalive:?}"
     );
-    assert_eq!(report.moved, 8, "every client left the pod: {report:?}");
+    assert_eq!(keepalive.moved, 8, "every client left the pod: {keepalive:?}");
 }
 
 #[test]

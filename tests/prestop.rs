@@ -4,12 +4,10 @@
 use test_support as common;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{self, keepalive_loop};
-use common::{Site, Supervisor, code, drain_args};
+use common::http;
+use common::{Site, Supervisor, Traffic, code, drain_args};
 
 const SECONDS: Duration = Duration::from_secs(1);
 /// A budget a 30 s request cannot fit: SIGTERM to nginx at 2 s, SIGKILL at 2.5 s.
@@ -33,15 +31,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     let mut pid1 =
         Supervisor::start_as_pid1(&site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]));
     pid1.wait_serving(&site);
-    let removed = Arc::new(AtomicBool::new(false));
-    let keepalive = keepalive_loop(
-        site.addr(),
-        4,
-        Duration::from_millis(20),
-        removed.clone(),
-        20 * SECONDS,
-    );
-    let one_shot = http::close_loop(site.addr(), removed.clone(), 20 * SECONDS);
+    let traffic = Traffic::to(site.addr()).keepalive(4).one_shot().start();
     std::thread::sleep(Duration::from_millis(200));
 
     // The kubelet: endpoint removal starts, and the hook runs inside the container (its PID
@@ -58,7 +48,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     .args(drain_args(&site, &[]));
     let mut hook = Supervisor::spawn_command(&mut hook);
     std::thread::sleep(Duration::from_millis(800));
-    removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     let hook_status = hook.wait_exit(grace);
     // Then SIGTERM to PID 1, which may already be on its way out.
     let _ = nix::sys::signal::kill(
@@ -81,11 +71,9 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
         relayed.contains(&"quitting".to_string()) && relayed.contains(&"stopped".to_string()),
         "{relayed:?}"
     );
-    let (keepalive, one_shot) = (keepalive.join().unwrap(), one_shot.join().unwrap());
-    assert!(
-        keepalive.errors.is_empty() && one_shot.errors.is_empty(),
-        "{keepalive:?} {one_shot:?}"
-    );
+    let report = traffic.finish();
+    report.assert_no_failures();
+    let (keepalive, one_shot) = (&report.keepalive, &report.one_shot);
     assert!(
         keepalive.ok > 50 && one_shot.ok > 20,
         "{keepalive:?} {one_shot:?}"

@@ -4,6 +4,9 @@
 
 pub mod exits;
 pub mod http;
+pub mod traffic;
+
+pub use traffic::Traffic;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
