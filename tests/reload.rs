@@ -7,11 +7,9 @@ use test_support as common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Site, Supervisor, code, http};
+use common::{Site, Supervisor, Traffic, code, http};
 
 const SECONDS: Duration = Duration::from_secs(1);
 
@@ -199,16 +197,14 @@ fn clients_see_no_failure_through_twenty_reloads() {
     let site = Site::new();
     let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch"]));
     supervisor.wait_serving(&site);
-    let stop = Arc::new(AtomicBool::new(false));
-    let one_shot = http::close_loop(site.addr(), stop.clone(), 60 * SECONDS);
+    let traffic = Traffic::to(site.addr()).one_shot().limit(60 * SECONDS).start();
     for _ in 0..20 {
         let mut hook = Supervisor::start(&reload_args(&site));
         assert_eq!(code(hook.wait_exit(15 * SECONDS)), 0, "{:?}", hook.log.lines());
     }
-    stop.store(true, Ordering::Relaxed);
-    let report = one_shot.join().unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(report.ok > 20, "{report:?}");
+    let report = traffic.finish();
+    report.assert_no_failures();
+    assert!(report.one_shot.ok > 20, "{:?}", report.one_shot);
     assert_eq!(confirmed(&supervisor), 20);
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
@@ -250,8 +246,11 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
     let site = Site::new();
     let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch", "--reload-close-window", "200ms"]));
     supervisor.wait_serving(&site);
-    let never = Arc::new(AtomicBool::new(false));
-    let clients = http::keepalive_loop(site.addr(), 4, Duration::from_millis(10), never, 4 * SECONDS);
+    let traffic = Traffic::to(site.addr())
+        .keepalive(4)
+        .pause(Duration::from_millis(10))
+        .limit(4 * SECONDS)
+        .start();
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..5 {
         let mut hook = Supervisor::start(&reload_args(&site));
@@ -261,11 +260,13 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
         !site.runtime.join("draining").exists(),
         "the flag is lowered after each reload"
     );
-    let report = clients.join().unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The clients go on until their 4 s are up: nothing closes their connections any more.
+    let report = traffic.finish();
+    report.assert_no_failures();
     assert!(
-        report.told_to_close >= 4,
-        "clients were told to close before the reloads: {report:?}"
+        report.keepalive.told_to_close >= 4,
+        "clients were told to close before the reloads: {:?}",
+        report.keepalive
     );
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
