@@ -2,9 +2,15 @@
 //! (optionally PID 1 of its own PID namespace), its log as it arrives, and cleanup that runs even
 //! when a test fails.
 
+pub mod curl;
 pub mod exits;
+pub mod h2;
 pub mod http;
+pub mod stream_proxy;
+pub mod tcp;
+pub mod tls;
 pub mod traffic;
+pub mod websocket;
 
 pub use traffic::Traffic;
 
@@ -56,93 +62,6 @@ pub const DRAIN_PHASES: [&str; 7] = [
     "quitting",
     "stopped",
 ];
-
-/// A server certificate for localhost and 127.0.0.1 and the test CA that signed it, made with
-/// openssl in a directory: all PEM.
-pub struct TestCertificate {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
-
-impl TestCertificate {
-    pub fn make(dir: &Path) -> Self {
-        let file = |name: &str| dir.join(name).display().to_string();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        std::fs::write(
-            dir.join("leaf.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let steps: [Vec<String>; 3] = [
-            [
-                "req",
-                "-x509",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=nginx-graceful test CA",
-            ]
-            .iter()
-            .chain(&ec)
-            .map(|s| s.to_string())
-            .chain(["-keyout".into(), file("ca.key"), "-out".into(), file("ca.pem")])
-            .collect(),
-            ["req", "-subj", "/CN=localhost"]
-                .iter()
-                .chain(&ec)
-                .map(|s| s.to_string())
-                .chain(["-keyout".into(), file("key.pem"), "-out".into(), file("leaf.csr")])
-                .collect(),
-            [
-                "x509",
-                "-req",
-                "-days",
-                "1",
-                "-in",
-                &file("leaf.csr"),
-                "-CA",
-                &file("ca.pem"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                [
-                    "-CAkey",
-                    &file("ca.key"),
-                    "-CAcreateserial",
-                    "-extfile",
-                    &file("leaf.ext"),
-                ]
-                .map(String::from),
-            )
-            .chain(["-out".into(), file("cert.pem")])
-            .collect(),
-        ];
-        for args in steps {
-            let output = Command::new("openssl")
-                .args(&args)
-                .output()
-                .expect("openssl (apt-get install openssl)");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Self {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            ca: dir.join("ca.pem"),
-        }
-    }
-}
 
 /// A port that was free a moment ago, on loopback.
 pub fn free_port() -> u16 {
@@ -535,6 +454,21 @@ impl Supervisor {
     /// Every process below the supervisor.
     pub fn descendants(&self) -> Vec<i32> {
         descendants_of(self.pid)
+    }
+
+    /// Waits until nginx's workers hold at least `n` established connections.
+    pub fn wait_for_connections(&self, n: usize) {
+        wait_until(
+            &format!("{n} connections on nginx's workers"),
+            Duration::from_secs(5),
+            || {
+                nginx_graceful::nginx::connections::by_process(&self.descendants())
+                    .iter()
+                    .map(|(_, c)| c)
+                    .sum::<usize>()
+                    >= n
+            },
+        );
     }
 }
 
