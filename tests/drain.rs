@@ -5,8 +5,8 @@ use test_support as common;
 
 use std::time::{Duration, Instant};
 
-use common::http;
 use common::{Site, Supervisor, Traffic, code};
+use common::{h2, http};
 
 const SIGINT: i32 = 2;
 const SIGQUIT: i32 = 3;
@@ -402,12 +402,12 @@ fn http2_responses_never_carry_connection_close() {
     let site = Site::build(true, &format!("listen 127.0.0.1:{h2c_port} http2;"));
     let h2c = std::net::SocketAddr::from(([127, 0, 0, 1], h2c_port));
     let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
-    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+    assert_eq!(h2::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
 
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     // HTTP/1.1 is told to close; HTTP/2 gets no Connection field (nginx sends GOAWAY at quit).
     assert!(http::get(site.addr(), "/").unwrap().close);
-    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+    assert_eq!(h2::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }

@@ -6,6 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hyper::StatusCode;
+
 use crate::curl::{Curl, Transfer};
 use crate::tcp::{End, end_of};
 
@@ -271,3 +273,16 @@ fn hyper_batch(addr: SocketAddr, path: String, n: usize) -> JoinHandle<(Vec<Repl
     })
 }
 
+/// One GET over h2c (prior knowledge); returns the status and whether any `Connection` field
+/// came back (forbidden in HTTP/2).
+pub fn get_h2c(addr: SocketAddr, path: &str) -> Result<(StatusCode, bool), String> {
+    let (mut replies, _) = hyper_batch(addr, path.to_owned(), 1).join().unwrap();
+    let reply = replies.remove(0);
+    match reply.error {
+        Some(error) => Err(error),
+        None => Ok((
+            StatusCode::from_u16(reply.status).unwrap(),
+            reply.connection_field,
+        )),
+    }
+}
