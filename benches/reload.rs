@@ -97,14 +97,8 @@ fn change_to_confirmed(changes: usize, debounce: &str) -> Vec<f64> {
             config.replace("\"ok\\n\"", &format!("\"change {i}\\n\"")),
         )
         .unwrap();
-        let confirmed = |lines: &[String]| {
-            lines
-                .iter()
-                .filter(|l| l.contains("\"reload\":\"confirmed\""))
-                .count()
-        };
         common::wait_until("the reload", Duration::from_secs(10), || {
-            confirmed(&supervisor.log.lines()) == i + 1
+            supervisor.log.count("\"reload\":\"confirmed\"") == i + 1
         });
         let line = supervisor
             .log

@@ -149,11 +149,7 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
     let mut supervisor = Supervisor::start(&args);
     supervisor.wait_serving(&site);
     assert!(
-        !supervisor
-            .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("nginx will close connections")),
+        !supervisor.log.contains("nginx will close connections"),
         "left as nginx has it"
     );
     let request = http::get_in_background(site.addr(), &path);
@@ -282,10 +278,7 @@ fn a_second_sigterm_changes_nothing() {
         "the delay was not shortened"
     );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    assert_eq!(
-        supervisor.log.phases().iter().filter(|p| *p == "unready").count(),
-        1
-    );
+    assert_eq!(supervisor.log.phase_count("unready"), 1);
 }
 
 #[test]
@@ -371,9 +364,7 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
     assert!(
         supervisor
             .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("nginx will close connections still open 4000ms"))
+            .contains("nginx will close connections still open 4000ms")
     );
     let request = http::get_in_background(site.addr(), &path);
     common::wait_for_busy_worker(supervisor.pid);

@@ -707,11 +707,7 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
     assert_eq!(clients.moved, 8, "every client left the pod: {clients:?}");
     // The access log reached stdout.
     assert!(
-        supervisor
-            .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("\"GET / HTTP/1.1\" 200")),
+        supervisor.log.contains("\"GET / HTTP/1.1\" 200"),
         "no access log line on stdout"
     );
 }

@@ -275,6 +275,21 @@ impl Log {
         self.lines.lock().unwrap().clone()
     }
 
+    /// Whether a line contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// The supervisor's own events (JSON lines); nginx's lines are left out.
     pub fn events(&self) -> Vec<Value> {
         self.lines()
@@ -298,6 +313,11 @@ impl Log {
             .iter()
             .filter_map(|e| e["phase"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// How many times `phase` was entered.
+    pub fn phase_count(&self, phase: &str) -> usize {
+        self.phases().iter().filter(|p| *p == phase).count()
     }
 
     /// Blocks until a line satisfies `predicate`; returns it.
