@@ -15,16 +15,10 @@ const SIGTERM: i32 = 15;
 const SIGSTOP: i32 = 19;
 const SECONDS: Duration = Duration::from_secs(1);
 
-fn start(site: &Site, extra: &[&str]) -> Supervisor {
-    let supervisor = Supervisor::start(&site.run_args(extra));
-    supervisor.wait_serving(site);
-    supervisor
-}
-
 #[test]
 fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "300ms"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "300ms"]);
     let nginx = supervisor.descendants();
     assert_eq!(nginx.len(), 3, "a master and two workers: {nginx:?}");
 
@@ -51,7 +45,7 @@ fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
 fn a_request_in_flight_at_sigterm_completes() {
     let site = Site::new();
     let path = site.slow_path(2);
-    let mut supervisor = start(&site, &["--propagation-delay", "200ms"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "200ms"]);
     let started = Instant::now();
     let request = http::get_in_background(site.addr(), &path);
     // nginx counts the request as established from the worker's side before we signal.
@@ -73,7 +67,7 @@ fn a_request_in_flight_at_sigterm_completes() {
 #[test]
 fn new_connections_during_the_propagation_delay_are_served() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "2s"]);
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
 
@@ -101,7 +95,7 @@ fn new_connections_during_the_propagation_delay_are_served() {
 #[test]
 fn keepalive_and_one_shot_clients_see_no_error_through_the_drain() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().start();
     std::thread::sleep(Duration::from_millis(300));
 
@@ -185,7 +179,7 @@ fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_c
     let site = Site::new();
     let path = site.slow_path(30);
     // worker_shutdown_timeout = 5 s - 1 s (margin) - 0.5 s (delay) - 1 s = 2.5 s after SIGQUIT.
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -221,7 +215,7 @@ fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_c
 fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
     let site = Site::new();
     let path = site.slow_path(30);
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -262,7 +256,7 @@ fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
 #[test]
 fn a_second_sigterm_changes_nothing() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     let before = Instant::now();
@@ -284,7 +278,8 @@ fn a_second_sigterm_changes_nothing() {
 #[test]
 fn a_second_sigint_skips_the_rest_of_the_delay() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
     supervisor.signal(SIGINT);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     supervisor.signal(SIGINT);
@@ -295,7 +290,8 @@ fn a_second_sigint_skips_the_rest_of_the_delay() {
 #[test]
 fn sigquit_drains_without_the_propagation_delay() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
     supervisor.signal(SIGQUIT);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
     let phases = supervisor.log.phases();
@@ -307,7 +303,7 @@ fn sigquit_drains_without_the_propagation_delay() {
 fn a_killed_master_leaves_no_process_behind_and_its_status_is_the_exit_code() {
     let site = Site::new();
     let path = site.slow_path(2);
-    let mut supervisor = start(&site, &[]);
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
     let master = supervisor.master();
     let workers = common::children_of(master);
     assert_eq!(workers.len(), 2);
@@ -350,7 +346,7 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
     let site = Site::new();
     let path = site.slow_path(30);
     // Escalation would come at 5 s; the supervisor has nginx close what is left 4 s after SIGQUIT.
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -392,7 +388,7 @@ fn http2_responses_never_carry_connection_close() {
     let h2c_port = common::free_port();
     let site = Site::build(true, &format!("listen 127.0.0.1:{h2c_port} http2;"));
     let h2c = std::net::SocketAddr::from(([127, 0, 0, 1], h2c_port));
-    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "2s"]);
     assert_eq!(h2::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
 
     supervisor.signal(SIGTERM);

@@ -79,8 +79,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
 #[test]
 fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "1s"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     supervisor.signal(15);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
 
@@ -98,8 +97,7 @@ fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
 #[test]
 fn two_hooks_through_a_supervisor_share_one_drain() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "500ms"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "500ms"]);
     let mut first = Supervisor::start(&drain_args(&site, &[]));
     let mut second = Supervisor::start(&drain_args(&site, &[]));
     assert_eq!(code(first.wait_exit(10 * SECONDS)), 0);

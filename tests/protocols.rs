@@ -42,8 +42,7 @@ const SLOW_SECS: usize = 3;
 // The supervisor and its log.
 
 fn start(site: &Site) -> Supervisor {
-    let supervisor = Supervisor::start(&site.run_args(PLAN));
-    supervisor.wait_serving(site);
+    let supervisor = Supervisor::start_serving(site, PLAN);
     // The premise of every test here: nginx closes what is left itself, 4 s after SIGQUIT.
     let set = supervisor
         .log

@@ -71,8 +71,7 @@ fn a_configmap_symlink_swap_reloads_exactly_once() {
 #[test]
 fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &[]);
     let config = std::fs::read_to_string(&site.config).unwrap();
     std::fs::write(
         &site.config,
@@ -93,8 +92,7 @@ fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
 #[test]
 fn touching_without_a_change_reloads_nothing_and_a_burst_reloads_at_most_twice() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--reload-debounce", "300ms"]);
     let config = std::fs::read_to_string(&site.config).unwrap();
 
     std::fs::write(&site.config, &config).unwrap();
@@ -144,9 +142,7 @@ fn worker_sets(master: i32, retired: &[Vec<i32>]) -> usize {
 fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
     let site = Site::new();
     let slow = site.slow_path(60);
-    let mut supervisor =
-        Supervisor::start(&site.run_args(&["--no-watch", "--max-draining-generations", "2"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--max-draining-generations", "2"]);
     let master = supervisor.master();
     let mut held = Vec::new();
     let mut retired = Vec::new();
@@ -182,8 +178,7 @@ fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
 #[test]
 fn clients_see_no_failure_through_twenty_reloads() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch"]);
     let traffic = Traffic::to(site.addr()).one_shot().limit(60 * SECONDS).start();
     for _ in 0..20 {
         let mut hook = Supervisor::start(&reload_args(&site));
@@ -200,8 +195,7 @@ fn clients_see_no_failure_through_twenty_reloads() {
 #[test]
 fn a_reload_during_a_drain_is_refused() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "5s"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "5s"]);
     supervisor.signal(15);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     let mut hook = Supervisor::start(&reload_args(&site));
@@ -231,8 +225,7 @@ fn without_a_supervisor_reload_tests_signals_and_confirms() {
 #[test]
 fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch", "--reload-close-window", "200ms"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--reload-close-window", "200ms"]);
     let traffic = Traffic::to(site.addr())
         .keepalive(4)
         .pause(Duration::from_millis(10))
@@ -262,8 +255,7 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
 #[test]
 fn an_editor_save_by_rename_reloads_once() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--reload-debounce", "300ms"]);
     let config = std::fs::read_to_string(&site.config).unwrap();
     // What vim and most editors do: write a new file beside the old one, rename it over.
     let temp = site.dir.0.join(".nginx.conf.tmp");

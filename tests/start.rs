@@ -149,13 +149,11 @@ fn a_malformed_duration_is_a_usage_error() {
 #[test]
 fn a_config_without_the_drain_snippet_is_pointed_out_once() {
     let site = Site::without_snippet();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &[]);
     let warnings = supervisor.log.count("does not include the drain snippet");
     assert_eq!(warnings, 1);
 
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &[]);
     assert!(!supervisor.log.contains("drain snippet"));
 }

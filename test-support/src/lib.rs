@@ -361,6 +361,14 @@ impl Supervisor {
         Self::spawn(Command::new(bin()).args(args), false)
     }
 
+    /// `run` for `site`, with `extra` arguments (see [`Site::run_args`]), once nginx serves it
+    /// (see [`Supervisor::wait_serving`]).
+    pub fn start_serving(site: &Site, extra: &[&str]) -> Self {
+        let supervisor = Self::start(&site.run_args(extra));
+        supervisor.wait_serving(site);
+        supervisor
+    }
+
     pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
         Self::spawn(Command::new(bin()).args(args).envs(env.iter().copied()), false)
     }
