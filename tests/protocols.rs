@@ -331,8 +331,15 @@ fn tls_keepalive_clients_through_drain_without_a_supervisor() {
 // Held connections, closed by nginx at the shutdown timeout: a WebSocket.
 
 /// Asserts the client saw nginx's shutdown timer close its connection: an orderly close, no
-/// byte before it, SHUTDOWN_TIMEOUT after SIGQUIT; and no reset after it.
-fn assert_closed_at_the_shutdown_timeout(conn: &mut TcpStream, quit_seen: Instant) {
+/// byte before it, SHUTDOWN_TIMEOUT after SIGQUIT (seen at `quit_seen`); and no reset after it.
+/// Then the drain, begun at `signalled`, ended with it: clean, with that one connection held at
+/// SIGQUIT and closed by the timer.
+fn assert_closed_at_the_shutdown_timeout(
+    conn: &mut TcpStream,
+    supervisor: &mut Supervisor,
+    signalled: Instant,
+    quit_seen: Instant,
+) {
     let (end, at, bytes) = read_until_end(conn, 10 * SECONDS);
     let after = at - quit_seen;
     assert_eq!(end, End::Eof, "closed with a FIN, {after:?} after SIGQUIT");
@@ -344,6 +351,11 @@ fn assert_closed_at_the_shutdown_timeout(conn: &mut TcpStream, quit_seen: Instan
     std::thread::sleep(Duration::from_millis(100));
     let again = conn.read(&mut [0u8; 1]);
     assert!(matches!(again, Ok(0)), "no reset followed the FIN: {again:?}");
+
+    let status = supervisor.wait_exit(10 * SECONDS);
+    assert!(signalled.elapsed() < DELAY + SHUTDOWN_TIMEOUT + SECONDS);
+    assert_clean(supervisor, status, 1);
+    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
 }
 
 #[test]
@@ -385,11 +397,7 @@ fn a_websocket_is_served_after_sigquit_and_closed_by_nginx_at_the_shutdown_timeo
     round_trip(&mut ws, &websocket::text_frame("after SIGQUIT"));
 
     // nginx ends it as a TCP connection: no WebSocket close frame (0x88) comes first.
-    assert_closed_at_the_shutdown_timeout(&mut ws, quit_seen);
-    let status = supervisor.wait_exit(10 * SECONDS);
-    assert!(signalled.elapsed() < DELAY + SHUTDOWN_TIMEOUT + SECONDS);
-    assert_clean(&supervisor, status, 1);
-    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
+    assert_closed_at_the_shutdown_timeout(&mut ws, &mut supervisor, signalled, quit_seen);
     // The backend's side was closed by nginx too, orderly.
     common::wait_until("the backend to see both ends", 2 * SECONDS, || {
         backend.ends().len() == 2
@@ -425,11 +433,7 @@ fn a_stream_connection_works_after_sigquit_and_is_closed_at_the_shutdown_timeout
     // nginx does not close stream connections on a graceful quit.
     round_trip(&mut conn, b"after SIGQUIT");
 
-    assert_closed_at_the_shutdown_timeout(&mut conn, quit_seen);
-    let status = supervisor.wait_exit(10 * SECONDS);
-    assert!(signalled.elapsed() < DELAY + SHUTDOWN_TIMEOUT + SECONDS);
-    assert_clean(&supervisor, status, 1);
-    assert_eq!(supervisor.log.drain_summary()["connections_at_quit"], 1);
+    assert_closed_at_the_shutdown_timeout(&mut conn, &mut supervisor, signalled, quit_seen);
     common::wait_until("the backend to see the end", 2 * SECONDS, || {
         !backend.ends().is_empty()
     });
