@@ -43,11 +43,10 @@ fn start_with_env(
     env: &[(&str, &str)],
 ) -> (Supervisor, PathBuf) {
     let events = site.dir.0.join("controller.events");
-    let mut args = site.run_args(extra);
-    if let Some(health) = health {
-        let at = args.iter().position(|a| a == "off").unwrap();
-        args[at] = health.to_string();
-    }
+    let mut args = match health {
+        Some(health) => site.run_args_with_health(health, extra),
+        None => site.run_args(extra),
+    };
     let at = args.iter().position(|a| a == "--").unwrap();
     args.truncate(at);
     args.extend([

@@ -12,10 +12,8 @@ const SECONDS: Duration = Duration::from_secs(1);
 fn readiness_fails_from_the_first_instant_of_a_drain() {
     let site = Site::new();
     let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let mut args = site.run_args(&["--propagation-delay", "2s"]);
-    let at = args.iter().position(|a| a == "off").unwrap();
-    args[at] = health.to_string();
-    let mut supervisor = Supervisor::start(&args);
+    let mut supervisor =
+        Supervisor::start(&site.run_args_with_health(health, &["--propagation-delay", "2s"]));
     supervisor.wait_serving(&site);
 
     common::wait_until("readiness", 5 * SECONDS, || {

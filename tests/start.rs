@@ -125,10 +125,7 @@ fn a_health_port_in_use() {
     let site = Site::new();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let mut args = site.run_args(&[]);
-    let at = args.iter().position(|a| a == "off").unwrap();
-    args[at] = addr.clone();
-    let (code, line) = refused(Supervisor::start(&args));
+    let (code, line) = refused(Supervisor::start(&site.run_args_with_health(&addr, &[])));
     assert_eq!(code, 14);
     assert!(line.contains(&addr) && line.contains("--health-listen"), "{line}");
     assert!(!site.serves(), "no nginx was started");

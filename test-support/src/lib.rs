@@ -199,18 +199,18 @@ http {{
 
     /// `run` arguments for this site: its runtime dir, no health listener, JSON logs, and the
     /// nginx command after `--`.
-    pub fn run_args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--log-format",
-            "json",
-            "run",
-            "--health-listen",
-            "off",
-            "--runtime-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        self.run_args_with_health("off", extra)
+    }
+
+    /// [`Site::run_args`] with the health listener on `health`.
+    pub fn run_args_with_health(&self, health: impl std::fmt::Display, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["--log-format", "json", "run", "--health-listen"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(health.to_string());
+        args.push("--runtime-dir".into());
         args.push(self.runtime.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.nginx_command());
