@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Site, Supervisor, Traffic, code, http};
+use common::{Site, Supervisor, Traffic, code, http, reload_args};
 
 const SECONDS: Duration = Duration::from_secs(1);
 
@@ -19,16 +19,6 @@ fn confirmed(supervisor: &Supervisor) -> usize {
 
 fn body(site: &Site) -> usize {
     http::get(site.addr(), "/").unwrap().body_len
-}
-
-fn reload_args(site: &Site) -> Vec<String> {
-    let mut args: Vec<String> = ["--log-format", "json", "reload", "--runtime-dir"]
-        .map(String::from)
-        .to_vec();
-    args.push(site.runtime.display().to_string());
-    args.push("--pid-file".into());
-    args.push(site.pid_file().display().to_string());
-    args
 }
 
 #[test]

@@ -652,7 +652,18 @@ impl Drop for DaemonNginx {
 
 /// `nginx-graceful drain` for this site, JSON logs.
 pub fn drain_args(site: &Site, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["--log-format", "json", "drain", "--runtime-dir"]
+    client_args("drain", site, extra)
+}
+
+/// `nginx-graceful reload` for this site, JSON logs.
+pub fn reload_args(site: &Site) -> Vec<String> {
+    client_args("reload", site, &[])
+}
+
+/// A command that finds the site's nginx (or the supervisor of it) by its runtime dir and pid
+/// file.
+fn client_args(command: &str, site: &Site, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-format", "json", command, "--runtime-dir"]
         .iter()
         .map(|s| s.to_string())
         .collect();
