@@ -1,6 +1,11 @@
 //! Test harness: a real nginx site in a temporary directory, the supervisor as a real process
 //! (optionally PID 1 of its own PID namespace), its log as it arrives, and cleanup that runs even
 //! when a test fails.
+//!
+//! Clients are in modules of their own: [`http`] (hyper, HTTP/1.1), [`traffic`] (client loops
+//! through a drain, one report), [`curl`], [`h2`] (HTTP/2), [`tcp`] (raw connections and an echo
+//! backend), [`websocket`]; [`tls`] and [`stream_proxy`] add to a [`Site`]; [`exits`] times
+//! process exits for the benches.
 
 pub mod curl;
 pub mod exits;
