@@ -47,8 +47,7 @@ fn run_mode(mode: &Mode, reloads: usize) -> Result {
         Mode::NginxSReload => (Some(site.start_daemon()), None),
         Mode::Graceful { close_window } => {
             let supervisor =
-                Supervisor::start(&site.run_args(&["--no-watch", "--reload-close-window", close_window]));
-            supervisor.wait_serving(&site);
+                Supervisor::start_serving(&site, &["--no-watch", "--reload-close-window", close_window]);
             (None, Some(supervisor))
         }
     };
@@ -86,8 +85,7 @@ fn run_mode(mode: &Mode, reloads: usize) -> Result {
 /// Milliseconds from a write of the config to the `reload confirmed` event.
 fn change_to_confirmed(changes: usize, debounce: &str) -> Vec<f64> {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", debounce]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--reload-debounce", debounce]);
     let config = std::fs::read_to_string(&site.config).unwrap();
     let mut latencies = Vec::new();
     for i in 0..changes {
@@ -97,14 +95,8 @@ fn change_to_confirmed(changes: usize, debounce: &str) -> Vec<f64> {
             config.replace("\"ok\\n\"", &format!("\"change {i}\\n\"")),
         )
         .unwrap();
-        let confirmed = |lines: &[String]| {
-            lines
-                .iter()
-                .filter(|l| l.contains("\"reload\":\"confirmed\""))
-                .count()
-        };
         common::wait_until("the reload", Duration::from_secs(10), || {
-            confirmed(&supervisor.log.lines()) == i + 1
+            supervisor.log.count("\"reload\":\"confirmed\"") == i + 1
         });
         let line = supervisor
             .log

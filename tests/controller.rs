@@ -7,12 +7,10 @@ use test_support as common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{self, keepalive_loop};
-use common::{Site, Supervisor, code};
+use common::http;
+use common::{Site, Supervisor, Traffic, code};
 use serde_json::Value;
 
 const SECONDS: Duration = Duration::from_secs(1);
@@ -45,11 +43,10 @@ fn start_with_env(
     env: &[(&str, &str)],
 ) -> (Supervisor, PathBuf) {
     let events = site.dir.0.join("controller.events");
-    let mut args = site.run_args(extra);
-    if let Some(health) = health {
-        let at = args.iter().position(|a| a == "off").unwrap();
-        args[at] = health.to_string();
-    }
+    let mut args = match health {
+        Some(health) => site.run_args_with_health(health, extra),
+        None => site.run_args(extra),
+    };
     let at = args.iter().position(|a| a == "--").unwrap();
     args.truncate(at);
     args.extend([
@@ -126,22 +123,17 @@ fn nginx_is_drained_and_followed_across_a_restart_before_the_controller_hears_si
         2
     );
 
-    let endpoint_removed = Arc::new(AtomicBool::new(false));
-    let keepalive = keepalive_loop(
-        site.addr(),
-        4,
-        Duration::from_millis(20),
-        endpoint_removed.clone(),
-        20 * SECONDS,
-    );
-    let one_shot = http::close_loop(site.addr(), endpoint_removed.clone(), 20 * SECONDS);
-    let slow = http::get_in_background(site.addr(), &site.slow_path(2));
+    let traffic = Traffic::to(site.addr())
+        .keepalive(4)
+        .one_shot()
+        .slow(&site.slow_path(2))
+        .start();
     std::thread::sleep(Duration::from_millis(300));
 
     let signalled = Instant::now();
     supervisor.signal(SIGTERM);
     std::thread::sleep(Duration::from_millis(700));
-    endpoint_removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     assert_eq!(
         code(supervisor.wait_exit(15 * SECONDS)),
         0,
@@ -166,11 +158,12 @@ fn nginx_is_drained_and_followed_across_a_restart_before_the_controller_hears_si
     );
     assert!(!common::exists(second));
 
-    let keepalive = keepalive.join().unwrap();
-    let one_shot = one_shot.join().unwrap();
-    assert!(keepalive.errors.is_empty() && keepalive.ok > 50, "{keepalive:?}");
-    assert!(one_shot.errors.is_empty() && one_shot.ok > 10, "{one_shot:?}");
-    assert_eq!(slow.join().unwrap().map(|r| r.status.as_u16()), Ok(200));
+    // The download finished too: a failed one is a failure of the report.
+    let report = traffic.finish();
+    report.assert_no_failures();
+    let (keepalive, one_shot) = (&report.keepalive, &report.one_shot);
+    assert!(keepalive.ok > 50, "{keepalive:?}");
+    assert!(one_shot.ok > 10, "{one_shot:?}");
 
     assert_eq!(supervisor.log.phases(), common::DRAIN_PHASES);
     let outcome = supervisor.log.drain_summary();

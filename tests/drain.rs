@@ -3,12 +3,10 @@
 
 use test_support as common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{self, keepalive_loop};
-use common::{Site, Supervisor, code};
+use common::{Site, Supervisor, Traffic, code};
+use common::{h2, http};
 
 const SIGINT: i32 = 2;
 const SIGQUIT: i32 = 3;
@@ -17,16 +15,10 @@ const SIGTERM: i32 = 15;
 const SIGSTOP: i32 = 19;
 const SECONDS: Duration = Duration::from_secs(1);
 
-fn start(site: &Site, extra: &[&str]) -> Supervisor {
-    let supervisor = Supervisor::start(&site.run_args(extra));
-    supervisor.wait_serving(site);
-    supervisor
-}
-
 #[test]
 fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "300ms"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "300ms"]);
     let nginx = supervisor.descendants();
     assert_eq!(nginx.len(), 3, "a master and two workers: {nginx:?}");
 
@@ -53,7 +45,7 @@ fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
 fn a_request_in_flight_at_sigterm_completes() {
     let site = Site::new();
     let path = site.slow_path(2);
-    let mut supervisor = start(&site, &["--propagation-delay", "200ms"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "200ms"]);
     let started = Instant::now();
     let request = http::get_in_background(site.addr(), &path);
     // nginx counts the request as established from the worker's side before we signal.
@@ -75,7 +67,7 @@ fn a_request_in_flight_at_sigterm_completes() {
 #[test]
 fn new_connections_during_the_propagation_delay_are_served() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "2s"]);
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
 
@@ -103,48 +95,32 @@ fn new_connections_during_the_propagation_delay_are_served() {
 #[test]
 fn keepalive_and_one_shot_clients_see_no_error_through_the_drain() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
-    let endpoint_removed = Arc::new(AtomicBool::new(false));
-    let clients = keepalive_loop(
-        site.addr(),
-        8,
-        Duration::from_millis(20),
-        endpoint_removed.clone(),
-        20 * SECONDS,
-    );
-    let one_shot = http::close_loop(site.addr(), endpoint_removed.clone(), 20 * SECONDS);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
+    let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().start();
     std::thread::sleep(Duration::from_millis(300));
 
     supervisor.signal(SIGTERM);
     // The endpoint removal reaches the Service within the propagation delay, as it should.
     std::thread::sleep(Duration::from_millis(800));
-    endpoint_removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    let report = clients.join().unwrap();
-    let one_shot = one_shot.join().unwrap();
-    assert!(
-        one_shot.errors.is_empty() && one_shot.ok > 20,
-        "connection-per-request client: {one_shot:?}"
-    );
+    let report = traffic.finish();
 
     // No reset, no EOF on a reused connection, no refusal: every client was told to close,
     // reconnected while the pod was still an endpoint, and left once it no longer was.
+    report.assert_no_failures();
+    let (one_shot, keepalive) = (&report.one_shot, &report.keepalive);
+    assert!(one_shot.ok > 20, "connection-per-request client: {one_shot:?}");
+    assert!(keepalive.ok > 100, "{keepalive:?}");
     assert!(
-        report.errors.is_empty(),
-        "{} failures: {:?}",
-        report.errors.len(),
-        report.errors
-    );
-    assert!(report.ok > 100, "{report:?}");
-    assert!(
-        report.told_to_close >= 8,
-        "every client was told to close: {report:?}"
+        keepalive.told_to_close >= 8,
+        "every client was told to close: {keepalive:?}"
     );
     assert!(
-        report.connections > 8,
-        "clients reconnected after close: {report:?}"
+        keepalive.connections > 8,
+        "clients reconnected after close: {keepalive:?}"
     );
-    assert_eq!(report.moved, 8, "every client left the pod: {report:?}");
+    assert_eq!(keepalive.moved, 8, "every client left the pod: {keepalive:?}");
 }
 
 #[test]
@@ -167,11 +143,7 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
     let mut supervisor = Supervisor::start(&args);
     supervisor.wait_serving(&site);
     assert!(
-        !supervisor
-            .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("nginx will close connections")),
+        !supervisor.log.contains("nginx will close connections"),
         "left as nginx has it"
     );
     let request = http::get_in_background(site.addr(), &path);
@@ -207,7 +179,7 @@ fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_c
     let site = Site::new();
     let path = site.slow_path(30);
     // worker_shutdown_timeout = 5 s - 1 s (margin) - 0.5 s (delay) - 1 s = 2.5 s after SIGQUIT.
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -243,7 +215,7 @@ fn nginx_closes_what_outlasts_the_budget_at_the_shutdown_timeout_and_the_drain_c
 fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
     let site = Site::new();
     let path = site.slow_path(30);
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -284,7 +256,7 @@ fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
 #[test]
 fn a_second_sigterm_changes_nothing() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "1s"]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     let before = Instant::now();
@@ -300,16 +272,14 @@ fn a_second_sigterm_changes_nothing() {
         "the delay was not shortened"
     );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    assert_eq!(
-        supervisor.log.phases().iter().filter(|p| *p == "unready").count(),
-        1
-    );
+    assert_eq!(supervisor.log.phase_count("unready"), 1);
 }
 
 #[test]
 fn a_second_sigint_skips_the_rest_of_the_delay() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
     supervisor.signal(SIGINT);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     supervisor.signal(SIGINT);
@@ -320,7 +290,8 @@ fn a_second_sigint_skips_the_rest_of_the_delay() {
 #[test]
 fn sigquit_drains_without_the_propagation_delay() {
     let site = Site::new();
-    let mut supervisor = start(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--propagation-delay", "30s", "--grace-period", "60s"]);
     supervisor.signal(SIGQUIT);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
     let phases = supervisor.log.phases();
@@ -332,7 +303,7 @@ fn sigquit_drains_without_the_propagation_delay() {
 fn a_killed_master_leaves_no_process_behind_and_its_status_is_the_exit_code() {
     let site = Site::new();
     let path = site.slow_path(2);
-    let mut supervisor = start(&site, &[]);
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
     let master = supervisor.master();
     let workers = common::children_of(master);
     assert_eq!(workers.len(), 2);
@@ -375,7 +346,7 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
     let site = Site::new();
     let path = site.slow_path(30);
     // Escalation would come at 5 s; the supervisor has nginx close what is left 4 s after SIGQUIT.
-    let mut supervisor = start(
+    let mut supervisor = Supervisor::start_serving(
         &site,
         &[
             "--grace-period",
@@ -389,9 +360,7 @@ fn a_long_connection_is_closed_by_nginx_at_the_timeout_the_supervisor_set_withou
     assert!(
         supervisor
             .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("nginx will close connections still open 4000ms"))
+            .contains("nginx will close connections still open 4000ms")
     );
     let request = http::get_in_background(site.addr(), &path);
     common::wait_for_busy_worker(supervisor.pid);
@@ -419,13 +388,13 @@ fn http2_responses_never_carry_connection_close() {
     let h2c_port = common::free_port();
     let site = Site::build(true, &format!("listen 127.0.0.1:{h2c_port} http2;"));
     let h2c = std::net::SocketAddr::from(([127, 0, 0, 1], h2c_port));
-    let mut supervisor = start(&site, &["--propagation-delay", "2s"]);
-    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "2s"]);
+    assert_eq!(h2::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
 
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     // HTTP/1.1 is told to close; HTTP/2 gets no Connection field (nginx sends GOAWAY at quit).
     assert!(http::get(site.addr(), "/").unwrap().close);
-    assert_eq!(http::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
+    assert_eq!(h2::get_h2c(h2c, "/").unwrap(), (hyper::StatusCode::OK, false));
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }

@@ -12,10 +12,8 @@ const SECONDS: Duration = Duration::from_secs(1);
 fn readiness_fails_from_the_first_instant_of_a_drain() {
     let site = Site::new();
     let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let mut args = site.run_args(&["--propagation-delay", "2s"]);
-    let at = args.iter().position(|a| a == "off").unwrap();
-    args[at] = health.to_string();
-    let mut supervisor = Supervisor::start(&args);
+    let mut supervisor =
+        Supervisor::start(&site.run_args_with_health(health, &["--propagation-delay", "2s"]));
     supervisor.wait_serving(&site);
 
     common::wait_until("readiness", 5 * SECONDS, || {
@@ -54,8 +52,7 @@ fn readiness_fails_from_the_first_instant_of_a_drain() {
 #[test]
 fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
     let master = supervisor.master();
 
     let config = std::fs::read_to_string(&site.config).unwrap();
@@ -100,8 +97,7 @@ fn sighup_reloads_a_valid_config_and_refuses_a_broken_one() {
 #[test]
 fn usr1_is_forwarded_to_the_master_and_sigint_never_reaches_nginx_directly() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
     let master = supervisor.master();
     supervisor.signal(10);
     supervisor.log.wait_for("nginx to get SIGUSR1", 5 * SECONDS, |l| {
@@ -132,21 +128,23 @@ fn pre_drain_hooks_run_in_order_before_the_delay_and_a_failure_does_not_stop_the
     let site = Site::new();
     let marks = site.dir.0.join("marks");
     let first = format!("sh -c 'echo deregistered >> {}'", marks.display());
-    let mut supervisor = Supervisor::start(&site.run_args(&[
-        "--propagation-delay",
-        "200ms",
-        "--pre-drain-exec",
-        &first,
-        "--pre-drain-exec",
-        "false",
-        "--pre-drain-exec",
-        "sleep 30",
-        "--pre-drain-timeout",
-        "500ms",
-        "--pre-drain-exec",
-        "echo from-hook",
-    ]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(
+        &site,
+        &[
+            "--propagation-delay",
+            "200ms",
+            "--pre-drain-exec",
+            &first,
+            "--pre-drain-exec",
+            "false",
+            "--pre-drain-exec",
+            "sleep 30",
+            "--pre-drain-timeout",
+            "500ms",
+            "--pre-drain-exec",
+            "echo from-hook",
+        ],
+    );
     supervisor.signal(15);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 
@@ -163,8 +161,7 @@ fn pre_drain_hooks_run_in_order_before_the_delay_and_a_failure_does_not_stop_the
 #[test]
 fn a_reload_nginx_rolls_back_is_reported_with_nginx_reason_and_the_old_config_serves() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
     let master = supervisor.master();
     let workers = common::children_of(master);
 

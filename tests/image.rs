@@ -12,16 +12,14 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dockerfile_parser::{CopyInstruction, Dockerfile, Instruction, Stage};
 use hyper::StatusCode;
 use serde_json::Value;
 
-use common::http::{self, keepalive_loop};
-use common::{Supervisor, TempDir, code};
+use common::http;
+use common::{Supervisor, TempDir, Traffic, code};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const SECONDS: Duration = Duration::from_secs(1);
@@ -674,16 +672,8 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
         status_field(master, "NSpid").last().unwrap().as_str()
     );
 
-    let removed = Arc::new(AtomicBool::new(false));
-    let (clients, one_shot) = netns.run({
-        let removed = removed.clone();
-        move || {
-            (
-                keepalive_loop(nginx, 8, Duration::from_millis(20), removed.clone(), 20 * SECONDS),
-                http::close_loop(nginx, removed, 20 * SECONDS),
-            )
-        }
-    });
+    // Started inside the pod's network namespace: their threads stay in it.
+    let traffic = netns.run(move || Traffic::to(nginx).keepalive(8).one_shot().start());
     std::thread::sleep(Duration::from_millis(300));
 
     let signalled = Instant::now();
@@ -693,7 +683,7 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
     assert_eq!(readyz.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
     // The endpoint removal reaches the Service within the propagation delay (1 s).
     std::thread::sleep((signalled + Duration::from_millis(800)).saturating_duration_since(Instant::now()));
-    removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     let status = supervisor.wait_exit(15 * SECONDS);
     let took = signalled.elapsed();
 
@@ -704,17 +694,10 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
     assert_eq!(summary["outcome"], "clean", "{summary}");
     assert!(common::all_exited(&nginx_pids), "nginx outlived the supervisor");
 
-    let clients = clients.join().unwrap();
-    let one_shot = one_shot.join().unwrap();
-    assert!(
-        one_shot.errors.is_empty() && one_shot.ok > 20,
-        "connection-per-request client: {one_shot:?}"
-    );
-    assert!(
-        clients.errors.is_empty(),
-        "keep-alive clients: {:?}",
-        clients.errors
-    );
+    let report = traffic.finish();
+    report.assert_no_failures();
+    let (one_shot, clients) = (&report.one_shot, &report.keepalive);
+    assert!(one_shot.ok > 20, "connection-per-request client: {one_shot:?}");
     assert!(clients.ok > 100, "{clients:?}");
     // The snippet at the image's path saw the drain flag in the default runtime directory.
     assert!(
@@ -724,11 +707,7 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
     assert_eq!(clients.moved, 8, "every client left the pod: {clients:?}");
     // The access log reached stdout.
     assert!(
-        supervisor
-            .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("\"GET / HTTP/1.1\" 200")),
+        supervisor.log.contains("\"GET / HTTP/1.1\" 200"),
         "no access log line on stdout"
     );
 }

@@ -4,12 +4,10 @@
 use test_support as common;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{self, keepalive_loop};
-use common::{Site, Supervisor, code, drain_args};
+use common::http;
+use common::{Site, Supervisor, Traffic, code, drain_args};
 
 const SECONDS: Duration = Duration::from_secs(1);
 /// A budget a 30 s request cannot fit: SIGTERM to nginx at 2 s, SIGKILL at 2.5 s.
@@ -22,10 +20,6 @@ const TIGHT_BUDGET: &[&str] = &[
     "0s",
 ];
 
-fn phase_count(supervisor: &Supervisor, phase: &str) -> usize {
-    supervisor.log.phases().iter().filter(|p| *p == phase).count()
-}
-
 #[test]
 fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     let site = Site::new();
@@ -33,15 +27,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     let mut pid1 =
         Supervisor::start_as_pid1(&site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]));
     pid1.wait_serving(&site);
-    let removed = Arc::new(AtomicBool::new(false));
-    let keepalive = keepalive_loop(
-        site.addr(),
-        4,
-        Duration::from_millis(20),
-        removed.clone(),
-        20 * SECONDS,
-    );
-    let one_shot = http::close_loop(site.addr(), removed.clone(), 20 * SECONDS);
+    let traffic = Traffic::to(site.addr()).keepalive(4).one_shot().start();
     std::thread::sleep(Duration::from_millis(200));
 
     // The kubelet: endpoint removal starts, and the hook runs inside the container (its PID
@@ -58,7 +44,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     .args(drain_args(&site, &[]));
     let mut hook = Supervisor::spawn_command(&mut hook);
     std::thread::sleep(Duration::from_millis(800));
-    removed.store(true, Ordering::Relaxed);
+    traffic.remove_endpoint();
     let hook_status = hook.wait_exit(grace);
     // Then SIGTERM to PID 1, which may already be on its way out.
     let _ = nix::sys::signal::kill(
@@ -75,17 +61,15 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
     );
     assert_eq!(code(status), 0, "{:?}", pid1.log.lines());
     assert!(terminating.elapsed() < grace, "{:?}", terminating.elapsed());
-    assert_eq!(phase_count(&pid1, "unready"), 1, "one drain");
+    assert_eq!(pid1.log.phase_count("unready"), 1, "one drain");
     let relayed: Vec<String> = hook.log.phases();
     assert!(
         relayed.contains(&"quitting".to_string()) && relayed.contains(&"stopped".to_string()),
         "{relayed:?}"
     );
-    let (keepalive, one_shot) = (keepalive.join().unwrap(), one_shot.join().unwrap());
-    assert!(
-        keepalive.errors.is_empty() && one_shot.errors.is_empty(),
-        "{keepalive:?} {one_shot:?}"
-    );
+    let report = traffic.finish();
+    report.assert_no_failures();
+    let (keepalive, one_shot) = (&report.keepalive, &report.one_shot);
     assert!(
         keepalive.ok > 50 && one_shot.ok > 20,
         "{keepalive:?} {one_shot:?}"
@@ -95,8 +79,7 @@ fn kubelet_order_prestop_drain_then_sigterm_loses_no_request() {
 #[test]
 fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "1s"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     supervisor.signal(15);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
 
@@ -104,14 +87,8 @@ fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 
-    assert_eq!(phase_count(&supervisor, "unready"), 1);
-    assert!(
-        supervisor
-            .log
-            .lines()
-            .iter()
-            .any(|l| l.contains("already draining, the client follows"))
-    );
+    assert_eq!(supervisor.log.phase_count("unready"), 1);
+    assert!(supervisor.log.contains("already draining, the client follows"));
     let summary = hook.log.drain_summary();
     assert_eq!(summary["outcome"], "clean");
     assert!(hook.log.phases().contains(&"quitting".to_string()));
@@ -120,14 +97,13 @@ fn sigterm_first_then_a_late_hook_follows_the_same_drain() {
 #[test]
 fn two_hooks_through_a_supervisor_share_one_drain() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "500ms"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "500ms"]);
     let mut first = Supervisor::start(&drain_args(&site, &[]));
     let mut second = Supervisor::start(&drain_args(&site, &[]));
     assert_eq!(code(first.wait_exit(10 * SECONDS)), 0);
     assert_eq!(code(second.wait_exit(10 * SECONDS)), 0);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    assert_eq!(phase_count(&supervisor, "unready"), 1);
+    assert_eq!(supervisor.log.phase_count("unready"), 1);
 }
 
 #[test]
@@ -269,12 +245,7 @@ fn a_control_socket_that_does_not_answer_falls_back_to_draining_directly() {
 
     let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
-    assert!(
-        hook.log
-            .lines()
-            .iter()
-            .any(|l| l.contains("does not answer: draining directly"))
-    );
+    assert!(hook.log.contains("does not answer: draining directly"));
     assert!(nginx.all_gone());
 }
 
@@ -291,11 +262,7 @@ fn a_master_owned_by_another_user_is_refused() {
     args.extend(drain_args(&site, &["--propagation-delay", "0s"]));
     let mut hook = Supervisor::spawn_command(Command::new("setpriv").args(&args));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 16, "{:?}", hook.log.lines());
-    assert!(
-        hook.log.lines().iter().any(|l| l.contains("belongs to uid 0")),
-        "{:?}",
-        hook.log.lines()
-    );
+    assert!(hook.log.contains("belongs to uid 0"), "{:?}", hook.log.lines());
     assert!(site.serves() && !nginx.all_gone(), "nginx was left alone");
     assert!(
         !nginx.log_text().contains("signal"),
@@ -337,11 +304,7 @@ fn during_a_binary_upgrade_both_masters_are_drained() {
 
     let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
-    assert!(
-        hook.log.lines().iter().any(|l| l.contains("binary upgrade")),
-        "{:?}",
-        hook.log.lines()
-    );
+    assert!(hook.log.contains("binary upgrade"), "{:?}", hook.log.lines());
     assert!(
         common::all_exited(&everything),
         "an nginx process is still running: {everything:?}"
@@ -360,10 +323,7 @@ fn a_new_master_the_pid_file_does_not_name_yet_is_drained_too() {
     let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
     assert!(
-        hook.log
-            .lines()
-            .iter()
-            .any(|l| l.contains("another nginx master below")),
+        hook.log.contains("another nginx master below"),
         "{:?}",
         hook.log.lines()
     );

@@ -7,35 +7,18 @@ use test_support as common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Site, Supervisor, code, http};
+use common::{Site, Supervisor, Traffic, code, http, reload_args};
 
 const SECONDS: Duration = Duration::from_secs(1);
 
 fn confirmed(supervisor: &Supervisor) -> usize {
-    supervisor
-        .log
-        .lines()
-        .iter()
-        .filter(|l| l.contains("\"reload\":\"confirmed\""))
-        .count()
+    supervisor.log.count("\"reload\":\"confirmed\"")
 }
 
 fn body(site: &Site) -> usize {
     http::get(site.addr(), "/").unwrap().body_len
-}
-
-fn reload_args(site: &Site) -> Vec<String> {
-    let mut args: Vec<String> = ["--log-format", "json", "reload", "--runtime-dir"]
-        .map(String::from)
-        .to_vec();
-    args.push(site.runtime.display().to_string());
-    args.push("--pid-file".into());
-    args.push(site.pid_file().display().to_string());
-    args
 }
 
 #[test]
@@ -78,8 +61,7 @@ fn a_configmap_symlink_swap_reloads_exactly_once() {
 #[test]
 fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &[]);
     let config = std::fs::read_to_string(&site.config).unwrap();
     std::fs::write(
         &site.config,
@@ -93,24 +75,20 @@ fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
         refusal.contains("not_a_directive") && refusal.contains(&format!("{}:", site.config.display())),
         "{refusal}"
     );
-    assert!(
-        !supervisor.log.lines().iter().any(|l| l.contains("SIGHUP sent")),
-        "no signal was sent"
-    );
+    assert!(!supervisor.log.contains("SIGHUP sent"), "no signal was sent");
     assert_eq!(body(&site), "ok\n".len(), "the old config serves");
 }
 
 #[test]
 fn touching_without_a_change_reloads_nothing_and_a_burst_reloads_at_most_twice() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--reload-debounce", "300ms"]);
     let config = std::fs::read_to_string(&site.config).unwrap();
 
     std::fs::write(&site.config, &config).unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     assert!(
-        !supervisor.log.lines().iter().any(|l| l.contains("SIGHUP sent")),
+        !supervisor.log.contains("SIGHUP sent"),
         "same contents, no reload"
     );
 
@@ -130,12 +108,7 @@ fn touching_without_a_change_reloads_nothing_and_a_burst_reloads_at_most_twice()
         l.contains("\"reload\":\"confirmed\"")
     });
     std::thread::sleep(Duration::from_millis(1500));
-    let sighups = supervisor
-        .log
-        .lines()
-        .iter()
-        .filter(|l| l.contains("SIGHUP sent"))
-        .count();
+    let sighups = supervisor.log.count("SIGHUP sent");
     assert!((1..=2).contains(&sighups), "{sighups} reloads for one burst");
 }
 
@@ -159,9 +132,7 @@ fn worker_sets(master: i32, retired: &[Vec<i32>]) -> usize {
 fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
     let site = Site::new();
     let slow = site.slow_path(60);
-    let mut supervisor =
-        Supervisor::start(&site.run_args(&["--no-watch", "--max-draining-generations", "2"]));
-    supervisor.wait_serving(&site);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--max-draining-generations", "2"]);
     let master = supervisor.master();
     let mut held = Vec::new();
     let mut retired = Vec::new();
@@ -197,18 +168,15 @@ fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
 #[test]
 fn clients_see_no_failure_through_twenty_reloads() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch"]));
-    supervisor.wait_serving(&site);
-    let stop = Arc::new(AtomicBool::new(false));
-    let one_shot = http::close_loop(site.addr(), stop.clone(), 60 * SECONDS);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch"]);
+    let traffic = Traffic::to(site.addr()).one_shot().limit(60 * SECONDS).start();
     for _ in 0..20 {
         let mut hook = Supervisor::start(&reload_args(&site));
         assert_eq!(code(hook.wait_exit(15 * SECONDS)), 0, "{:?}", hook.log.lines());
     }
-    stop.store(true, Ordering::Relaxed);
-    let report = one_shot.join().unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(report.ok > 20, "{report:?}");
+    let report = traffic.finish();
+    report.assert_no_failures();
+    assert!(report.one_shot.ok > 20, "{:?}", report.one_shot);
     assert_eq!(confirmed(&supervisor), 20);
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
@@ -217,13 +185,12 @@ fn clients_see_no_failure_through_twenty_reloads() {
 #[test]
 fn a_reload_during_a_drain_is_refused() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--propagation-delay", "5s"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "5s"]);
     supervisor.signal(15);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
     let mut hook = Supervisor::start(&reload_args(&site));
     assert_eq!(code(hook.wait_exit(10 * SECONDS)), 22, "{:?}", hook.log.lines());
-    assert!(hook.log.lines().iter().any(|l| l.contains("a drain has begun")));
+    assert!(hook.log.contains("a drain has begun"));
 }
 
 #[test]
@@ -248,10 +215,12 @@ fn without_a_supervisor_reload_tests_signals_and_confirms() {
 #[test]
 fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start(&site.run_args(&["--no-watch", "--reload-close-window", "200ms"]));
-    supervisor.wait_serving(&site);
-    let never = Arc::new(AtomicBool::new(false));
-    let clients = http::keepalive_loop(site.addr(), 4, Duration::from_millis(10), never, 4 * SECONDS);
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--reload-close-window", "200ms"]);
+    let traffic = Traffic::to(site.addr())
+        .keepalive(4)
+        .pause(Duration::from_millis(10))
+        .limit(4 * SECONDS)
+        .start();
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..5 {
         let mut hook = Supervisor::start(&reload_args(&site));
@@ -261,11 +230,13 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
         !site.runtime.join("draining").exists(),
         "the flag is lowered after each reload"
     );
-    let report = clients.join().unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The clients go on until their 4 s are up: nothing closes their connections any more.
+    let report = traffic.finish();
+    report.assert_no_failures();
     assert!(
-        report.told_to_close >= 4,
-        "clients were told to close before the reloads: {report:?}"
+        report.keepalive.told_to_close >= 4,
+        "clients were told to close before the reloads: {:?}",
+        report.keepalive
     );
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
@@ -274,8 +245,7 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
 #[test]
 fn an_editor_save_by_rename_reloads_once() {
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&["--reload-debounce", "300ms"]));
-    supervisor.wait_serving(&site);
+    let supervisor = Supervisor::start_serving(&site, &["--reload-debounce", "300ms"]);
     let config = std::fs::read_to_string(&site.config).unwrap();
     // What vim and most editors do: write a new file beside the old one, rename it over.
     let temp = site.dir.0.join(".nginx.conf.tmp");

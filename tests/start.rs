@@ -125,10 +125,7 @@ fn a_health_port_in_use() {
     let site = Site::new();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let mut args = site.run_args(&[]);
-    let at = args.iter().position(|a| a == "off").unwrap();
-    args[at] = addr.clone();
-    let (code, line) = refused(Supervisor::start(&args));
+    let (code, line) = refused(Supervisor::start(&site.run_args_with_health(&addr, &[])));
     assert_eq!(code, 14);
     assert!(line.contains(&addr) && line.contains("--health-listen"), "{line}");
     assert!(!site.serves(), "no nginx was started");
@@ -149,18 +146,11 @@ fn a_malformed_duration_is_a_usage_error() {
 #[test]
 fn a_config_without_the_drain_snippet_is_pointed_out_once() {
     let site = Site::without_snippet();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
-    let warnings = supervisor
-        .log
-        .lines()
-        .iter()
-        .filter(|l| l.contains("does not include the drain snippet"))
-        .count();
+    let supervisor = Supervisor::start_serving(&site, &[]);
+    let warnings = supervisor.log.count("does not include the drain snippet");
     assert_eq!(warnings, 1);
 
     let site = Site::new();
-    let supervisor = Supervisor::start(&site.run_args(&[]));
-    supervisor.wait_serving(&site);
-    assert!(!supervisor.log.lines().iter().any(|l| l.contains("drain snippet")));
+    let supervisor = Supervisor::start_serving(&site, &[]);
+    assert!(!supervisor.log.contains("drain snippet"));
 }

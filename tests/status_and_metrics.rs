@@ -69,10 +69,8 @@ fn request_in_flight(
 fn a_supervisor_reports_its_phase_generations_reloads_and_crashes() {
     let site = Site::new();
     let health = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let mut args = site.run_args(&["--no-watch", "--reload-close-window", "0s"]);
-    let at = args.iter().position(|a| a == "off").unwrap();
-    args[at] = health.to_string();
-    let mut supervisor = Supervisor::start(&args);
+    let mut supervisor =
+        Supervisor::start(&site.run_args_with_health(health, &["--no-watch", "--reload-close-window", "0s"]));
     supervisor.wait_serving(&site);
     let runtime = site.runtime.display().to_string();
     let master = supervisor.master();

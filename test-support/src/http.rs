@@ -224,26 +224,3 @@ pub fn close_loop(
         report
     })
 }
-
-/// One GET over HTTP/2 without TLS (h2c, prior knowledge); returns the status and whether any
-/// `Connection` field came back (forbidden in HTTP/2).
-pub fn get_h2c(addr: SocketAddr, path: &str) -> Result<(StatusCode, bool), String> {
-    runtime().block_on(async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let uri = format!("http://{addr}{path}");
-        let request = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e:?}"))?;
-        let has_connection = response.headers().contains_key(CONNECTION);
-        Ok((response.status(), has_connection))
-    })
-}

@@ -1,9 +1,23 @@
 //! Test harness: a real nginx site in a temporary directory, the supervisor as a real process
 //! (optionally PID 1 of its own PID namespace), its log as it arrives, and cleanup that runs even
 //! when a test fails.
+//!
+//! Clients are in modules of their own: [`http`] (hyper, HTTP/1.1), [`traffic`] (client loops
+//! through a drain, one report), [`curl`], [`h2`] (HTTP/2), [`tcp`] (raw connections and an echo
+//! backend), [`websocket`]; [`tls`] and [`stream_proxy`] add to a [`Site`]; [`exits`] times
+//! process exits for the benches.
 
+pub mod curl;
 pub mod exits;
+pub mod h2;
 pub mod http;
+pub mod stream_proxy;
+pub mod tcp;
+pub mod tls;
+pub mod traffic;
+pub mod websocket;
+
+pub use traffic::Traffic;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -56,93 +70,6 @@ pub const DRAIN_PHASES: [&str; 7] = [
     "quitting",
     "stopped",
 ];
-
-/// A server certificate for localhost and 127.0.0.1 and the test CA that signed it, made with
-/// openssl in a directory: all PEM.
-pub struct TestCertificate {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
-
-impl TestCertificate {
-    pub fn make(dir: &Path) -> Self {
-        let file = |name: &str| dir.join(name).display().to_string();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        std::fs::write(
-            dir.join("leaf.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let steps: [Vec<String>; 3] = [
-            [
-                "req",
-                "-x509",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=nginx-graceful test CA",
-            ]
-            .iter()
-            .chain(&ec)
-            .map(|s| s.to_string())
-            .chain(["-keyout".into(), file("ca.key"), "-out".into(), file("ca.pem")])
-            .collect(),
-            ["req", "-subj", "/CN=localhost"]
-                .iter()
-                .chain(&ec)
-                .map(|s| s.to_string())
-                .chain(["-keyout".into(), file("key.pem"), "-out".into(), file("leaf.csr")])
-                .collect(),
-            [
-                "x509",
-                "-req",
-                "-days",
-                "1",
-                "-in",
-                &file("leaf.csr"),
-                "-CA",
-                &file("ca.pem"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                [
-                    "-CAkey",
-                    &file("ca.key"),
-                    "-CAcreateserial",
-                    "-extfile",
-                    &file("leaf.ext"),
-                ]
-                .map(String::from),
-            )
-            .chain(["-out".into(), file("cert.pem")])
-            .collect(),
-        ];
-        for args in steps {
-            let output = Command::new("openssl")
-                .args(&args)
-                .output()
-                .expect("openssl (apt-get install openssl)");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Self {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            ca: dir.join("ca.pem"),
-        }
-    }
-}
 
 /// A port that was free a moment ago, on loopback.
 pub fn free_port() -> u16 {
@@ -280,18 +207,18 @@ http {{
 
     /// `run` arguments for this site: its runtime dir, no health listener, JSON logs, and the
     /// nginx command after `--`.
-    pub fn run_args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--log-format",
-            "json",
-            "run",
-            "--health-listen",
-            "off",
-            "--runtime-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    pub fn run_args(&self, extra: &[&str]) -> Vec<String> {
+        self.run_args_with_health("off", extra)
+    }
+
+    /// [`Site::run_args`] with the health listener on `health`.
+    pub fn run_args_with_health(&self, health: impl std::fmt::Display, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["--log-format", "json", "run", "--health-listen"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(health.to_string());
+        args.push("--runtime-dir".into());
         args.push(self.runtime.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.nginx_command());
@@ -356,6 +283,21 @@ impl Log {
         self.lines.lock().unwrap().clone()
     }
 
+    /// Whether a line contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// The supervisor's own events (JSON lines); nginx's lines are left out.
     pub fn events(&self) -> Vec<Value> {
         self.lines()
@@ -379,6 +321,11 @@ impl Log {
             .iter()
             .filter_map(|e| e["phase"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// How many times `phase` was entered.
+    pub fn phase_count(&self, phase: &str) -> usize {
+        self.phases().iter().filter(|p| *p == phase).count()
     }
 
     /// Blocks until a line satisfies `predicate`; returns it.
@@ -420,6 +367,14 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn start(args: &[String]) -> Self {
         Self::spawn(Command::new(bin()).args(args), false)
+    }
+
+    /// `run` for `site`, with `extra` arguments (see [`Site::run_args`]), once nginx serves it
+    /// (see [`Supervisor::wait_serving`]).
+    pub fn start_serving(site: &Site, extra: &[&str]) -> Self {
+        let supervisor = Self::start(&site.run_args(extra));
+        supervisor.wait_serving(site);
+        supervisor
     }
 
     pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
@@ -535,6 +490,21 @@ impl Supervisor {
     /// Every process below the supervisor.
     pub fn descendants(&self) -> Vec<i32> {
         descendants_of(self.pid)
+    }
+
+    /// Waits until nginx's workers hold at least `n` established connections.
+    pub fn wait_for_connections(&self, n: usize) {
+        wait_until(
+            &format!("{n} connections on nginx's workers"),
+            Duration::from_secs(5),
+            || {
+                nginx_graceful::nginx::connections::by_process(&self.descendants())
+                    .iter()
+                    .map(|(_, c)| c)
+                    .sum::<usize>()
+                    >= n
+            },
+        );
     }
 }
 
@@ -690,7 +660,18 @@ impl Drop for DaemonNginx {
 
 /// `nginx-graceful drain` for this site, JSON logs.
 pub fn drain_args(site: &Site, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["--log-format", "json", "drain", "--runtime-dir"]
+    client_args("drain", site, extra)
+}
+
+/// `nginx-graceful reload` for this site, JSON logs.
+pub fn reload_args(site: &Site) -> Vec<String> {
+    client_args("reload", site, &[])
+}
+
+/// A command that finds the site's nginx (or the supervisor of it) by its runtime dir and pid
+/// file.
+fn client_args(command: &str, site: &Site, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--log-format", "json", command, "--runtime-dir"]
         .iter()
         .map(|s| s.to_string())
         .collect();

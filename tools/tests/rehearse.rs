@@ -79,7 +79,7 @@ fn graceful_against_naive(extra: &[&std::ffi::OsStr]) -> (Value, Value, Option<i
 #[test]
 fn over_tls_the_rehearsal_tells_the_same_story() {
     let dir = common::TempDir::new("rehearse-tls");
-    let certificate = common::TestCertificate::make(&dir.0);
+    let certificate = common::tls::TestCertificate::make(&dir.0);
     let shipped = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../nginx-conf/rehearsal.conf"

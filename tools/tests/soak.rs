@@ -213,7 +213,7 @@ struct TlsNginx {
 impl TlsNginx {
     fn start() -> Self {
         let dir = common::TempDir::new("soak-tls");
-        let certificate = common::TestCertificate::make(&dir.0);
+        let certificate = common::tls::TestCertificate::make(&dir.0);
         let port = free_port();
         let d = dir.0.display();
         let config = format!(
