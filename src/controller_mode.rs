@@ -10,9 +10,10 @@
 //! (`nginx -s quit`) then finds nothing left to cut.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use nix::sys::signal::Signal;
+// The drain's clock: `kill_at` is a deadline of the same budget.
+use tokio::time::Instant;
 
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::pidfile::{FoundMaster, find_master};
@@ -92,7 +93,7 @@ impl Controller {
         let pid = controller.pid();
         controller.signal(Signal::SIGTERM);
         tracing::info!(pid, "nginx has exited: SIGTERM to the controller");
-        if let Ok(status) = tokio::time::timeout_at(kill_at.into(), &mut *exit).await {
+        if let Ok(status) = tokio::time::timeout_at(kill_at, &mut *exit).await {
             let status = status.ok();
             tracing::info!(pid, status = ?status, "the controller exited");
             return ControllerEnd {

@@ -1,7 +1,7 @@
 //! `run`: the one loop that owns the nginx master, from start-up to the supervisor's exit code.
 
 use std::path::Path;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 

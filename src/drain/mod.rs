@@ -4,11 +4,13 @@
 //! The wait and the escalation see nginx's processes only through [`NginxProcesses`]
 //! ([`processes`]), so their timeline is tested in paused time against scripted processes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
-use tokio::time::sleep_until;
+// Tokio's clock, not the system's: the budget's deadlines and the elapsed time then follow
+// paused time in tests.
+use tokio::time::{Instant, sleep_until};
 
 use crate::core::outcome::DrainOutcome;
 use crate::core::phase::{Phase, Phases};
@@ -204,8 +206,7 @@ impl Drain<'_> {
         deadline: Instant,
         budget_end: Instant,
     ) -> bool {
-        let mut progress =
-            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         loop {
             // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
             if processes.is_empty() && (!processes.may_have_stragglers() || processes.find_new() == 0) {
@@ -217,7 +218,7 @@ impl Drain<'_> {
                     processes.find_new();
                     report_progress(self.phases, processes, budget_end).await;
                 }
-                _ = sleep_until(deadline.into()) => return false,
+                _ = sleep_until(deadline) => return false,
             }
         }
     }
@@ -233,7 +234,7 @@ fn count_before_shutdown_timeout(
     due: Instant,
 ) -> tokio::task::JoinHandle<Option<usize>> {
     tokio::spawn(async move {
-        tokio::time::sleep_until(due.into()).await;
+        sleep_until(due).await;
         tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
             .await
             .ok()
