@@ -21,7 +21,11 @@ use crate::os::drain_flag::DrainFlag;
 use crate::os::hooks;
 use crate::os::reaper::Reaper;
 
+#[cfg(test)]
+mod fake;
 mod processes;
+#[cfg(test)]
+mod tests;
 
 use processes::PidfdProcesses;
 pub use processes::{NginxProcesses, NginxTree};
