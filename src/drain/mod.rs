@@ -1,8 +1,8 @@
 //! The ordered drain: readiness, keep-alive flag, hooks, propagation delay, SIGQUIT, wait,
 //! escalation. One implementation, whoever asked for the drain.
 //!
-//! The wait and the escalation see nginx's processes only through [`NginxProcesses`]
-//! ([`processes`]), so their timeline is tested in paused time against scripted processes.
+//! The wait and the escalation see nginx's processes only through [`NginxProcesses`], so their
+//! timeline is tested in paused time against scripted processes.
 
 use std::time::Duration;
 
