@@ -3,12 +3,13 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::cli::PreStopArgs;
 use crate::core::outcome::Outcome;

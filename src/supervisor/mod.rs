@@ -165,10 +165,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                             DrainTargets::Found(found) => vec![&found.pidfd],
                             DrainTargets::None => Vec::new(),
                         };
-                        let outcome = drains
-                            .below_us(&plan, masters, comm.clone())
-                            .run(started.into_std())
-                            .await;
+                        let outcome = drains.below_us(&plan, masters, comm.clone()).run(started).await;
                         Drained {
                             outcome,
                             plan,
@@ -211,7 +208,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     let comm = child.nginx_comm(master_pid, &DrainTargets::None);
                     let rest = drains
                         .below_us(&plan, Vec::new(), comm)
-                        .orphans(std::time::Instant::now())
+                        .orphans(Instant::now())
                         .await;
                     reaper.reap_now();
                     let _ = flag.lower();
@@ -244,7 +241,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         // Whatever nginx it started since (a restart) goes the same way, within the budget.
         let rest = drains
             .below_us(&drained.plan, Vec::new(), drained.comm.clone())
-            .orphans(drained.started.into_std())
+            .orphans(drained.started)
             .await;
         outcome = Outcome::of_drain(DrainOutcome {
             escalated: drained.outcome.escalated || rest.escalated || end.killed,

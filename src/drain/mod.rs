@@ -1,54 +1,37 @@
 //! The ordered drain: readiness, keep-alive flag, hooks, propagation delay, SIGQUIT, wait,
 //! escalation. One implementation, whoever asked for the drain.
+//!
+//! The wait and the escalation see nginx's processes only through [`NginxProcesses`], so their
+//! timeline is tested in paused time against scripted processes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
-use tokio::time::sleep_until;
+// Tokio's clock, not the system's: the budget's deadlines and the elapsed time then follow
+// paused time in tests.
+use tokio::time::{Instant, sleep_until};
 
 use crate::core::outcome::DrainOutcome;
 use crate::core::phase::{Phase, Phases};
 use crate::core::plan::DrainPlan;
 use crate::nginx::connections::{self, Listeners};
-use crate::nginx::pidfd::{PidFd, Processes};
-use crate::nginx::tree::ProcessTable;
+use crate::nginx::pidfd::PidFd;
 use crate::os::drain_flag::DrainFlag;
 use crate::os::hooks;
 use crate::os::reaper::Reaper;
 
+#[cfg(test)]
+mod fake;
+mod processes;
+#[cfg(test)]
+mod tests;
+
+use processes::PidfdProcesses;
+pub use processes::{NginxProcesses, NginxTree};
+
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
-/// Which processes are nginx's: every process named like the master below the roots.
-#[derive(Debug, Clone)]
-pub struct NginxTree {
-    /// The supervisor (for `run`: orphaned workers are reparented to it), or the masters
-    /// themselves (two during a binary upgrade).
-    pub roots: Vec<i32>,
-    pub include_roots: bool,
-    /// The master's command name; a hook's leftover `sleep` below the supervisor is not nginx.
-    pub comm: String,
-}
-
-impl NginxTree {
-    /// Tracks every nginx process not tracked yet; returns how many were added.
-    pub fn track(&self, processes: &mut Processes) -> usize {
-        let Ok(table) = ProcessTable::read() else {
-            return 0;
-        };
-        let mut seen = Vec::new();
-        for &root in &self.roots {
-            seen.extend(table.descendants(root));
-            if self.include_roots {
-                seen.extend(table.get(root));
-            }
-        }
-        seen.into_iter()
-            .filter(|stat| stat.comm == self.comm && processes.track(stat))
-            .count()
-    }
-}
 
 pub struct Drain<'a> {
     pub plan: &'a DrainPlan,
@@ -95,18 +78,16 @@ impl Drain<'_> {
         }
 
         let mut processes = self.snapshot();
+        self.quit(&mut processes, started).await
+    }
+
+    /// SIGQUIT to the masters, then the wait for every nginx process and, if the budget runs
+    /// out, the escalation.
+    async fn quit(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
         // Before the signal: the master closes its listeners as soon as it gets it. Any other
         // master below (a binary upgrade, or one a controller started during the delay) too.
-        let mut masters: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
-        masters.extend(
-            processes.pids().filter(|&pid| {
-                crate::nginx::pidfile::looks_like_master(&crate::nginx::tree::title(pid), None)
-            }),
-        );
-        masters.sort_unstable();
-        masters.dedup();
-        let listeners = Listeners::of(&masters);
-        self.signal_masters(&processes, Signal::SIGQUIT);
+        let listeners = Listeners::of(&processes.masters());
+        processes.signal_masters(Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
             "SIGQUIT sent to the nginx master: requests in flight finish",
@@ -118,16 +99,19 @@ impl Drain<'_> {
             let due = Instant::now() + timeout.saturating_sub(JUST_BEFORE_TIMEOUT);
             (due, count_before_shutdown_timeout(listeners, due))
         });
-        self.finish(&mut processes, counting, before_timeout, started)
-            .await
+        self.finish(processes, counting, before_timeout, started).await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
     /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
         let mut processes = self.snapshot();
+        self.quit_orphans(&mut processes, started).await
+    }
+
+    async fn quit_orphans(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
         // Workers hold the listeners too; read before they close them.
-        let listeners = Listeners::of(&processes.pids().collect::<Vec<_>>());
+        let listeners = Listeners::of(&processes.pids());
         let told = processes.signal_all(Signal::SIGQUIT);
         let counting = count_connections(listeners);
         if told > 0 {
@@ -136,25 +120,17 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(&mut processes, counting, None, started).await
+        self.finish(processes, counting, None, started).await
     }
 
-    /// Every nginx process, held by pidfd: those named like the master below the roots, and the
-    /// masters we were given whatever their name (an nginx-debug, an openresty).
-    fn snapshot(&self) -> Processes {
-        let mut processes = Processes::default();
-        self.tree.track(&mut processes);
-        for master in &self.masters {
-            if let Some(stat) = crate::nginx::tree::ProcStat::read(master.pid()) {
-                processes.track(&stat);
-            }
-        }
-        processes
+    /// Every nginx process now, held by pidfd.
+    fn snapshot(&self) -> PidfdProcesses<'_> {
+        PidfdProcesses::snapshot(&self.tree, &self.masters, self.reaper)
     }
 
     async fn finish(
         &self,
-        processes: &mut Processes,
+        processes: &mut impl NginxProcesses,
         counting: tokio::task::JoinHandle<Option<usize>>,
         before_timeout: Option<(Instant, tokio::task::JoinHandle<Option<usize>>)>,
         started: Instant,
@@ -195,7 +171,7 @@ impl Drain<'_> {
 
     /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
     /// master, SIGKILL to everything left. Returns (escalated, processes killed).
-    pub async fn stop(&self, processes: &mut Processes, started: Instant) -> (bool, usize) {
+    pub async fn stop(&self, processes: &mut impl NginxProcesses, started: Instant) -> (bool, usize) {
         let end = started + self.plan.grace_period;
         if self
             .wait_for_all(processes, started + self.plan.fast_shutdown_at, end)
@@ -203,7 +179,7 @@ impl Drain<'_> {
         {
             return (false, 0);
         }
-        self.signal_masters(processes, Signal::SIGTERM);
+        processes.signal_masters(Signal::SIGTERM);
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
         if self
@@ -228,48 +204,25 @@ impl Drain<'_> {
 
     /// Waits until no nginx process is left (true) or `deadline` passes (false), with a progress
     /// event at most every second. `budget_end` is only for the time left in those events.
-    async fn wait_for_all(&self, processes: &mut Processes, deadline: Instant, budget_end: Instant) -> bool {
-        let mut progress =
-            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    async fn wait_for_all(
+        &self,
+        processes: &mut impl NginxProcesses,
+        deadline: Instant,
+        budget_end: Instant,
+    ) -> bool {
+        let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         loop {
             // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
-            if processes.is_empty() && (!self.may_have_stragglers() || self.tree.track(processes) == 0) {
+            if processes.is_empty() && (!processes.may_have_stragglers() || processes.find_new() == 0) {
                 return true;
             }
             tokio::select! {
                 _ = processes.next_exit() => {}
                 _ = progress.tick() => {
-                    self.tree.track(processes);
+                    processes.find_new();
                     report_progress(self.phases, processes, budget_end).await;
                 }
-                _ = sleep_until(deadline.into()) => return false,
-            }
-        }
-    }
-
-    /// Whether an untracked nginx process could still exist, answered without reading /proc,
-    /// so the drain ends within a millisecond of the last exit.
-    fn may_have_stragglers(&self) -> bool {
-        if self.tree.roots == [nix::unistd::getpid().as_raw()] {
-            // As reaper, every process that outlived its parent below us is our child.
-            self.reaper.has_children()
-        } else {
-            // Below a master that has exited, nothing can be found by its pid any more.
-            self.masters.iter().any(|m| m.is_alive())
-        }
-    }
-
-    /// Signals the masters we were given, and any other master below them: a binary upgrade
-    /// may have started a new one (a child of the old) after we read the pid file.
-    fn signal_masters(&self, processes: &Processes, signal: Signal) {
-        for master in &self.masters {
-            master.signal(signal);
-        }
-        let known: Vec<i32> = self.masters.iter().map(|m| m.pid()).collect();
-        for pid in processes.pids().filter(|pid| !known.contains(pid)) {
-            if crate::nginx::pidfile::looks_like_master(&crate::nginx::tree::title(pid), None) {
-                tracing::info!(pid, %signal, "another nginx master below: signalled too");
-                processes.signal(pid, signal);
+                _ = sleep_until(deadline) => return false,
             }
         }
     }
@@ -285,7 +238,7 @@ fn count_before_shutdown_timeout(
     due: Instant,
 ) -> tokio::task::JoinHandle<Option<usize>> {
     tokio::spawn(async move {
-        tokio::time::sleep_until(due.into()).await;
+        sleep_until(due).await;
         tokio::task::spawn_blocking(move || connections::to_listeners(&listeners))
             .await
             .ok()
@@ -302,9 +255,9 @@ fn total(counts: &[(i32, usize)]) -> usize {
     counts.iter().map(|(_, n)| n).sum()
 }
 
-async fn report_progress(phases: &Phases, processes: &Processes, budget_end: Instant) {
+async fn report_progress(phases: &Phases, processes: &impl NginxProcesses, budget_end: Instant) {
     // Which worker holds what: the file descriptor walk, once a second at most.
-    let pids: Vec<i32> = processes.pids().collect();
+    let pids = processes.pids();
     let counts = tokio::task::spawn_blocking(move || connections::by_process(&pids))
         .await
         .unwrap_or_default();

@@ -1,0 +1,427 @@
+//! The drain's wait and escalation in paused time, against scripted processes: every signal at
+//! its exact time (never before its deadline), and the drain's end when the last process exits
+//! or the budget does.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal::{self, SIGKILL, SIGQUIT, SIGTERM};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::fake::{FakeNginx, Script};
+use super::{Drain, NginxProcesses, NginxTree};
+use crate::core::outcome::DrainOutcome;
+use crate::core::phase::Phases;
+use crate::core::plan::{DrainPlan, DrainSettings};
+use crate::os::drain_flag::DrainFlag;
+use crate::os::reaper::Reaper;
+
+// Above the kernel's PID_MAX_LIMIT: no real process answers to them.
+const MASTER: i32 = 5_000_000;
+const WORKER_1: i32 = 5_000_001;
+const WORKER_2: i32 = 5_000_002;
+const STRAGGLER: i32 = 5_000_009;
+
+// The plan's timeline, in milliseconds after the trigger: a 30 s grace period, 2 s of margin.
+const FAST_SHUTDOWN_AT: u64 = 28_000;
+const KILL_AT: u64 = 29_000;
+const GRACE_PERIOD: u64 = 30_000;
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+fn outcome(escalated: bool, killed: usize, elapsed_ms: u64) -> DrainOutcome {
+    DrainOutcome {
+        escalated,
+        // Fake pids hold no sockets: nothing to count.
+        connections_at_quit: None,
+        closed_by_shutdown_timeout: None,
+        killed,
+        elapsed: ms(elapsed_ms),
+    }
+}
+
+/// What a drain holds besides nginx's processes. The flag, the hooks, the delay and the real
+/// processes' tree are `run`'s and `orphans`'s part, not reached from `quit` and `quit_orphans`.
+struct Parts {
+    plan: DrainPlan,
+    phases: Phases,
+    reaper: Reaper,
+    flag: DrainFlag,
+    skip_delay: Notify,
+}
+
+impl Parts {
+    fn new() -> Self {
+        let plan = DrainPlan::new(&DrainSettings {
+            grace_period: ms(GRACE_PERIOD),
+            propagation_delay: Duration::ZERO,
+            safety_margin: ms(2_000),
+            pre_drain_exec: Vec::new(),
+            pre_drain_timeout: ms(5_000),
+        })
+        .unwrap();
+        assert_eq!(
+            (plan.fast_shutdown_at, plan.kill_at, plan.grace_period),
+            (ms(FAST_SHUTDOWN_AT), ms(KILL_AT), ms(GRACE_PERIOD))
+        );
+        Self {
+            plan,
+            phases: Phases::default(),
+            reaper: Reaper::default(),
+            flag: DrainFlag::in_dir(&std::env::temp_dir()),
+            skip_delay: Notify::new(),
+        }
+    }
+
+    fn drain(&self) -> Drain<'_> {
+        Drain {
+            plan: &self.plan,
+            phases: &self.phases,
+            reaper: &self.reaper,
+            flag: &self.flag,
+            masters: Vec::new(),
+            tree: NginxTree {
+                roots: Vec::new(),
+                include_roots: false,
+                comm: "nginx".into(),
+            },
+            skip_delay: &self.skip_delay,
+            shutdown_timeout: None,
+        }
+    }
+}
+
+/// Which way into the wait: after SIGQUIT to the master (`run`), or with the master already
+/// gone (`orphans`).
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Quit,
+    Orphans,
+}
+
+/// What a drain did.
+#[derive(Debug)]
+struct Played {
+    /// (milliseconds after the trigger, pid, signal)
+    sent: Vec<(u64, i32, Signal)>,
+    outcome: DrainOutcome,
+    /// The phases entered, in order.
+    phases: Vec<String>,
+    /// Still tracked when the drain returned.
+    left: Vec<i32>,
+    logs: String,
+}
+
+/// Plays a drain whose budget starts now and whose wait starts `wait_at` milliseconds later
+/// (after hooks and the propagation delay, or after the controller's part).
+async fn play(entry: Entry, wait_at: u64, nginx: Vec<Script>) -> Played {
+    let parts = Parts::new();
+    let mut feed = parts.phases.feed_source().subscribe();
+    let logs = Logs::default();
+    let _logging = logs.capture();
+    let started = Instant::now();
+    let mut nginx = FakeNginx::new(started, nginx);
+    tokio::time::sleep(ms(wait_at)).await;
+    let drain = parts.drain();
+    let outcome = match entry {
+        Entry::Quit => drain.quit(&mut nginx, started).await,
+        Entry::Orphans => drain.quit_orphans(&mut nginx, started).await,
+    };
+    assert_eq!(
+        outcome.elapsed,
+        started.elapsed(),
+        "the elapsed time is when the drain returned"
+    );
+    let mut phases = Vec::new();
+    while let Ok(event) = feed.try_recv() {
+        if event["event"] == "phase" {
+            phases.push(event["phase"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Played {
+        sent: nginx.sent(),
+        outcome,
+        phases,
+        left: nginx.pids(),
+        logs: logs.text(),
+    }
+}
+
+/// One drain and everything it must have done.
+struct Case {
+    what: &'static str,
+    entry: Entry,
+    /// When the wait starts, in milliseconds after the trigger.
+    wait_at: u64,
+    nginx: Vec<Script>,
+    sent: Vec<(u64, i32, Signal)>,
+    outcome: DrainOutcome,
+    phases: &'static [&'static str],
+    /// Processes that survived SIGKILL: still tracked, and reported.
+    left: &'static [i32],
+}
+
+impl Case {
+    async fn check(self) {
+        let what = self.what;
+        let played = play(self.entry, self.wait_at, self.nginx).await;
+        // The rule on its own first, then the exact list: no escalation before its deadline.
+        for &(at, pid, signal) in &played.sent {
+            let earliest = match signal {
+                SIGTERM => FAST_SHUTDOWN_AT,
+                SIGKILL => KILL_AT,
+                _ => 0,
+            };
+            assert!(
+                at >= earliest,
+                "{what}: {signal} to {pid} at {at} ms, before {earliest} ms"
+            );
+        }
+        assert_eq!(played.sent, self.sent, "{what}: signals sent");
+        assert_eq!(played.outcome, self.outcome, "{what}: outcome");
+        assert_eq!(played.phases, self.phases, "{what}: phases");
+        assert_eq!(played.left, self.left, "{what}: processes left");
+        assert_eq!(
+            played.logs.contains("nginx processes survived SIGKILL"),
+            !self.left.is_empty(),
+            "{what}: survivors reported\n{}",
+            played.logs
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_sigquit_the_drain_waits_then_escalates_each_step_at_its_deadline() {
+    use Entry::Quit;
+    use Script as S;
+    let cases = [
+        Case {
+            what: "clean: the workers finish within 3 s of SIGQUIT, the master after them",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![
+                S::master(MASTER).on(SIGQUIT, ms(3_100)),
+                S::worker(WORKER_1).on(SIGQUIT, ms(3_000)),
+                S::worker(WORKER_2).on(SIGQUIT, ms(1_000)),
+            ],
+            sent: vec![(0, MASTER, SIGQUIT)],
+            outcome: outcome(false, 0, 3_100),
+            phases: &["quitting", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "clean with 1 ms to spare: no SIGTERM",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![S::master(MASTER).on(SIGQUIT, ms(FAST_SHUTDOWN_AT - 1))],
+            sent: vec![(0, MASTER, SIGQUIT)],
+            outcome: outcome(false, 0, FAST_SHUTDOWN_AT - 1),
+            phases: &["quitting", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "1 ms too slow: SIGTERM at fast_shutdown_at, the drain ends at the exit",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![S::master(MASTER).exits_at(ms(FAST_SHUTDOWN_AT + 1))],
+            sent: vec![(0, MASTER, SIGQUIT), (FAST_SHUTDOWN_AT, MASTER, SIGTERM)],
+            outcome: outcome(true, 0, FAST_SHUTDOWN_AT + 1),
+            phases: &["quitting", "fast_shutdown", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "a worker holds a connection past SIGQUIT: SIGTERM, passed on by the master, ends it",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![
+                S::master(MASTER).on(SIGTERM, ms(300)),
+                S::worker(WORKER_1).on(SIGQUIT, ms(2_000)),
+                S::worker(WORKER_2).on(SIGTERM, ms(200)),
+            ],
+            sent: vec![(0, MASTER, SIGQUIT), (FAST_SHUTDOWN_AT, MASTER, SIGTERM)],
+            outcome: outcome(true, 0, FAST_SHUTDOWN_AT + 300),
+            phases: &["quitting", "fast_shutdown", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "deaf to SIGQUIT and SIGTERM: SIGKILL to every process at kill_at",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![S::master(MASTER), S::worker(WORKER_1), S::worker(WORKER_2)],
+            sent: vec![
+                (0, MASTER, SIGQUIT),
+                (FAST_SHUTDOWN_AT, MASTER, SIGTERM),
+                (KILL_AT, MASTER, SIGKILL),
+                (KILL_AT, WORKER_1, SIGKILL),
+                (KILL_AT, WORKER_2, SIGKILL),
+            ],
+            outcome: outcome(true, 3, KILL_AT),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "SIGQUIT 10 s after the trigger (hooks, delay): the deadlines count from the trigger",
+            entry: Quit,
+            wait_at: 10_000,
+            nginx: vec![S::master(MASTER)],
+            sent: vec![
+                (10_000, MASTER, SIGQUIT),
+                (FAST_SHUTDOWN_AT, MASTER, SIGTERM),
+                (KILL_AT, MASTER, SIGKILL),
+            ],
+            outcome: outcome(true, 1, KILL_AT),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "a worker stuck in the kernel survives SIGKILL: reported, and the drain ends at the grace period",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![S::master(MASTER), S::worker(WORKER_1).survives_sigkill()],
+            sent: vec![
+                (0, MASTER, SIGQUIT),
+                (FAST_SHUTDOWN_AT, MASTER, SIGTERM),
+                (KILL_AT, MASTER, SIGKILL),
+                (KILL_AT, WORKER_1, SIGKILL),
+            ],
+            outcome: outcome(true, 2, GRACE_PERIOD),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[WORKER_1],
+        },
+    ];
+    for case in cases {
+        case.check().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stragglers_the_snapshot_missed_are_waited_for_and_killed_with_the_rest() {
+    use Entry::Quit;
+    use Script as S;
+    let cases = [
+        Case {
+            // Between the once-a-second looks: only the look when the set empties finds it.
+            what: "found when the tracked processes are all gone",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![
+                S::master(MASTER).on(SIGQUIT, ms(1_500)),
+                S::worker(WORKER_1).on(SIGQUIT, ms(1_500)),
+                S::worker(STRAGGLER).appears_at(ms(1_200)).exits_at(ms(4_500)),
+            ],
+            sent: vec![(0, MASTER, SIGQUIT)],
+            outcome: outcome(false, 0, 4_500),
+            phases: &["quitting", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "found while the master holds on, and killed with it",
+            entry: Quit,
+            wait_at: 0,
+            nginx: vec![S::master(MASTER), S::worker(STRAGGLER).appears_at(ms(1_200))],
+            sent: vec![
+                (0, MASTER, SIGQUIT),
+                (FAST_SHUTDOWN_AT, MASTER, SIGTERM),
+                (KILL_AT, MASTER, SIGKILL),
+                (KILL_AT, STRAGGLER, SIGKILL),
+            ],
+            outcome: outcome(true, 2, KILL_AT),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[],
+        },
+    ];
+    for case in cases {
+        case.check().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn orphaned_workers_get_sigquit_and_what_is_left_of_the_budget() {
+    use Entry::Orphans;
+    use Script as S;
+    let cases = [
+        Case {
+            what: "both finish",
+            entry: Orphans,
+            wait_at: 0,
+            nginx: vec![
+                S::worker(WORKER_1).on(SIGQUIT, ms(2_000)),
+                S::worker(WORKER_2).on(SIGQUIT, ms(1_000)),
+            ],
+            sent: vec![(0, WORKER_1, SIGQUIT), (0, WORKER_2, SIGQUIT)],
+            outcome: outcome(false, 0, 2_000),
+            phases: &["quitting", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "one holds on: no master to send SIGTERM to, SIGKILL at kill_at",
+            entry: Orphans,
+            wait_at: 0,
+            nginx: vec![S::worker(WORKER_1).on(SIGQUIT, ms(2_000)), S::worker(WORKER_2)],
+            sent: vec![
+                (0, WORKER_1, SIGQUIT),
+                (0, WORKER_2, SIGQUIT),
+                (KILL_AT, WORKER_2, SIGKILL),
+            ],
+            outcome: outcome(true, 1, KILL_AT),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "after a controller's drain took 20 s of the budget",
+            entry: Orphans,
+            wait_at: 20_000,
+            nginx: vec![S::worker(WORKER_1)],
+            sent: vec![(20_000, WORKER_1, SIGQUIT), (KILL_AT, WORKER_1, SIGKILL)],
+            outcome: outcome(true, 1, KILL_AT),
+            phases: &["quitting", "fast_shutdown", "killing", "stopped"],
+            left: &[],
+        },
+        Case {
+            what: "none left",
+            entry: Orphans,
+            wait_at: 0,
+            nginx: vec![],
+            sent: vec![],
+            outcome: outcome(false, 0, 0),
+            phases: &["stopped"],
+            left: &[],
+        },
+    ];
+    for case in cases {
+        case.check().await;
+    }
+}
+
+/// The log lines written on this thread while a guard from [`Logs::capture`] is held.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || logs.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
