@@ -137,6 +137,21 @@ impl Child {
         }
     }
 
+    /// After nginx has drained: nothing more for nginx itself. A controller hears SIGTERM only
+    /// now, and SIGKILL at `kill_at`; how it ended is part of the outcome.
+    pub async fn after_drain(
+        &self,
+        child: &PidFd,
+        exit: &mut oneshot::Receiver<Exit>,
+        exited: Option<Exit>,
+        kill_at: Instant,
+    ) -> Option<ControllerEnd> {
+        match self {
+            Child::Nginx { .. } => None,
+            Child::Controller(_) => Some(stop_controller(child, exit, exited, kill_at).await),
+        }
+    }
+
     /// Whether the child's end is nginx's end: a controller's exit mid-drain is not a failed
     /// nginx, and its status is reported, not passed on.
     pub fn is_nginx(&self) -> bool {
@@ -148,7 +163,7 @@ impl Child {
 /// SIGKILL. `exited` is its status if it has already ended by itself (F5's controller exits
 /// when nginx does). Its exit status is reported, not passed on: ingress-nginx exits 1 when
 /// its `nginx -s quit` finds nginx already gone, which is our doing.
-pub async fn stop_controller(
+async fn stop_controller(
     controller: &PidFd,
     exit: &mut oneshot::Receiver<Exit>,
     exited: Option<Exit>,

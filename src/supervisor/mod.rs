@@ -31,7 +31,7 @@ use crate::surfaces::control_socket::{ControlRequest, ControlServer};
 use crate::surfaces::health;
 use crate::surfaces::live::Live;
 use crate::surfaces::metrics::Metrics;
-use child::{Child, DrainTargets, stop_controller};
+use child::{Child, DrainTargets};
 use startup::{check_config, fit_worker_shutdown_timeout, flush, start_watch};
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
@@ -234,11 +234,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         };
     }
     let mut outcome = Outcome::of_drain(drained.outcome.clone());
-    if !child.is_nginx() {
-        // nginx is gone: only now may the controller hear SIGTERM.
-        let kill_at = drained.started + drained.plan.kill_at;
-        let end = stop_controller(&master.pidfd, &mut master.exit, child_status, kill_at).await;
-        // Whatever nginx it started since (a restart) goes the same way, within the budget.
+    let kill_at = drained.started + drained.plan.kill_at;
+    let stopped = child.after_drain(&master.pidfd, &mut master.exit, child_status, kill_at);
+    if let Some(end) = stopped.await {
+        // Whatever nginx a controller started since (a restart) goes the same way, within the
+        // budget.
         let rest = drains
             .below_us(&drained.plan, Vec::new(), drained.comm.clone())
             .orphans(drained.started)
