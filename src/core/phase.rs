@@ -163,6 +163,9 @@ mod tests {
         );
         assert!(!Phase::Unready.may_follow(Phase::Quitting));
         assert!(!Phase::Serving.may_follow(Phase::Serving));
+        for phase in Phase::ALL {
+            assert_eq!(phase.to_string(), phase.name());
+        }
     }
 
     #[test]

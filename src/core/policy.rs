@@ -350,6 +350,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_its_cause_and_the_way_out() {
+        assert!(Refusal::Draining.reason().contains("drain has begun"));
+        let controller = Refusal::ControllerOwnsConfig.reason();
+        assert!(controller.contains("controller owns"), "{controller}");
+        assert!(
+            controller.contains("change it through the controller"),
+            "{controller}"
+        );
+    }
+
+    #[test]
     fn only_sigquit_skips_the_delay() {
         assert!(Cause::Signal(Sig::SIGTERM).keeps_delay());
         assert!(Cause::Signal(Sig::SIGINT).keeps_delay());
