@@ -9,11 +9,9 @@ use test_support as common;
 use test_support::exits;
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::http::{self, LoopReport};
+use common::http::{self, LoopControl, LoopReport};
 use common::{Site, Supervisor};
 
 /// One reload every this long, in every mode.
@@ -51,8 +49,8 @@ fn run_mode(mode: &Mode, reloads: usize) -> Result {
             (None, Some(supervisor))
         }
     };
-    let never = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
+    let never = LoopControl::default();
+    let stop = LoopControl::default();
     let limit = PACE * reloads as u32 + Duration::from_secs(1);
     let keepalive = http::keepalive_loop(site.addr(), 8, Duration::from_millis(10), never, limit);
     let one_shot = http::close_loop(site.addr(), stop.clone(), limit);
@@ -75,7 +73,7 @@ fn run_mode(mode: &Mode, reloads: usize) -> Result {
         assert!(status.unwrap().success(), "{} failed", mode.name());
         std::thread::sleep(PACE.saturating_sub(started.elapsed()));
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.remove_endpoint();
     Result {
         keepalive: keepalive.join().unwrap(),
         one_shot: one_shot.join().unwrap(),

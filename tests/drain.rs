@@ -14,6 +14,7 @@ const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 const SIGSTOP: i32 = 19;
 const SECONDS: Duration = Duration::from_secs(1);
+const MILLIS: Duration = Duration::from_millis(1);
 
 #[test]
 fn sigterm_drains_in_order_and_exits_zero_after_the_last_worker() {
@@ -60,8 +61,9 @@ fn a_request_in_flight_at_sigterm_completes() {
         "the request really was slow"
     );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
-    let quit = supervisor.log.drain_summary();
-    assert!(quit["connections_at_quit"].as_u64().unwrap() >= 1, "{quit}");
+    supervisor
+        .log
+        .assert_drain_under_load(Duration::from_millis(200), 2 * SECONDS);
 }
 
 #[test]
@@ -92,23 +94,46 @@ fn new_connections_during_the_propagation_delay_are_served() {
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }
 
+/// The propagation delay of the tests with clients through the drain: the endpoint removal
+/// (half a second after the drain began) has a second of margin before SIGQUIT.
+const DELAY: Duration = Duration::from_millis(1500);
+/// The download in flight across SIGQUIT in those tests, in seconds: it begins before SIGTERM and
+/// ends well after SIGQUIT.
+const SLOW_SECS: usize = 3;
+
 #[test]
 fn keepalive_and_one_shot_clients_see_no_error_through_the_drain() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
-    let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().start();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1500ms"]);
+    let nginx = supervisor.descendants();
+    let traffic = Traffic::to(site.addr())
+        .keepalive(8)
+        .one_shot()
+        .slow(&site.slow_path(SLOW_SECS))
+        .start();
+    traffic.wait_served(100);
+    traffic.wait_slow_in_flight();
 
     supervisor.signal(SIGTERM);
     // The endpoint removal reaches the Service within the propagation delay, as it should.
-    std::thread::sleep(Duration::from_millis(800));
-    traffic.remove_endpoint();
+    traffic.remove_endpoint_once_unready(&supervisor.log, DELAY);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    assert!(
+        common::all_exited(&nginx),
+        "nginx outlived the supervisor: the drain did not wait for it"
+    );
     let report = traffic.finish();
 
     // No reset, no EOF on a reused connection, no refusal: every client was told to close,
-    // reconnected while the pod was still an endpoint, and left once it no longer was.
+    // reconnected while the pod was still an endpoint, and left once it no longer was; the
+    // download in flight at SIGQUIT finished.
     report.assert_no_failures();
+    let quit = supervisor.log.phase_seen_at("quitting").unwrap();
+    let slow = report.slow.as_ref().unwrap();
+    slow.assert_whole_across(SLOW_SECS * common::SLOW_RATE, "SIGQUIT", quit);
+    supervisor
+        .log
+        .assert_drain_under_load(DELAY, SLOW_SECS as u32 * SECONDS);
     let (one_shot, keepalive) = (&report.one_shot, &report.keepalive);
     assert!(one_shot.ok > 20, "connection-per-request client: {one_shot:?}");
     assert!(keepalive.ok > 100, "{keepalive:?}");
@@ -159,15 +184,14 @@ fn a_request_longer_than_the_budget_escalates_and_exits_within_the_grace_period(
         took < grace,
         "exited after {took:?}, past the {grace:?} grace period"
     );
-    assert!(
-        took >= Duration::from_millis(2900),
-        "SIGTERM to nginx at grace - margin, not before: {took:?}"
-    );
     let phases = supervisor.log.phases();
     assert!(
         phases.ends_with(&["quitting".into(), "fast_shutdown".into(), "stopped".into()]),
         "{phases:?}"
     );
+    // SIGTERM to nginx at grace - margin = 3 s into the drain, not before.
+    assert_escalation_at(&supervisor.log, "fast_shutdown", 3 * SECONDS);
+    assert!(took >= 3 * SECONDS, "{took:?}");
     assert!(
         request.join().unwrap().is_err(),
         "the cut request fails: that is what escalation means"
@@ -239,18 +263,34 @@ fn a_worker_that_ignores_sigterm_is_killed_before_the_grace_period_ends() {
     supervisor.signal(SIGTERM);
     let status = supervisor.wait_exit(10 * SECONDS);
 
+    let took = signalled.elapsed();
+
     assert_eq!(code(status), 3);
-    assert!(
-        signalled.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        signalled.elapsed()
-    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
     let phases = supervisor.log.phases();
     assert!(
         phases.ends_with(&["fast_shutdown".into(), "killing".into(), "stopped".into()]),
         "{phases:?}"
     );
+    // SIGTERM at grace - margin = 3 s, SIGKILL at grace - margin / 2 = 3.5 s: each at its
+    // deadline, not before.
+    assert_escalation_at(&supervisor.log, "fast_shutdown", 3 * SECONDS);
+    assert_escalation_at(&supervisor.log, "killing", Duration::from_millis(3500));
+    assert!(took >= Duration::from_millis(3500), "{took:?}");
     assert!(!common::exists(busy));
+}
+
+/// The escalation step `phase` came at `deadline` into the drain: not before, and at most
+/// 0.3 s after.
+#[track_caller]
+fn assert_escalation_at(log: &common::Log, phase: &str, deadline: Duration) {
+    let at = log
+        .drain_offset(phase)
+        .unwrap_or_else(|| panic!("no {phase} in {:?}", log.phases()));
+    assert!(
+        at >= deadline && at <= deadline + Duration::from_millis(300),
+        "{phase} {at:?} into the drain, due at {deadline:?}"
+    );
 }
 
 #[test]
@@ -259,20 +299,20 @@ fn a_second_sigterm_changes_nothing() {
     let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "1s"]);
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
-    let before = Instant::now();
     supervisor.signal(SIGTERM);
     supervisor
         .log
         .wait_for("the repeat to be logged", 5 * SECONDS, |l| {
             l.contains("already draining")
         });
-    supervisor.log.wait_phase("quitting", 5 * SECONDS);
-    assert!(
-        before.elapsed() > Duration::from_millis(700),
-        "the delay was not shortened"
-    );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
     assert_eq!(supervisor.log.phase_count("unready"), 1);
+    // SIGQUIT a whole delay into the drain: the repeat did not shorten it.
+    let quit = supervisor.log.drain_offset("quitting").unwrap();
+    assert!(
+        quit >= SECONDS && quit <= 1500 * MILLIS,
+        "SIGQUIT {quit:?} into the drain"
+    );
 }
 
 #[test]

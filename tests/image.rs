@@ -33,6 +33,12 @@ const BINARY: &str = "/usr/local/bin/nginx-graceful";
 const PID_FILE: &str = "/run/nginx-graceful/nginx.pid";
 const RUNTIME_DIR: &str = "/run/nginx-graceful";
 
+/// The pod's propagation delay in the drain test.
+const DELAY: Duration = Duration::from_millis(1500);
+/// A second site the drain test adds, with a download of this many seconds.
+const SLOW_PORT: u16 = 8082;
+const SLOW_SECS: usize = 3;
+
 /// The PATH a container runtime gives a process when the image sets none of its own; the
 /// official nginx image keeps it.
 const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -592,6 +598,24 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
             std::fs::copy(&file, &target).unwrap();
         }
     }
+    // A second site beside the image's, as a ConfigMap on /etc/nginx/conf.d adds one: a
+    // download slow enough to be in flight across SIGQUIT (without sendfile, the rate holds
+    // from the first second, as on the tests' own sites).
+    std::fs::write(
+        etc.0.join("conf.d/slow.conf"),
+        format!(
+            "server {{\n    listen {SLOW_PORT};\n    include /etc/nginx/graceful-drain.conf;\n    \
+             root /etc/nginx/slow-site;\n    location /slow/ {{ sendfile off; limit_rate {}; }}\n}}\n",
+            common::SLOW_RATE
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(etc.0.join("slow-site/slow")).unwrap();
+    std::fs::write(
+        etc.0.join("slow-site/slow/download.bin"),
+        vec![b'x'; SLOW_SECS * common::SLOW_RATE],
+    )
+    .unwrap();
     // Readable by the image's user whatever this checkout's umask was.
     for file in files_under(&etc.0) {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -624,9 +648,10 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
         .env_clear()
         .env("PATH", CONTAINER_PATH)
         .envs(env(runtime))
-        // The pod's env: JSON logs to read events from, a short delay to keep the test short.
+        // The pod's env: JSON logs to read events from, a short delay to keep the test short
+        // (the endpoint removal half a second into it, a second before SIGQUIT).
         .env("NGINX_GRACEFUL_LOG_FORMAT", "json")
-        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "1s");
+        .env("NGINX_GRACEFUL_PROPAGATION_DELAY", "1500ms");
     let mut supervisor = Supervisor::spawn_command(&mut command);
     let started = supervisor.log.wait_phase("starting", 10 * SECONDS);
     assert_eq!(started["role"], "Pid1", "{started}");
@@ -673,29 +698,42 @@ fn the_image_runs_as_its_user_serves_and_drains_without_a_failed_request() {
     );
 
     // Started inside the pod's network namespace: their threads stay in it.
-    let traffic = netns.run(move || Traffic::to(nginx).keepalive(8).one_shot().start());
-    std::thread::sleep(Duration::from_millis(300));
+    let slow_site = std::net::SocketAddr::from(([127, 0, 0, 1], SLOW_PORT));
+    let traffic = netns.run(move || {
+        Traffic::to(nginx)
+            .keepalive(8)
+            .one_shot()
+            .slow_from(slow_site, "/slow/download.bin")
+            .start()
+    });
+    traffic.wait_served(100);
+    traffic.wait_slow_in_flight();
 
     let signalled = Instant::now();
     supervisor.signal(SIGTERM);
     supervisor.log.wait_phase("unready", 2 * SECONDS);
     let readyz = netns.run(move || http::get(health, "/readyz"));
     assert_eq!(readyz.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
-    // The endpoint removal reaches the Service within the propagation delay (1 s).
-    std::thread::sleep((signalled + Duration::from_millis(800)).saturating_duration_since(Instant::now()));
-    traffic.remove_endpoint();
+    // The endpoint removal reaches the Service within the propagation delay.
+    traffic.remove_endpoint_once_unready(&supervisor.log, DELAY);
     let status = supervisor.wait_exit(15 * SECONDS);
     let took = signalled.elapsed();
 
     assert_eq!(code(status), 0, "{:?}", supervisor.log.lines());
-    assert!(took < 10 * SECONDS, "the drain took {took:?}");
     assert_eq!(supervisor.log.phases(), common::DRAIN_PHASES);
-    let summary = supervisor.log.drain_summary();
-    assert_eq!(summary["outcome"], "clean", "{summary}");
+    let slowest = SLOW_SECS as u32 * SECONDS;
+    supervisor.log.assert_drain_under_load(DELAY, slowest);
+    assert!(
+        took >= DELAY && took <= DELAY + slowest + SECONDS,
+        "from SIGTERM to the exit of PID 1: {took:?}"
+    );
     assert!(common::all_exited(&nginx_pids), "nginx outlived the supervisor");
 
     let report = traffic.finish();
     report.assert_no_failures();
+    let quit = supervisor.log.phase_seen_at("quitting").unwrap();
+    let slow = report.slow.as_ref().unwrap();
+    slow.assert_whole_across(SLOW_SECS * common::SLOW_RATE, "SIGQUIT", quit);
     let (one_shot, clients) = (&report.one_shot, &report.keepalive);
     assert!(one_shot.ok > 20, "connection-per-request client: {one_shot:?}");
     assert!(clients.ok > 100, "{clients:?}");

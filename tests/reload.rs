@@ -7,7 +7,7 @@ use test_support as common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Site, Supervisor, Traffic, code, http, reload_args};
 
@@ -165,18 +165,59 @@ fn the_generation_cap_holds_while_long_connections_keep_old_workers_alive() {
     assert_eq!(code(supervisor.wait_exit(20 * SECONDS)), 0);
 }
 
+/// Runs `reloads` reloads through `nginx-graceful reload`, one after the other; returns when each
+/// began and ended, as this test saw it (its window of the supervisor's reload is inside).
+fn reload_times(site: &Site, reloads: usize) -> Vec<(Instant, Instant)> {
+    (0..reloads)
+        .map(|_| {
+            let began = Instant::now();
+            let mut hook = Supervisor::start(&reload_args(site));
+            assert_eq!(code(hook.wait_exit(15 * SECONDS)), 0, "{:?}", hook.log.lines());
+            (began, Instant::now())
+        })
+        .collect()
+}
+
+/// Asserts that in each reload the keep-alive clients were told to close at least `clients`
+/// times: the close window opened before each SIGHUP, not once in a while.
+#[track_caller]
+fn assert_told_to_close_in_each(
+    reloads: &[(Instant, Instant)],
+    report: &common::traffic::TrafficReport,
+    clients: usize,
+) {
+    let closes = &report.keepalive.closes;
+    for (i, (began, ended)) in reloads.iter().enumerate() {
+        let within = closes.iter().filter(|at| *at >= began && *at <= ended).count();
+        assert!(
+            within >= clients,
+            "reload {i}: {within} responses told a keep-alive client to close ({} over all {} reloads)",
+            closes.len(),
+            reloads.len()
+        );
+    }
+}
+
 #[test]
 fn clients_see_no_failure_through_twenty_reloads() {
     let site = Site::new();
+    // The default close window (100 ms).
     let mut supervisor = Supervisor::start_serving(&site, &["--no-watch"]);
-    let traffic = Traffic::to(site.addr()).one_shot().limit(60 * SECONDS).start();
-    for _ in 0..20 {
-        let mut hook = Supervisor::start(&reload_args(&site));
-        assert_eq!(code(hook.wait_exit(15 * SECONDS)), 0, "{:?}", hook.log.lines());
-    }
+    // Keep-alive clients that reuse their connections back to back: the ones a reload's old
+    // workers reset when nothing tells them to close first.
+    let traffic = Traffic::to(site.addr())
+        .keepalive(4)
+        .pause(Duration::from_millis(1))
+        .one_shot()
+        .limit(60 * SECONDS)
+        .start();
+    traffic.wait_served(100);
+    let reloads = reload_times(&site, 20);
     let report = traffic.finish();
     report.assert_no_failures();
-    assert!(report.one_shot.ok > 20, "{:?}", report.one_shot);
+    assert!(report.one_shot.ok > 20, "{:?}", report.one_shot.ok);
+    assert!(report.keepalive.ok > 200, "{:?}", report.keepalive.ok);
+    assert_told_to_close_in_each(&reloads, &report, 4);
     assert_eq!(confirmed(&supervisor), 20);
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
@@ -221,11 +262,8 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
         .pause(Duration::from_millis(10))
         .limit(4 * SECONDS)
         .start();
-    std::thread::sleep(Duration::from_millis(300));
-    for _ in 0..5 {
-        let mut hook = Supervisor::start(&reload_args(&site));
-        assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
-    }
+    traffic.wait_served(40);
+    let reloads = reload_times(&site, 5);
     assert!(
         !site.runtime.join("draining").exists(),
         "the flag is lowered after each reload"
@@ -233,11 +271,8 @@ fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() 
     // The clients go on until their 4 s are up: nothing closes their connections any more.
     let report = traffic.finish();
     report.assert_no_failures();
-    assert!(
-        report.keepalive.told_to_close >= 4,
-        "clients were told to close before the reloads: {:?}",
-        report.keepalive
-    );
+    // Each of the five reloads told the clients to close, not one in five.
+    assert_told_to_close_in_each(&reloads, &report, 4);
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
@@ -31,9 +31,15 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// One GET on a new connection; `Err` says what failed.
 pub fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    get_observed(addr, path, || {})
+}
+
+/// [`get`], calling `began` once the response's head has arrived: from then on the request is
+/// in flight on the server, its body still to come.
+pub fn get_observed(addr: SocketAddr, path: &str, began: impl FnOnce()) -> Result<Reply, String> {
     runtime().block_on(async {
         let mut sender = connect(addr).await?;
-        send(&mut sender, addr, path).await
+        send_observed(&mut sender, addr, path, began).await
     })
 }
 
@@ -56,6 +62,15 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, String> 
 }
 
 async fn send(sender: &mut SendRequest<Empty<Bytes>>, addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    send_observed(sender, addr, path, || {}).await
+}
+
+async fn send_observed(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    began: impl FnOnce(),
+) -> Result<Reply, String> {
     let request = Request::get(path)
         .header(HOST, addr.to_string())
         .body(Empty::new())
@@ -64,6 +79,7 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, addr: SocketAddr, path: &s
         .send_request(request)
         .await
         .map_err(|e| format!("request: {e:?}"))?;
+    began();
     let status = response.status();
     let close = response.headers().get_all(CONNECTION).iter().any(|v| {
         v.to_str()
@@ -96,30 +112,55 @@ pub struct LoopReport {
     pub errors: Vec<Failure>,
     /// Responses that told the client to close; it reconnected for the next request.
     pub told_to_close: usize,
+    /// When each of those responses arrived.
+    pub closes: Vec<Instant>,
     pub connections: usize,
     /// Clients that needed a new connection after the endpoint was removed: a Service would
     /// send them to another pod.
     pub moved: usize,
 }
 
+/// What client loops share with the test while they run.
+#[derive(Debug, Clone, Default)]
+pub struct LoopControl {
+    /// The Service no longer sends new connections to the address (see [`keepalive_loop`]).
+    pub endpoint_removed: Arc<AtomicBool>,
+    /// Successful responses so far, over every loop given this control.
+    pub served: Arc<AtomicUsize>,
+}
+
+impl LoopControl {
+    pub fn remove_endpoint(&self) {
+        self.endpoint_removed.store(true, Ordering::Relaxed);
+    }
+
+    fn removed(&self) -> bool {
+        self.endpoint_removed.load(Ordering::Relaxed)
+    }
+
+    fn count_served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Keep-alive clients, `clients` of them, each sending a request every `pause` on its own reused
 /// connection until `limit` passes. A failed request is recorded, never retried.
 ///
-/// `endpoint_removed` models the Service: once set, a client that needs a new connection gets
-/// one to another pod (it stops, counted as moved), while established connections go on being
-/// used, as kube-proxy keeps established flows on their backend.
+/// The control's `endpoint_removed` models the Service: once set, a client that needs a new
+/// connection gets one to another pod (it stops, counted as moved), while established
+/// connections go on being used, as kube-proxy keeps established flows on their backend.
 pub fn keepalive_loop(
     addr: SocketAddr,
     clients: usize,
     pause: Duration,
-    endpoint_removed: Arc<AtomicBool>,
+    control: LoopControl,
     limit: Duration,
 ) -> std::thread::JoinHandle<LoopReport> {
     std::thread::spawn(move || {
         runtime().block_on(async move {
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..clients {
-                let endpoint_removed = endpoint_removed.clone();
+                let control = control.clone();
                 tasks.spawn(async move {
                     let mut report = LoopReport::default();
                     let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
@@ -129,7 +170,7 @@ pub fn keepalive_loop(
                         // A connection the server closed while idle is gone before we write: a
                         // client notices that and reconnects, which is not a failure.
                         if sender.as_ref().is_none_or(|s| s.is_closed()) {
-                            if endpoint_removed.load(Ordering::Relaxed) {
+                            if control.removed() {
                                 report.moved += 1;
                                 break;
                             }
@@ -154,9 +195,11 @@ pub fn keepalive_loop(
                         match send(conn, addr, "/").await {
                             Ok(reply) if reply.status == StatusCode::OK => {
                                 report.ok += 1;
+                                control.count_served();
                                 reused = true;
                                 if reply.close {
                                     report.told_to_close += 1;
+                                    report.closes.push(Instant::now());
                                     sender = None;
                                 }
                             }
@@ -188,9 +231,11 @@ pub fn keepalive_loop(
                 total.ok += report.ok;
                 total.errors.extend(report.errors);
                 total.told_to_close += report.told_to_close;
+                total.closes.extend(report.closes);
                 total.connections += report.connections;
                 total.moved += report.moved;
             }
+            total.closes.sort();
             total
         })
     })
@@ -200,21 +245,24 @@ pub fn keepalive_loop(
 /// [`keepalive_loop`]) or `limit` passes.
 pub fn close_loop(
     addr: SocketAddr,
-    endpoint_removed: Arc<AtomicBool>,
+    control: LoopControl,
     limit: Duration,
 ) -> std::thread::JoinHandle<LoopReport> {
     std::thread::spawn(move || {
         let mut report = LoopReport::default();
         let deadline = Instant::now() + limit;
         let rt = runtime();
-        while !endpoint_removed.load(Ordering::Relaxed) && Instant::now() < deadline {
+        while !control.removed() && Instant::now() < deadline {
             let failure = |error| Failure {
                 at: Instant::now(),
                 reused: false,
                 error,
             };
             match rt.block_on(async { send(&mut connect(addr).await?, addr, "/").await }) {
-                Ok(reply) if reply.status == StatusCode::OK => report.ok += 1,
+                Ok(reply) if reply.status == StatusCode::OK => {
+                    report.ok += 1;
+                    control.count_served();
+                }
                 Ok(reply) => report.errors.push(failure(format!("status {}", reply.status))),
                 Err(e) => report.errors.push(failure(e)),
             }

@@ -249,14 +249,23 @@ http {{
 /// Everything the supervisor (and nginx) wrote to stderr, line by line, as it arrives.
 #[derive(Default)]
 pub struct Log {
-    lines: Mutex<Vec<String>>,
+    lines: Mutex<Lines>,
     grew: Condvar,
     closed: AtomicBool,
 }
 
+/// The lines so far, and when each arrived here (never before it was written).
+#[derive(Default)]
+struct Lines {
+    text: Vec<String>,
+    arrived: Vec<Instant>,
+}
+
 impl Log {
     fn push(&self, line: String) {
-        self.lines.lock().unwrap().push(line);
+        let mut lines = self.lines.lock().unwrap();
+        lines.text.push(line);
+        lines.arrived.push(Instant::now());
         self.grew.notify_all();
     }
 
@@ -280,7 +289,7 @@ impl Log {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.lines.lock().unwrap().text.clone()
     }
 
     /// Whether a line contains `needle`.
@@ -293,6 +302,7 @@ impl Log {
         self.lines
             .lock()
             .unwrap()
+            .text
             .iter()
             .filter(|l| l.contains(needle))
             .count()
@@ -328,30 +338,111 @@ impl Log {
         self.phases().iter().filter(|p| *p == phase).count()
     }
 
+    /// When the supervisor entered `phase` (its first entry), in ms from the supervisor's start.
+    pub fn phase_ms(&self, phase: &str) -> Option<u64> {
+        self.events()
+            .iter()
+            .find(|e| e["phase"] == phase)
+            .and_then(|e| e["since_start_ms"].as_u64())
+    }
+
+    /// When `phase` began, counted from the drain's start (the trigger's arrival), as the drain
+    /// itself measures: the summary's `elapsed_ms` ends where the `stopped` phase is entered.
+    /// Exact to a few milliseconds, whatever the load on this machine.
+    pub fn drain_offset(&self, phase: &str) -> Option<Duration> {
+        let summary = self.drain_summary();
+        let elapsed = summary["elapsed_ms"].as_u64()?;
+        let stopped = self
+            .events()
+            .iter()
+            .rev()
+            .find(|e| e["phase"] == "stopped")
+            .and_then(|e| e["since_start_ms"].as_u64())?;
+        let at = self.phase_ms(phase)?;
+        // The clock of since_start_ms may have started after the drain's (a `drain` hook).
+        let offset = at as i64 + elapsed as i64 - stopped as i64;
+        Some(Duration::from_millis(offset.max(0) as u64))
+    }
+
+    /// Checks the drain of a test that had load in flight at SIGQUIT, from its events: a clean
+    /// outcome, nothing killed, at least one connection open when SIGQUIT went out, SIGQUIT
+    /// `delay` after the drain began (not sooner, at most 0.5 s later), and the whole drain no
+    /// shorter than the delay and no longer than the delay + `slowest` (the longest request in
+    /// flight) + 0.5 s. Returns the summary.
+    #[track_caller]
+    pub fn assert_drain_under_load(&self, delay: Duration, slowest: Duration) -> Value {
+        let summary = self.drain_summary();
+        assert_eq!(summary["outcome"], "clean", "{summary}");
+        assert_eq!(summary["killed"], 0, "{summary}");
+        assert!(
+            summary["connections_at_quit"].as_u64().is_some_and(|n| n >= 1),
+            "nothing was in flight at SIGQUIT: the drain proves nothing: {summary}"
+        );
+        let quit = self
+            .drain_offset("quitting")
+            .unwrap_or_else(|| panic!("no SIGQUIT in the drain: {:?}", self.phases()));
+        // Integer milliseconds on both sides of the subtraction.
+        let slack = Duration::from_millis(2);
+        assert!(
+            quit + slack >= delay && quit <= delay + Duration::from_millis(500),
+            "SIGQUIT {quit:?} after the drain began, for a propagation delay of {delay:?}"
+        );
+        let elapsed = Duration::from_millis(summary["elapsed_ms"].as_u64().unwrap());
+        let most = delay + slowest + Duration::from_millis(500);
+        assert!(
+            elapsed >= delay && elapsed <= most,
+            "the drain took {elapsed:?}: the delay ({delay:?}) at least, at most {most:?}: {summary}"
+        );
+        summary
+    }
+
+    /// When the line announcing `phase` arrived here, if it has; it was written no later.
+    pub fn phase_seen_at(&self, phase: &str) -> Option<Instant> {
+        let needle = format!("\"phase\":\"{phase}\"");
+        let lines = self.lines.lock().unwrap();
+        let i = lines.text.iter().position(|l| l.contains(&needle))?;
+        Some(lines.arrived[i])
+    }
+
     /// Blocks until a line satisfies `predicate`; returns it.
     pub fn wait_for(&self, what: &str, timeout: Duration, predicate: impl Fn(&str) -> bool) -> String {
+        self.wait_for_arrival(what, timeout, predicate).0
+    }
+
+    /// [`Log::wait_for`], with when the line arrived.
+    fn wait_for_arrival(
+        &self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&str) -> bool,
+    ) -> (String, Instant) {
         let deadline = Instant::now() + timeout;
         let mut lines = self.lines.lock().unwrap();
         let mut seen = 0;
         loop {
-            if let Some(line) = lines[seen..].iter().find(|l| predicate(l)) {
-                return line.clone();
+            if let Some(i) = (seen..lines.text.len()).find(|&i| predicate(&lines.text[i])) {
+                return (lines.text[i].clone(), lines.arrived[i]);
             }
-            seen = lines.len();
+            seen = lines.text.len();
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
                 "timed out after {timeout:?} waiting for {what}; log:\n{}",
-                lines.join("\n")
+                lines.text.join("\n")
             );
             lines = self.grew.wait_timeout(lines, left).unwrap().0;
         }
     }
 
     pub fn wait_phase(&self, phase: &str, timeout: Duration) -> Value {
+        self.wait_phase_arrival(phase, timeout).0
+    }
+
+    /// [`Log::wait_phase`], with when its line arrived.
+    pub fn wait_phase_arrival(&self, phase: &str, timeout: Duration) -> (Value, Instant) {
         let needle = format!("\"phase\":\"{phase}\"");
-        let line = self.wait_for(&format!("phase {phase}"), timeout, |l| l.contains(&needle));
-        serde_json::from_str(&line).unwrap()
+        let (line, at) = self.wait_for_arrival(&format!("phase {phase}"), timeout, |l| l.contains(&needle));
+        (serde_json::from_str(&line).unwrap(), at)
     }
 }
 

@@ -3,21 +3,32 @@
 //! report of what they saw.
 //!
 //! ```ignore
-//! let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().start();
+//! let traffic = Traffic::to(site.addr()).keepalive(8).one_shot().slow(&path).start();
+//! traffic.wait_served(100);
+//! traffic.wait_slow_in_flight();
 //! supervisor.signal(SIGTERM);
-//! traffic.remove_endpoint(); // the Service stops sending new connections here
+//! traffic.remove_endpoint_once_unready(&supervisor.log); // the Service stops sending new connections
 //! let report = traffic.finish();
 //! report.assert_no_failures();
 //! ```
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, LoopReport, Reply};
+use crate::Log;
+use crate::http::{self, LoopControl, LoopReport, Reply};
+
+/// How long after the supervisor turns the pod unready the Service stops sending it new
+/// connections, in tests that model the removal (see [`Traffic::remove_endpoint_once_unready`]).
+pub const ENDPOINT_REMOVAL: Duration = Duration::from_millis(500);
+
+/// The least margin between the endpoint removal and SIGQUIT those tests leave: a test thread
+/// late by less than this cannot make a client meet a closed listener.
+pub const REMOVAL_MARGIN: Duration = Duration::from_millis(1000);
 
 /// What to start: see [`Traffic::to`].
 #[must_use = "nothing runs until start()"]
@@ -26,7 +37,7 @@ pub struct TrafficPlan {
     keepalive: usize,
     pause: Duration,
     one_shot: bool,
-    slow: Option<String>,
+    slow: Option<(SocketAddr, String)>,
     limit: Duration,
 }
 
@@ -54,7 +65,13 @@ impl TrafficPlan {
     /// One GET of `path` (a slow one, like [`crate::Site::slow_path`]), in flight beside the
     /// loops; it fails unless it ends in a whole 200 response.
     pub fn slow(mut self, path: &str) -> Self {
-        self.slow = Some(path.to_owned());
+        self.slow = Some((self.addr, path.to_owned()));
+        self
+    }
+
+    /// [`TrafficPlan::slow`] from another address: a second server of the same nginx.
+    pub fn slow_from(mut self, addr: SocketAddr, path: &str) -> Self {
+        self.slow = Some((addr, path.to_owned()));
         self
     }
 
@@ -66,36 +83,38 @@ impl TrafficPlan {
 
     pub fn start(self) -> Traffic {
         let started = Instant::now();
-        let endpoint_removed = Arc::new(AtomicBool::new(false));
+        let control = LoopControl::default();
         let keepalive = (self.keepalive > 0).then(|| {
-            http::keepalive_loop(
-                self.addr,
-                self.keepalive,
-                self.pause,
-                endpoint_removed.clone(),
-                self.limit,
-            )
+            http::keepalive_loop(self.addr, self.keepalive, self.pause, control.clone(), self.limit)
         });
         let one_shot = self
             .one_shot
-            .then(|| http::close_loop(self.addr, endpoint_removed.clone(), self.limit));
-        let slow = self.slow.map(|path| {
-            let addr = self.addr;
+            .then(|| http::close_loop(self.addr, control.clone(), self.limit));
+        let (began_tx, slow_began) = mpsc::channel();
+        let slow = self.slow.map(|(addr, path)| {
             std::thread::spawn(move || {
-                let result = http::get(addr, &path);
+                let mut began = None;
+                let result = http::get_observed(addr, &path, || {
+                    let now = Instant::now();
+                    began = Some(now);
+                    let _ = began_tx.send(now);
+                });
                 Slow {
                     path,
                     result,
+                    began,
                     at: Instant::now(),
                 }
             })
         });
         Traffic {
             started,
-            endpoint_removed,
+            control,
+            removed_at: Mutex::new(None),
             keepalive,
             one_shot,
             slow,
+            slow_began,
         }
     }
 }
@@ -104,10 +123,12 @@ impl TrafficPlan {
 /// failed), it removes the endpoint, so the loops end by themselves.
 pub struct Traffic {
     started: Instant,
-    endpoint_removed: Arc<AtomicBool>,
+    control: LoopControl,
+    removed_at: Mutex<Option<Instant>>,
     keepalive: Option<JoinHandle<LoopReport>>,
     one_shot: Option<JoinHandle<LoopReport>>,
     slow: Option<JoinHandle<Slow>>,
+    slow_began: mpsc::Receiver<Instant>,
 }
 
 impl Traffic {
@@ -127,7 +148,40 @@ impl Traffic {
     /// this address. The connection-per-request client stops; a keep-alive client goes on on
     /// its established connection and leaves (counted as moved) once it needs a new one.
     pub fn remove_endpoint(&self) {
-        self.endpoint_removed.store(true, Ordering::Relaxed);
+        self.removed_at.lock().unwrap().get_or_insert_with(Instant::now);
+        self.control.remove_endpoint();
+    }
+
+    /// The endpoint removal of a pod being terminated, timed from the supervisor's events: once
+    /// `log` says the drain began (`unready`), [`ENDPOINT_REMOVAL`] later. The propagation delay
+    /// must outlast it by [`REMOVAL_MARGIN`]; [`crate::Log::assert_drain_under_load`] checks
+    /// afterwards that SIGQUIT came no sooner than the delay.
+    pub fn remove_endpoint_once_unready(&self, log: &Log, delay: Duration) {
+        assert!(
+            delay >= ENDPOINT_REMOVAL + REMOVAL_MARGIN,
+            "a {delay:?} propagation delay leaves too little margin after the endpoint removal"
+        );
+        let (_, unready) = log.wait_phase_arrival("unready", Duration::from_secs(10));
+        std::thread::sleep((unready + ENDPOINT_REMOVAL).saturating_duration_since(Instant::now()));
+        self.remove_endpoint();
+    }
+
+    /// Waits until the clients have had `n` successful responses, together.
+    pub fn wait_served(&self, n: usize) {
+        crate::wait_until(
+            &format!("{n} responses to the clients"),
+            Duration::from_secs(10),
+            || self.control.served.load(Ordering::Relaxed) >= n,
+        );
+    }
+
+    /// Waits until the slow download's response has begun: it is in flight on a worker. Returns
+    /// when it began.
+    pub fn wait_slow_in_flight(&self) -> Instant {
+        assert!(self.slow.is_some(), "no slow download was planned");
+        self.slow_began
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the slow download's response began within 5 s")
     }
 
     /// Removes the endpoint, if that was not done yet, and waits for every client to end.
@@ -140,6 +194,7 @@ impl Traffic {
         let slow = self.slow.take().map(|thread| thread.join().unwrap());
         TrafficReport {
             started: self.started,
+            endpoint_removed: *self.removed_at.lock().unwrap(),
             keepalive,
             one_shot,
             slow,
@@ -149,15 +204,16 @@ impl Traffic {
 
 impl Drop for Traffic {
     fn drop(&mut self) {
-        self.remove_endpoint();
+        self.control.remove_endpoint();
     }
 }
 
-/// The slow download's result, and when it ended.
+/// The slow download's result, when its response began (if it did) and when it ended.
 #[derive(Debug)]
 pub struct Slow {
     pub path: String,
     pub result: Result<Reply, String>,
+    pub began: Option<Instant>,
     pub at: Instant,
 }
 
@@ -165,12 +221,37 @@ impl Slow {
     pub fn ok(&self) -> bool {
         self.result.as_ref().is_ok_and(|r| r.status == 200)
     }
+
+    /// Asserts that the download was whole, of `len` bytes, and was in flight when `event`
+    /// arrived (its response had begun, its end was still to come).
+    #[track_caller]
+    pub fn assert_whole_across(&self, len: usize, event: &str, event_seen: Instant) {
+        let reply = self
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("GET {}: {e}", self.path));
+        assert_eq!(
+            (reply.status.as_u16(), reply.body_len),
+            (200, len),
+            "GET {}",
+            self.path
+        );
+        assert!(
+            self.began.is_some_and(|b| b < event_seen) && self.at > event_seen,
+            "GET {} was not in flight across {event}: began {:?}, ended {:?} after it",
+            self.path,
+            self.began.map(|b| event_seen.saturating_duration_since(b)),
+            self.at.saturating_duration_since(event_seen)
+        );
+    }
 }
 
 /// What the clients saw.
 #[derive(Debug)]
 pub struct TrafficReport {
     pub started: Instant,
+    /// When the endpoint was removed, if it was before [`Traffic::finish`].
+    pub endpoint_removed: Option<Instant>,
     /// The keep-alive clients, together; empty when there were none.
     pub keepalive: LoopReport,
     /// The connection-per-request client; empty when there was none.
@@ -258,8 +339,12 @@ impl TrafficReport {
             return;
         }
         let list: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        let removed = match self.endpoint_removed {
+            Some(at) => format!("{} ms", at.saturating_duration_since(self.started).as_millis()),
+            None => "at the end".into(),
+        };
         panic!(
-            "{} of {} requests failed (ms from the start of the traffic):\n{}\nkeep-alive: {}\nconnection per request: {}",
+            "{} of {} requests failed (ms from the start of the traffic):\n{}\nendpoint removed: {removed}\nkeep-alive: {}\nconnection per request: {}",
             failures.len(),
             self.requests(),
             list.join("\n"),
