@@ -3,7 +3,7 @@
 # on a copy of the committed tree, and runs the tests that must catch it: each defect must make
 # at least one test fail. Prints one line per defect; exits 1 if a defect went unnoticed.
 #
-#   scripts/sabotage.sh                 # every defect, about 10 minutes
+#   scripts/sabotage.sh                 # every defect, a few minutes
 #   scripts/sabotage.sh no-delay ...    # some of them
 #
 # Bounded: each test run has TEST_TIMEOUT seconds (default 300). Needs what scripts/test.sh needs.
