@@ -78,6 +78,39 @@ pub enum Error {
     },
 }
 
+/// An error that ends a command with a documented exit code.
+pub trait Failure: std::fmt::Display {
+    fn exit_code(&self) -> i32;
+}
+
+impl Failure for Error {
+    fn exit_code(&self) -> i32 {
+        Error::exit_code(self)
+    }
+}
+
+/// A binary's `main`: runs `command` on a one-thread runtime, then exits with its code, or with
+/// the error's after one line that says what went wrong. The runtime is not dropped: tasks still
+/// parked on sockets have nothing left to do.
+pub fn run_and_exit<E: Failure>(program: &str, command: impl Future<Output = Result<i32, E>>) -> ! {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{program}: cannot start the async runtime: {err}");
+            std::process::exit(exit::INTERNAL);
+        }
+    };
+    let code = match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!(exit_code = err.exit_code(), "{err}");
+            err.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {

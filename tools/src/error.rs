@@ -25,6 +25,12 @@ pub enum Error {
     },
 }
 
+impl nginx_graceful::error::Failure for Error {
+    fn exit_code(&self) -> i32 {
+        Error::exit_code(self)
+    }
+}
+
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
