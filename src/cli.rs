@@ -23,7 +23,7 @@ shutdown, which cuts requests in flight.
 Every option of run, drain and reload (but run --pid-file) can also be set through an
 environment variable, named after the option: --grace-period is NGINX_GRACEFUL_GRACE_PERIOD.
 Durations read like 500ms, 5s, 1m30s; a bare number is seconds, as in
-terminationGracePeriodSeconds.";
+terminationGracePeriodSeconds. None is longer than a day.";
 
 const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
@@ -263,7 +263,8 @@ pub struct RunArgs {
         long,
         value_name = "PATH",
         env = "NGINX_GRACEFUL_WATCH",
-        value_delimiter = ':'
+        value_delimiter = ':',
+        value_parser = existing_path
     )]
     pub watch: Vec<PathBuf>,
 
@@ -382,6 +383,18 @@ impl DrainArgs {
             pre_drain_exec: self.pre_drain_exec.clone(),
             pre_drain_timeout: self.pre_drain_timeout,
         }
+    }
+}
+
+/// A path that exists at start: a watch on one that does not would never fire, silently.
+fn existing_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match path.try_exists() {
+        Ok(true) => Ok(path),
+        Ok(false) => Err(format!(
+            "{s} does not exist, so a watch on it would never fire: give an existing file or directory (a ConfigMap's mount point)"
+        )),
+        Err(err) => Err(format!("cannot check {s}: {err}")),
     }
 }
 
