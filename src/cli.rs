@@ -50,7 +50,7 @@ EXIT CODES:
   0    nginx quit cleanly within the budget
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
   10   the drain plan does not fit in --grace-period
-  11   the nginx binary (or COMMAND) cannot be started
+  11   the nginx binary (or COMMAND) cannot be started, or nginx would daemonize
   12   the nginx config fails its test (nginx -T)
   13   the runtime directory cannot be used
   14   the health address cannot be bound

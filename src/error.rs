@@ -36,6 +36,11 @@ pub enum Error {
     )]
     Spawn { program: String, source: std::io::Error },
 
+    #[error(
+        "nginx would go to the background (its default `daemon on`) and the supervisor would lose it: add -g 'daemon off;' to the command, or `daemon off;` to the config; nothing was started"
+    )]
+    WouldDaemonize,
+
     #[error("the nginx config fails its test (nginx -T): {detail}: fix the config; nothing was started")]
     ConfigTest { detail: String },
 
@@ -115,7 +120,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::PlanDoesNotFit { .. } => exit::PLAN_DOES_NOT_FIT,
-            Error::NotFound { .. } | Error::Spawn { .. } => exit::CANNOT_START,
+            Error::NotFound { .. } | Error::Spawn { .. } | Error::WouldDaemonize => exit::CANNOT_START,
             Error::ConfigTest { .. } => exit::CONFIG_TEST_FAILED,
             Error::RuntimeDir { .. } | Error::RuntimeDirBusy { .. } => exit::RUNTIME_DIR,
             Error::HealthListen { .. } => exit::HEALTH_LISTEN,

@@ -76,6 +76,12 @@ fn an_invalid_config_on_disk_is_not_loaded_and_the_error_names_file_and_line() {
         "{refusal}"
     );
     assert!(!supervisor.log.contains("SIGHUP sent"), "no signal was sent");
+    // A reload starts nothing and stops nothing: the start-up error's advice is not its own.
+    assert!(!refusal.contains("nothing was started"), "{refusal}");
+    assert!(
+        refusal.contains("nginx keeps serving the previous config"),
+        "{refusal}"
+    );
     assert_eq!(body(&site), "ok\n".len(), "the old config serves");
 }
 

@@ -75,12 +75,18 @@ impl NginxCommand {
 
     /// Whether the command's own `-g` sets `directive` (a config dump does not show `-g`).
     pub fn directives_set(&self, directive: &str) -> bool {
-        self.argv.windows(2).any(|pair| {
-            pair[0] == "-g"
-                && pair[1]
-                    .to_string_lossy()
-                    .split(';')
-                    .any(|d| d.split_whitespace().next() == Some(directive))
+        self.directive_value(directive).is_some()
+    }
+
+    /// The value `-g` gives `directive`, as written; `None` when `-g` does not set it.
+    pub fn directive_value(&self, directive: &str) -> Option<String> {
+        self.argv.windows(2).find_map(|pair| {
+            let directives = pair[1].to_string_lossy();
+            (pair[0] == "-g").then_some(())?;
+            directives.split(';').find_map(|d| {
+                let mut words = d.split_whitespace();
+                (words.next() == Some(directive)).then(|| words.collect::<Vec<_>>().join(" "))
+            })
         })
     }
 

@@ -57,7 +57,13 @@ pub async fn reload(
     if nginx.is_nginx()
         && let Err(err) = nginx.test(reaper).await
     {
-        let outcome = ReloadOutcome::Invalid(err.to_string());
+        // nginx's own words: the start-up error's advice ("nothing was started") is not a
+        // reload's, where the old config goes on serving.
+        let reason = match err {
+            crate::error::Error::ConfigTest { detail } => detail,
+            other => other.to_string(),
+        };
+        let outcome = ReloadOutcome::Invalid(reason);
         log(&outcome);
         return outcome;
     }

@@ -12,6 +12,19 @@ use crate::os::reaper::Reaper;
 
 /// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and
 /// a config without the drain snippet is pointed out once.
+/// nginx goes to the background unless told not to (`daemon on` is its default): its first
+/// process exits at once and the supervisor would take that for nginx's end. Refused before
+/// anything starts.
+pub fn check_foreground(nginx: &NginxCommand, config_dump: &str) -> Result<(), Error> {
+    let daemon = nginx
+        .directive_value("daemon")
+        .or_else(|| config::directive_value(config_dump, "daemon"));
+    match daemon.as_deref() {
+        Some("off") => Ok(()),
+        _ => Err(Error::WouldDaemonize),
+    }
+}
+
 pub async fn check_config(nginx: &NginxCommand, reaper: &Reaper, flag: &DrainFlag) -> Result<String, Error> {
     let report = nginx.test(reaper).await?;
     for warning in &report.warnings {
@@ -76,5 +89,36 @@ pub fn start_watch(args: &RunArgs, config_dump: &str) -> Option<ConfigWatch> {
 pub async fn flush(nginx_log: Option<tokio::task::JoinHandle<()>>) {
     if let Some(log) = nginx_log {
         let _ = tokio::time::timeout(std::time::Duration::from_millis(200), log).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_stays_in_the_foreground_only_when_told_to() {
+        let cmd = |args: &[&str]| NginxCommand::custom(args.iter().map(Into::into).collect());
+        let plain = cmd(&["nginx", "-c", "/etc/nginx/nginx.conf"]);
+        let told = cmd(&["nginx", "-g", "daemon off; worker_processes 2;"]);
+        let told_on = cmd(&["nginx", "-g", "daemon on;"]);
+        // (command, config dump, stays in the foreground)
+        for (nginx, dump, foreground) in [
+            (&told, "", true),
+            (&plain, "daemon off;\nevents {}\n", true),
+            (&plain, "", false),
+            (&plain, "# daemon off;\n", false),
+            (&plain, "daemon on;\n", false),
+            (&told_on, "", false),
+            // -g wins over the file: nginx refuses a duplicate, but we do not guess.
+            (&told_on, "daemon off;\n", false),
+        ] {
+            assert_eq!(
+                check_foreground(nginx, dump).is_ok(),
+                foreground,
+                "{:?} with {dump:?}",
+                nginx.program()
+            );
+        }
     }
 }
