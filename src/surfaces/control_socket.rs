@@ -208,24 +208,7 @@ mod tests {
     use crate::nginx::generations::Generations;
     use crate::surfaces::control_client::{request_drain, request_reload};
     use crate::surfaces::metrics::Metrics;
-
-    /// A runtime directory of the test's own, removed at the end.
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("ng-control-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use test_support::TempDir as Dir;
 
     fn server(dir: &Dir, phases: &Phases) -> ControlServer {
         let live = Live::new(
