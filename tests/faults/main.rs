@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use test_support as common;
 
+// One module per surface under attack, beside the start-up refusals below.
+
 /// Runs `nginx-graceful run ARGS -- nginx -g 'daemon off;'` to be refused.
 fn run(args: &[&str]) -> (i32, String) {
     let mut argv: Vec<&str> = args.to_vec();
