@@ -208,3 +208,80 @@ fn probes_answer_while_hundreds_of_idle_and_slow_connections_are_held() {
         supervisor.log.lines()
     );
 }
+
+/// Requests to `addr`, a new connection every 20 ms, until the handle is dropped (60 s at most).
+struct SteadyTraffic {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SteadyTraffic {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (stop2, served2) = (stop.clone(), served.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop2.load(Ordering::Relaxed) && started.elapsed() < 60 * SECONDS {
+                if common::http::get(addr, "/").is_ok() {
+                    served2.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            served,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SteadyTraffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn an_access_log_beside_the_config_does_not_postpone_a_reload() {
+    // Every line nginx logged restarted the debounce: under steady traffic no reload came.
+    let site = Site::new();
+    let access_log = site.dir.0.join("access.log");
+    let config = std::fs::read_to_string(&site.config).unwrap().replace(
+        "access_log off;",
+        &format!("access_log {};", access_log.display()),
+    );
+    std::fs::write(&site.config, &config).unwrap();
+    let debounce = Duration::from_millis(300);
+    let mut supervisor = Supervisor::start_serving(&site, &["--reload-debounce", "300ms"]);
+    let traffic = SteadyTraffic::start(site.addr());
+    common::wait_until("nginx to log requests", 5 * SECONDS, || {
+        traffic.served.load(Ordering::Relaxed) >= 10
+            && std::fs::metadata(&access_log).is_ok_and(|m| m.len() > 0)
+    });
+
+    let changed = Instant::now();
+    std::fs::write(&site.config, config.replace("\"ok\\n\"", "\"changed\\n\"")).unwrap();
+    // The debounce, then the config test, SIGHUP and new workers: under a second here.
+    supervisor
+        .log
+        .wait_for("the reload", debounce + 3 * SECONDS, |l| {
+            l.contains("\"reload\":\"confirmed\"")
+        });
+    let took = changed.elapsed();
+    let logged_meanwhile = std::fs::metadata(&access_log).unwrap().len();
+    drop(traffic);
+    assert_eq!(
+        common::http::get(site.addr(), "/").unwrap().body_len,
+        "changed\n".len()
+    );
+    assert!(logged_meanwhile > 0, "nginx wrote its access log throughout");
+    eprintln!("reloaded {took:?} after the change, under traffic");
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
