@@ -285,3 +285,42 @@ fn an_access_log_beside_the_config_does_not_postpone_a_reload() {
     supervisor.signal(3);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }
+
+#[test]
+fn a_runtime_dir_the_workers_cannot_search_is_warned_about_at_start() {
+    // Under a 0700 parent nginx's workers (nobody, the master being root) never saw the drain
+    // flag, and nothing said so.
+    let site = Site::new();
+    let private = site.dir.0.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let runtime = private.join("runtime");
+    // The snippet checks the flag where this supervisor raises it.
+    let snippet = site.dir.0.join("graceful-drain.conf");
+    let text = std::fs::read_to_string(&snippet).unwrap().replace(
+        &site.runtime.display().to_string(),
+        &runtime.display().to_string(),
+    );
+    std::fs::write(&snippet, text).unwrap();
+    let mut args = site.run_args(&[]);
+    let at = args.iter().position(|a| a == "--runtime-dir").unwrap();
+    args[at + 1] = runtime.display().to_string();
+    let mut supervisor = Supervisor::start(&args);
+    supervisor.wait_serving(&site);
+
+    let warning = supervisor
+        .log
+        .wait_for("the warning", 5 * SECONDS, |l| l.contains("cannot search"));
+    assert!(warning.contains("\"level\":\"WARN\""), "{warning}");
+    assert!(
+        warning.contains(&format!("cannot search {} (mode 700", private.display())),
+        "names the directory and why: {warning}"
+    );
+    assert!(
+        warning.contains(&format!("chmod o+x {}", private.display())),
+        "names the fix: {warning}"
+    );
+    assert_eq!(supervisor.log.count("cannot search"), 1, "once");
+    supervisor.signal(3);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
