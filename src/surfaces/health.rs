@@ -41,6 +41,7 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
     Ok(listener)
 }
 
+/// Connections waiting to be accepted cost the kernel's memory, not our file descriptors.
 const LISTEN_BACKLOG: i32 = 4096;
 /// The most connections held at once: enough that a flood of idle ones always has an oldest to
 /// give up for the next probe, no more than a quarter of the supervisor's file descriptors (see
@@ -54,8 +55,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// probe takes milliseconds, a scrape of /metrics a few.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The connections the listener may hold for an open-file limit: the drain's pidfds, reloads'
-/// pipes and nginx's own needs come first, so the listener takes a quarter at most.
+/// The connections the listener may hold for an open-file limit: the drain's pidfds and
+/// sockets, reloads' pipes and the control socket come first, so the listener takes a quarter
+/// at most.
 pub fn connection_cap(open_files_limit: u64) -> usize {
     usize::try_from(open_files_limit / 4)
         .unwrap_or(usize::MAX)
