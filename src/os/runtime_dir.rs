@@ -2,7 +2,7 @@
 //! nginx's pid file and temp files), locked so that two supervisors never share one.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -88,6 +88,113 @@ pub fn render_config(template: &str, listen: &str, dir: &Path) -> String {
         .replace("@LISTEN@", listen)
 }
 
+/// Who nginx's workers run as: its `user` directive (`nobody` by default) when the master runs
+/// as root, with the groups `initgroups` gives them.
+#[derive(Debug)]
+struct WorkerUser {
+    name: String,
+    uid: u32,
+    groups: Vec<u32>,
+}
+
+impl WorkerUser {
+    fn of_config(config_dump: &str) -> Option<Self> {
+        let (name, group) = user_directive(config_dump).unwrap_or_else(|| ("nobody".to_owned(), None));
+        let user = nix::unistd::User::from_name(&name).ok()??;
+        // nginx takes the group named as the user when the directive names none.
+        let gid = nix::unistd::Group::from_name(group.as_deref().unwrap_or(&name))
+            .ok()
+            .flatten()
+            .map_or(user.gid, |group| group.gid);
+        let c_name = std::ffi::CString::new(name.clone()).ok()?;
+        let mut groups: Vec<u32> = nix::unistd::getgrouplist(&c_name, gid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        groups.push(gid.as_raw());
+        Some(Self {
+            name,
+            uid: user.uid.as_raw(),
+            groups,
+        })
+    }
+
+    /// What the mode bits say; root searches everything.
+    fn can_search(&self, mode: u32, owner: u32, group: u32) -> bool {
+        let bit = if self.uid == 0 {
+            return true;
+        } else if owner == self.uid {
+            0o100
+        } else if self.groups.contains(&group) {
+            0o010
+        } else {
+            0o001
+        };
+        mode & bit != 0
+    }
+}
+
+/// The user (and group) of the `user` directive in a config dump, outside comments.
+fn user_directive(config_dump: &str) -> Option<(String, Option<String>)> {
+    config_dump.lines().find_map(|line| {
+        let code = line.split('#').next().unwrap_or_default();
+        let mut words = code
+            .split(|c: char| c.is_whitespace() || c == ';')
+            .filter(|w| !w.is_empty());
+        (words.next() == Some("user")).then_some(())?;
+        Some((words.next()?.to_owned(), words.next().map(str::to_owned)))
+    })
+}
+
+/// nginx's workers stat() the drain flag as nginx's `user` when the master runs as root: a
+/// directory on the way they cannot search hides the flag, and no keep-alive client is told to
+/// close before nginx quits. Checked once at start and warned about with the fix: nginx still
+/// serves and drains without the flag, so this is no reason to refuse to start.
+pub fn warn_if_workers_cannot_see(flag: &Path, config_dump: &str) {
+    if !nix::unistd::geteuid().is_root() {
+        // Workers run as the supervisor's user, which made the directory.
+        return;
+    }
+    let Some(worker) = WorkerUser::of_config(config_dump) else {
+        return;
+    };
+    let Some((dir, meta)) = first_unsearchable(flag, &worker) else {
+        return;
+    };
+    tracing::warn!(
+        dir = %dir.display(),
+        user = %worker.name,
+        flag = %flag.display(),
+        "nginx workers (user {}) cannot search {} (mode {:o}, owner {}:{}): they will not see the drain flag, and keep-alive clients will not be told to close before nginx quits; let them through (chmod o+x {}) or choose a --runtime-dir they can reach",
+        worker.name,
+        dir.display(),
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        dir.display(),
+    );
+}
+
+/// The first directory, from the root down, that `worker` cannot search on the way to `flag`,
+/// along the path as written and along the one its symlinks lead to.
+fn first_unsearchable(flag: &Path, worker: &WorkerUser) -> Option<(PathBuf, std::fs::Metadata)> {
+    let runtime = flag.parent()?;
+    let real = std::fs::canonicalize(runtime).ok();
+    let mut ways: Vec<&Path> = runtime.ancestors().collect();
+    ways.reverse();
+    if let Some(real) = &real {
+        let mut real_ways: Vec<&Path> = real.ancestors().collect();
+        real_ways.reverse();
+        ways.extend(real_ways);
+    }
+    ways.into_iter().find_map(|dir| {
+        // `metadata` follows a symlink to the directory it stands for.
+        let meta = std::fs::metadata(dir).ok()?;
+        (!worker.can_search(meta.mode(), meta.uid(), meta.gid())).then(|| (dir.to_path_buf(), meta))
+    })
+}
+
 const OUTCOME_FILE: &str = "drain-outcome.json";
 
 /// Keeps a drain's outcome event, for hooks that come late or run twice.
@@ -111,6 +218,55 @@ pub fn recorded_outcome(dir: &Path, since: std::time::SystemTime) -> Option<Outc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_search_a_directory_by_owner_group_or_other_bits() {
+        let worker = WorkerUser {
+            name: "www-data".into(),
+            uid: 33,
+            groups: vec![33, 100],
+        };
+        // (mode, owner, group, searchable)
+        for (mode, owner, group, searchable) in [
+            (0o755, 0, 0, true),
+            (0o700, 0, 0, false),
+            (0o750, 0, 0, false),
+            (0o750, 0, 100, true),
+            (0o700, 33, 0, true),
+            (0o070, 33, 33, false),
+            (0o711, 0, 0, true),
+            (0o1777, 0, 0, true),
+        ] {
+            assert_eq!(
+                worker.can_search(mode, owner, group),
+                searchable,
+                "{mode:o} {owner}:{group}"
+            );
+        }
+        let root = WorkerUser {
+            name: "root".into(),
+            uid: 0,
+            groups: vec![0],
+        };
+        assert!(root.can_search(0o700, 1000, 1000));
+    }
+
+    #[test]
+    fn the_user_directive_names_the_workers() {
+        for (dump, user) in [
+            ("user www-data;\nevents {}\n", Some(("www-data", None))),
+            ("user  nginx nginx ;\n", Some(("nginx", Some("nginx")))),
+            ("# user www-data;\n", None),
+            ("events {}\n", None),
+        ] {
+            let found = user_directive(dump);
+            assert_eq!(
+                found.as_ref().map(|(u, g)| (u.as_str(), g.as_deref())),
+                user,
+                "{dump:?}"
+            );
+        }
+    }
 
     #[test]
     fn one_directory_one_supervisor() {

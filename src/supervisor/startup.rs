@@ -36,6 +36,7 @@ pub async fn check_config(nginx: &NginxCommand, reaper: &Reaper, flag: &DrainFla
             "the nginx config does not include the drain snippet: keep-alive clients will not be told to close before nginx quits; include nginx-conf/graceful-drain.conf in every server block"
         );
     }
+    crate::os::runtime_dir::warn_if_workers_cannot_see(flag.path(), &report.dump);
     Ok(report.dump)
 }
 
