@@ -1,0 +1,186 @@
+//! Faults around the supervisor itself: a stderr that fails or stalls, a COMMAND that wraps
+//! nginx in a shell, a signal during the start-time config test, a huge config, a master that
+//! crashes while serving. Each ends in a drain that really happened, or in a prompt exit with
+//! the right code and one summary line.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use test_support as common;
+
+const TERM: i32 = Signal::SIGTERM as i32;
+const HUP: i32 = Signal::SIGHUP as i32;
+
+/// The supervisor with stderr (and stdout, as `2>&1` does) into a pipe the test holds; killed,
+/// with everything below it, if the test fails first.
+struct Unlogged {
+    child: Child,
+    exited: bool,
+}
+
+impl Unlogged {
+    fn start(args: &[String], log: OwnedFd) -> Self {
+        let child = Command::new(common::bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        Self { child, exited: false }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        let signal = Signal::try_from(signal).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Its exit code; fails the test after `timeout`.
+    fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.exited = true;
+                return common::code(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the supervisor still runs after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Unlogged {
+    fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
+        for pid in common::descendants_of(self.pid()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The outcome the supervisor recorded in its runtime directory: what it logged last.
+fn recorded_outcome(site: &common::Site) -> Value {
+    let text = std::fs::read_to_string(site.runtime.join("drain-outcome.json"))
+        .unwrap_or_else(|e| panic!("no outcome recorded: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The site's serving workers, as the supervisor's reload confirmation reads them.
+fn workers(master: i32) -> Vec<i32> {
+    let mut workers = nginx_graceful::reload::serving_workers(master);
+    workers.sort();
+    workers
+}
+
+/// The nginx master below `supervisor`, once nginx serves `site`.
+fn wait_master(site: &common::Site, supervisor: i32) -> i32 {
+    let mut master = None;
+    common::wait_until(
+        "nginx to serve under the supervisor",
+        Duration::from_secs(10),
+        || {
+            master = common::children_of(supervisor)
+                .into_iter()
+                .find(|&pid| common::comm(pid).as_deref() == Some("nginx"));
+            master.is_some_and(|m| workers(m).len() == 2) && common::http::get(site.addr(), "/").is_ok()
+        },
+    );
+    master.unwrap()
+}
+
+/// SIGTERM with a 2 s download in flight and a 1 s propagation delay: the download ends whole,
+/// the supervisor exits 0, and its recorded outcome is a clean drain that SIGQUIT reached with
+/// the download open.
+fn assert_drains_under_load(site: &common::Site, supervisor: &mut Unlogged) {
+    let path = site.slow_path(2);
+    let traffic = common::Traffic::to(site.addr()).slow(&path).start();
+    traffic.wait_slow_in_flight();
+    supervisor.signal(TERM);
+    let code = supervisor.wait_exit(Duration::from_secs(10));
+    let report = traffic.finish();
+    report.assert_no_failures();
+    assert_eq!(code, 0, "exit code");
+    let outcome = recorded_outcome(site);
+    assert_eq!(outcome["outcome"], "clean", "{outcome}");
+    assert!(
+        outcome["connections_at_quit"].as_u64() >= Some(1),
+        "the download was in flight at SIGQUIT: {outcome}"
+    );
+    assert!(
+        outcome["elapsed_ms"].as_u64() >= Some(1000),
+        "the propagation delay ran: {outcome}"
+    );
+}
+
+#[test]
+fn a_log_reader_that_went_away_does_not_end_the_supervisor() {
+    // It used to abort (exit 134, 101 in a debug build) at the first line after the reader
+    // left: no drain, and nginx killed or orphaned.
+    let site = common::Site::new();
+    let (reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let args = site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]);
+    let mut supervisor = Unlogged::start(&args, writer);
+    // Read until nginx serves, then go, as `| head -c 300` does.
+    let mut lines = BufReader::new(std::fs::File::from(reader)).lines();
+    let serving = lines.find(|line| line.as_ref().is_ok_and(|l| l.contains("\"phase\":\"serving\"")));
+    assert!(serving.is_some(), "the supervisor did not start");
+    drop(lines);
+    let master = wait_master(&site, supervisor.pid());
+
+    // A reload logs lines, every one of which now meets a broken pipe.
+    let before = workers(master);
+    supervisor.signal(HUP);
+    common::wait_until("the reload's new workers", Duration::from_secs(10), || {
+        let now = workers(master);
+        now.len() == 2 && now.iter().all(|pid| !before.contains(pid))
+    });
+    assert_drains_under_load(&site, &mut supervisor);
+}
+
+#[test]
+fn a_log_reader_that_stopped_reading_does_not_stall_the_supervisor() {
+    // It used to block on its first line, before nginx even started, and a drain could never
+    // run: the log pipe was full and nobody read it.
+    let site = common::Site::new();
+    let (_reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    fill(&writer);
+    let args = site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]);
+    let mut supervisor = Unlogged::start(&args, writer);
+    let master = wait_master(&site, supervisor.pid());
+    let before = workers(master);
+    supervisor.signal(HUP);
+    common::wait_until("the reload's new workers", Duration::from_secs(10), || {
+        let now = workers(master);
+        now.len() == 2 && now.iter().all(|pid| !before.contains(pid))
+    });
+    assert_drains_under_load(&site, &mut supervisor);
+}
+
+/// Fills a pipe to the brim, then makes its writes block again, as a stalled reader leaves it.
+fn fill(pipe: &OwnedFd) {
+    let _ = fcntl(pipe, FcntlArg::F_SETPIPE_SZ(4096));
+    fcntl(pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let chunk = [b'#'; 1024];
+    for _ in 0..1024 {
+        if nix::unistd::write(pipe, &chunk).is_err() {
+            break;
+        }
+    }
+    fcntl(pipe, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
+}
