@@ -215,7 +215,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     reaper.reap_now();
                     let _ = flag.lower();
                     let outcome = Outcome::nginx_ended(Verdict::NginxExited, status, rest);
+                    // The same last line as every other end, with the cause and its exit code.
+                    outcome.log_summary(&format!("{} exited while serving", child.what()));
                     live.metrics.drain_finished(&outcome);
+                    record_outcome(runtime.path(), &outcome);
                     control.finish(&outcome).await;
                     flush(nginx_log).await;
                     return Ok(outcome.exit_code);

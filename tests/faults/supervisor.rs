@@ -184,3 +184,25 @@ fn fill(pipe: &OwnedFd) {
     }
     fcntl(pipe, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
 }
+
+#[test]
+fn a_master_that_crashes_while_serving_ends_with_the_summary_line() {
+    // It used to end with the error line only: no summary, the one line every other end has.
+    let site = common::Site::new();
+    let mut supervisor = common::Supervisor::start_serving(&site, &[]);
+    let master = supervisor.master();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), Signal::SIGKILL).unwrap();
+    let code = common::code(supervisor.wait_exit(Duration::from_secs(10)));
+    assert_eq!(code, 137, "128 + SIGKILL");
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["outcome"], "nginx_exited", "{summary}");
+    assert_eq!(summary["exit_code"], 137, "{summary}");
+    assert!(
+        summary["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited while serving")),
+        "{summary}"
+    );
+    assert_eq!(supervisor.log.count("\"exit_code\":137"), 1, "one summary line");
+    assert!(!site.serves(), "no nginx is left");
+}
