@@ -32,7 +32,9 @@ use crate::surfaces::health;
 use crate::surfaces::live::Live;
 use crate::surfaces::metrics::Metrics;
 use child::{Child, DrainTargets};
-use startup::{check_config, check_foreground, fit_worker_shutdown_timeout, flush, start_watch};
+use startup::{
+    check_config, check_foreground, fit_worker_shutdown_timeout, flush, start_watch, unless_stopped,
+};
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
 pub async fn run(args: RunArgs) -> Result<i32, Error> {
@@ -71,7 +73,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, controller_mode = !child.is_nginx(), "starting");
 
     let config_dump = if nginx.is_nginx() {
-        let dump = check_config(&nginx, &reaper, &flag).await?;
+        let test = check_config(&nginx, &reaper, &flag);
+        let dump = match unless_stopped(test, &mut signals, &mut control).await {
+            Ok(dump) => dump?,
+            Err(stopped) => return Ok(stopped.end(control, runtime.path()).await),
+        };
         check_foreground(&nginx, &dump)?;
         dump
     } else {

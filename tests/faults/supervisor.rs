@@ -206,3 +206,56 @@ fn a_master_that_crashes_while_serving_ends_with_the_summary_line() {
     assert_eq!(supervisor.log.count("\"exit_code\":137"), 1, "one summary line");
     assert!(!site.serves(), "no nginx is left");
 }
+
+/// An `nginx` that is the real one, except that its config test (`-T`) writes `testing` in
+/// `dir` and then hangs, as one does on a DNS server that does not answer.
+fn nginx_with_a_hanging_test(dir: &std::path::Path) -> String {
+    let path = dir.join("nginx");
+    let script = format!(
+        "#!/bin/sh\ncase \" $* \" in *\" -T \"*) : > '{}/testing'; exec sleep 60;; esac\nexec '{}' \"$@\"\n",
+        dir.display(),
+        common::nginx_path().display()
+    );
+    std::fs::write(&path, script).unwrap();
+    let mut permissions = std::fs::metadata(&path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&path, permissions).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn sigterm_during_the_start_time_config_test_ends_it_at_once() {
+    // It used to be ignored until the test ended (30 s here), and nginx then started.
+    let site = common::Site::new();
+    let nginx = nginx_with_a_hanging_test(&site.dir.0);
+    let mut args = site.run_args(&[]);
+    let at = args.iter().position(|a| a == "nginx").unwrap();
+    args[at] = nginx;
+    let mut supervisor = common::Supervisor::start(&args);
+    let testing = site.dir.0.join("testing");
+    common::wait_until("the config test to run", Duration::from_secs(10), || {
+        testing.exists()
+    });
+    let test = *supervisor
+        .descendants()
+        .iter()
+        .find(|&&pid| common::comm(pid).as_deref() == Some("sleep"))
+        .expect("the hanging nginx -T");
+
+    let sent = Instant::now();
+    supervisor.signal(TERM);
+    let code = common::code(supervisor.wait_exit(Duration::from_secs(5)));
+    let took = sent.elapsed();
+    assert_eq!(code, 0, "nothing was started, nothing was lost");
+    assert!(took < Duration::from_secs(2), "exit {took:?} after SIGTERM");
+    assert!(common::all_exited(&[test]), "nginx -T was killed");
+    let log = &supervisor.log;
+    assert!(log.contains("SIGTERM before nginx started"), "{:?}", log.lines());
+    assert_eq!(log.drain_summary()["outcome"], "clean");
+    assert!(
+        !log.phases().iter().any(|p| p == "serving"),
+        "nginx must not start: {:?}",
+        log.lines()
+    );
+    assert!(!site.serves());
+}
