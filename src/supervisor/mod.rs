@@ -85,6 +85,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let (nginx, shutdown_timeout) = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
     let mut watch = start_watch(&args, &config_dump);
+    // Read at start only; a reload tests the config afresh.
+    drop(config_dump);
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
     let master_pid = master.pidfd.pid();
