@@ -115,8 +115,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let child_pidfd = &master.pidfd;
     let start_reload = || {
         let started = Instant::now();
-        let reload = reload::reload(&nginx, &reaper, child_pidfd, &nginx_errors, &reload_settings);
-        async move { (reload.await, started.elapsed()) }
+        // A wrapper that stayed nginx's parent would die of the SIGHUP meant for nginx.
+        let beneath = child.master_beneath(master_pid);
+        let (nginx, reaper, errors, settings) = (&nginx, &reaper, &nginx_errors, &reload_settings);
+        async move {
+            let master = beneath.as_ref().map_or(child_pidfd, |b| &b.pidfd);
+            let outcome = reload::reload(nginx, reaper, master, errors, settings).await;
+            (outcome, started.elapsed())
+        }
     };
 
     // A reload and the drain run beside the loop, so a SIGTERM never waits for `nginx -T` or
@@ -165,7 +171,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                         true => plan.clone(),
                         false => plan.without_delay(),
                     };
-                    let targets = child.drain_targets();
+                    let targets = child.drain_targets(master_pid);
                     let comm = child.nginx_comm(master_pid, &targets);
                     let drains = &drains;
                     let started = Instant::now();
@@ -173,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                         let masters = match &targets {
                             DrainTargets::Child => vec![child_pidfd],
                             DrainTargets::Found(found) => vec![&found.pidfd],
+                            DrainTargets::Beneath(beneath) => vec![&beneath.pidfd],
                             DrainTargets::None => Vec::new(),
                         };
                         let outcome = drains.below_us(&plan, masters, comm.clone()).run(started).await;
@@ -181,6 +188,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                             plan,
                             comm,
                             started,
+                            child_is_not_nginx: targets.child_is_not_nginx(),
                         }
                     }));
                 }
@@ -248,7 +256,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     }
     let mut outcome = Outcome::of_drain(drained.outcome.clone());
     let kill_at = drained.started + drained.plan.kill_at;
-    let stopped = child.after_drain(&master.pidfd, &mut master.exit, child_status, kill_at);
+    let stopped = child.after_drain(
+        &master.pidfd,
+        &mut master.exit,
+        child_status,
+        kill_at,
+        drained.child_is_not_nginx,
+    );
     if let Some(end) = stopped.await {
         // Whatever nginx a controller started since (a restart) goes the same way, within the
         // budget.
@@ -271,8 +285,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
     // A master that died during the drain (OOM-killed, say) did not quit cleanly.
+    let child_was_nginx = child.is_nginx() && !drained.child_is_not_nginx;
     if let Some(status) =
-        child_status.filter(|s| child.is_nginx() && !s.success() && !drained.outcome.escalated)
+        child_status.filter(|s| child_was_nginx && !s.success() && !drained.outcome.escalated)
     {
         tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
         outcome = Outcome::nginx_ended(Verdict::NginxFailed, status, drained.outcome);
@@ -323,6 +338,8 @@ struct Drained {
     comm: String,
     /// When the trigger arrived: the budget counts from here.
     started: Instant,
+    /// The master drained was beneath a wrapper: the child's status is not nginx's.
+    child_is_not_nginx: bool,
 }
 
 fn announce(cause: Cause) {

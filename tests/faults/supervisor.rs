@@ -313,3 +313,52 @@ fn a_huge_config_costs_the_supervisor_no_memory_to_speak_of() {
         "after a reload (VmRSS, VmHWM) = {after_reload:?} kB, with a {CONFIG_MB} MB config"
     );
 }
+
+#[test]
+fn a_shell_that_stays_the_parent_of_nginx_does_not_fake_the_drain() {
+    // The shell used to get the SIGQUIT and die of it: "drain finished" in milliseconds (exit
+    // 131) while nginx served on, or was killed with the download in flight.
+    let site = common::Site::new();
+    let nginx = format!(
+        "{} -e stderr -c {} -g 'daemon off;'; echo done",
+        common::nginx_path().display(),
+        site.config.display()
+    );
+    let mut args = site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    args.truncate(at);
+    args.extend(["--", "sh", "-c", &nginx].map(String::from));
+    // PID 1 of its own namespace: an nginx the supervisor lost ends with the test.
+    let mut supervisor = common::Supervisor::start_as_pid1(&args);
+    supervisor.wait_serving(&site);
+    let shell = common::children_of(supervisor.pid)[0];
+    assert_eq!(
+        common::comm(shell).as_deref(),
+        Some("sh"),
+        "the shell stays the parent"
+    );
+
+    // A reload's SIGHUP goes to nginx: the shell would die of it.
+    let master = common::children_of(shell)[0];
+    let before = workers(master);
+    supervisor.signal(HUP);
+    common::wait_until("the reload's new workers", Duration::from_secs(10), || {
+        let now = workers(master);
+        now.len() == 2 && now.iter().all(|pid| !before.contains(pid))
+    });
+
+    let path = site.slow_path(2);
+    let traffic = common::Traffic::to(site.addr()).slow(&path).start();
+    traffic.wait_slow_in_flight();
+    supervisor.signal(TERM);
+    let code = common::code(supervisor.wait_exit(Duration::from_secs(10)));
+    traffic.finish().assert_no_failures();
+    let log = &supervisor.log;
+    assert_eq!(code, 0, "{}", log.lines().join("\n"));
+    log.assert_drain_under_load(Duration::from_secs(1), Duration::from_secs(2));
+    assert!(
+        log.contains("draining the nginx master beneath it"),
+        "{:?}",
+        log.lines()
+    );
+}
