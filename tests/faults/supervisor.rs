@@ -158,7 +158,7 @@ fn a_log_reader_that_stopped_reading_does_not_stall_the_supervisor() {
     // It used to block on its first line, before nginx even started, and a drain could never
     // run: the log pipe was full and nobody read it.
     let site = common::Site::new();
-    let (_reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let (reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
     fill(&writer);
     let args = site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]);
     let mut supervisor = Unlogged::start(&args, writer);
@@ -169,7 +169,36 @@ fn a_log_reader_that_stopped_reading_does_not_stall_the_supervisor() {
         let now = workers(master);
         now.len() == 2 && now.iter().all(|pid| !before.contains(pid))
     });
+
+    // The reader comes back: what waited in the queue arrives, in order, none of it lost.
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(std::fs::File::from(reader)).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    while !log.contains("reload confirmed") {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reload's confirmation");
+        log.push_str(&line);
+        log.push('\n');
+    }
     assert_drains_under_load(&site, &mut supervisor);
+    // Every writer has closed the pipe now: the lines end.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+    };
+    assert!(at("\"phase\":\"serving\"") < at("reload confirmed"));
+    assert!(at("reload confirmed") < at("drain finished: clean"));
+    assert!(!log.contains("log lines were dropped"), "{log}");
 }
 
 /// Fills a pipe to the brim, then makes its writes block again, as a stalled reader leaves it.
