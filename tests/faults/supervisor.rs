@@ -391,3 +391,68 @@ fn a_shell_that_stays_the_parent_of_nginx_does_not_fake_the_drain() {
         log.lines()
     );
 }
+
+/// Sends `count` GETs of `path` on one keep-alive connection, all at once, and reads every
+/// response.
+fn pipelined_gets(addr: std::net::SocketAddr, path: &str, count: usize) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    let writer = {
+        let mut conn = conn.try_clone().unwrap();
+        let requests = request.repeat(count);
+        std::thread::spawn(move || conn.write_all(requests.as_bytes()))
+    };
+    const STATUS: &[u8] = b"HTTP/1.1 404";
+    let (mut seen, mut buf, mut tail) = (0, vec![0; 64 * 1024], Vec::new());
+    while seen < count {
+        let n = conn.read(&mut buf).expect("the responses");
+        assert!(n > 0, "nginx closed the connection after {seen} responses");
+        tail.extend_from_slice(&buf[..n]);
+        seen += tail.windows(STATUS.len()).filter(|w| *w == STATUS).count();
+        // Only a status line cut in two goes on in the next read.
+        tail.drain(..tail.len().saturating_sub(STATUS.len() - 1));
+    }
+    writer.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_log_queue_that_overflows_drops_lines_and_says_how_many() {
+    // nginx logs each request (about 1 KB) to stderr, through the supervisor, while nobody
+    // reads: 2 MB of lines for a queue of 1 MiB.
+    let site = common::Site::build(true, "access_log /dev/stderr;");
+    let (reader, writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    fill(&writer);
+    let args = site.run_args(&["--grace-period", "10s", "--propagation-delay", "1s"]);
+    let mut supervisor = Unlogged::start(&args, writer);
+    wait_master(&site, supervisor.pid());
+    let path = format!("/{}", "x".repeat(1000));
+    for _ in 0..3 {
+        pipelined_gets(site.addr(), &path, 700);
+    }
+
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(std::fs::File::from(reader)).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    assert_drains_under_load(&site, &mut supervisor);
+    let mut log = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        log.push(line);
+    }
+    let note = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["dropped_lines"].is_u64())
+        .unwrap_or_else(|| panic!("no line says how many were dropped, of {} lines", log.len()));
+    assert!(note["dropped_lines"].as_u64() > Some(100), "{note}");
+    assert!(
+        log.last().unwrap().contains("drain finished: clean"),
+        "{:?}",
+        log.last()
+    );
+}
