@@ -99,7 +99,10 @@ impl Child {
 
     pub fn started(&self, pid: i32) -> String {
         match self {
-            Child::Nginx { .. } => format!("nginx started (master pid {pid})"),
+            Child::Nginx { wrapper: false, .. } => format!("nginx started (master pid {pid})"),
+            Child::Nginx { wrapper: true, .. } => format!(
+                "nginx started through the command (pid {pid}): the master is the command once it execs nginx, or found beneath it"
+            ),
             Child::Controller(master) => format!(
                 "controller started (pid {pid}); its nginx is found through {}",
                 master.path().display()
