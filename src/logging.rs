@@ -7,6 +7,8 @@
 //! own writes the queue to stderr. A line that finds the queue full, or whose write fails, is
 //! dropped and counted; the next line that gets through is preceded by one that says how many
 //! were lost. Before the supervisor exits, [`flush`] waits, briefly, for the queue to empty.
+//! SIGPIPE is ignored (Rust's runtime does that before `main`), so a reader gone is an EPIPE
+//! here, not the end of the supervisor.
 
 use std::collections::VecDeque;
 use std::io::Write;
