@@ -456,3 +456,38 @@ fn a_log_queue_that_overflows_drops_lines_and_says_how_many() {
         log.last()
     );
 }
+
+#[test]
+fn a_prestop_drain_during_the_start_time_config_test_ends_it_at_once() {
+    // The hook used to wait for the whole test (30 s here), and nginx then started.
+    let site = common::Site::new();
+    let nginx = nginx_with_a_hanging_test(&site.dir.0);
+    let mut args = site.run_args(&[]);
+    let at = args.iter().position(|a| a == "nginx").unwrap();
+    args[at] = nginx;
+    let mut supervisor = common::Supervisor::start(&args);
+    let testing = site.dir.0.join("testing");
+    common::wait_until("the config test to run", Duration::from_secs(10), || {
+        testing.exists()
+    });
+
+    let mut hook = common::Supervisor::start(&common::drain_args(&site, &[]));
+    assert_eq!(
+        common::code(hook.wait_exit(Duration::from_secs(5))),
+        0,
+        "{:?}",
+        hook.log.lines()
+    );
+    assert_eq!(common::code(supervisor.wait_exit(Duration::from_secs(5))), 0);
+    let log = &supervisor.log;
+    assert!(
+        log.contains("a drain request (preStop hook) before nginx started"),
+        "{:?}",
+        log.lines()
+    );
+    assert!(
+        !log.phases().iter().any(|p| p == "serving"),
+        "nginx must not start: {:?}",
+        log.lines()
+    );
+}
