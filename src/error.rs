@@ -113,6 +113,7 @@ pub fn run_and_exit<E: Failure>(program: &str, command: impl Future<Output = Res
             err.exit_code()
         }
     };
+    crate::logging::flush();
     std::process::exit(code);
 }
 

@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::oneshot;
 
 use super::log::NginxErrors;
@@ -22,10 +22,25 @@ pub struct NginxCommand {
     argv: Vec<OsString>,
 }
 
+/// The directives whose lines the supervisor keeps from `nginx -T`'s dump (see [`ConfigReport`]).
+const DIRECTIVES_KEPT: [&str; 5] = ["daemon", "worker_shutdown_timeout", "pid", "listen", "error_log"];
+
+/// The most of the dump that is kept; a config of any size then costs little memory.
+const DUMP_KEPT_AT_MOST: usize = 1024 * 1024;
+
+/// The most of `nginx -T`'s messages that is kept; the rest is read and dropped.
+const MESSAGES_KEPT_AT_MOST: u64 = 64 * 1024;
+
+/// A longer line of the dump is a map or a comment, never a line the supervisor reads.
+const DUMP_LINE_AT_MOST: u64 = 64 * 1024;
+
 /// What `nginx -T` said of a config that passed.
 #[derive(Debug)]
 pub struct ConfigReport {
-    /// Every file of the config, as nginx loaded it.
+    /// The lines of the dump the supervisor reads, in order: each file's
+    /// `# configuration file PATH:` header, the lines that set a directive of
+    /// [`DIRECTIVES_KEPT`], and the lines with a `-f` test (the drain snippet's). The dump is
+    /// read as it comes, never whole: a 50 MB config costs no more than a small one.
     pub dump: String,
     /// nginx's own warnings, e.g. `[warn] ... "user" directive makes sense only if ...`.
     pub warnings: Vec<String>,
@@ -115,21 +130,24 @@ impl NginxCommand {
             .map_err(Error::internal("reading nginx -T"))?;
         let mut stderr = tokio::process::ChildStderr::from_std(child.stderr.expect("piped"))
             .map_err(Error::internal("reading nginx -T"))?;
-        let (mut dump, mut messages) = (Vec::new(), Vec::new());
         // Killed if this test is abandoned (a drain cancels a reload) or times out: a stray
         // `nginx -T` would be waited for as an nginx process. By pidfd: it is safe from reuse.
         let _kill_on_drop = PidFd::open(child.pid.as_raw()).ok().map(KillOnDrop);
         let run = async {
             // Both pipes at once: a large dump would otherwise fill one while we read the other.
-            let (out, err) = tokio::join!(stdout.read_to_end(&mut dump), stderr.read_to_end(&mut messages));
-            out.and(err).map_err(Error::internal("reading nginx -T"))?;
-            child.exit.await.map_err(|_| Error::Internal {
+            let (dump, messages) = tokio::join!(read_dump(&mut stdout), read_capped(&mut stderr));
+            let (dump, messages) = (
+                dump.map_err(Error::internal("reading nginx -T"))?,
+                messages.map_err(Error::internal("reading nginx -T"))?,
+            );
+            let exit = child.exit.await.map_err(|_| Error::Internal {
                 context: "nginx -T",
                 source: std::io::Error::other("its exit status was lost"),
-            })
+            })?;
+            Ok::<_, Error>((exit, dump, messages))
         };
-        let exit = match tokio::time::timeout(CONFIG_TEST_TIMEOUT, run).await {
-            Ok(exit) => exit?,
+        let (exit, dump, messages) = match tokio::time::timeout(CONFIG_TEST_TIMEOUT, run).await {
+            Ok(done) => done?,
             Err(_) => {
                 return Err(Error::ConfigTest {
                     detail: format!(
@@ -159,10 +177,7 @@ impl NginxCommand {
             .filter(|l| l.contains("[warn]"))
             .map(|l| l.to_string())
             .collect();
-        Ok(ConfigReport {
-            dump: String::from_utf8_lossy(&dump).into_owned(),
-            warnings,
-        })
+        Ok(ConfigReport { dump, warnings })
     }
 
     /// Starts the master in its own process group (a Ctrl-C at the terminal reaches the
@@ -221,6 +236,54 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Reads the dump of `nginx -T` to its end, keeping the lines [`ConfigReport::dump`] names.
+async fn read_dump(pipe: impl AsyncRead + Unpin) -> std::io::Result<String> {
+    let mut reader = BufReader::new(pipe);
+    let (mut kept, mut line, mut whole) = (String::new(), Vec::new(), true);
+    loop {
+        line.clear();
+        if (&mut reader)
+            .take(DUMP_LINE_AT_MOST)
+            .read_until(b'\n', &mut line)
+            .await?
+            == 0
+        {
+            return Ok(kept);
+        }
+        // A line too long for one piece comes in several: none of them is kept.
+        let starts_a_line = whole;
+        whole = line.ends_with(b"\n");
+        if !(starts_a_line && whole) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line);
+        if kept.len() + text.len() <= DUMP_KEPT_AT_MOST && is_read_by_the_supervisor(&text) {
+            kept.push_str(&text);
+        }
+    }
+}
+
+/// Whether a line of the dump is one the supervisor reads (see [`ConfigReport::dump`]).
+fn is_read_by_the_supervisor(line: &str) -> bool {
+    let line = line.trim_start();
+    if line.starts_with("# configuration file ") {
+        return true;
+    }
+    if line.starts_with('#') {
+        return false;
+    }
+    let first = line.split(|c: char| c.is_whitespace() || c == ';').next();
+    first.is_some_and(|word| DIRECTIVES_KEPT.contains(&word)) || line.contains("-f")
+}
+
+/// Reads `pipe` to its end, keeping the first [`MESSAGES_KEPT_AT_MOST`] bytes.
+async fn read_capped(pipe: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    pipe.take(MESSAGES_KEPT_AT_MOST).read_to_end(&mut kept).await?;
+    tokio::io::copy(pipe, &mut tokio::io::sink()).await?;
+    Ok(kept)
+}
+
 /// nginx's stderr lines without the `nginx: ` prefix.
 fn nginx_messages(stderr: &str) -> Vec<&str> {
     stderr
@@ -276,6 +339,30 @@ mod tests {
                 .directives_set("worker_shutdown_timeout")
         );
         assert!(!cmd(&["nginx", "-g", "daemon off;"]).directives_set("worker_shutdown_timeout"));
+    }
+
+    #[tokio::test]
+    async fn only_the_lines_the_supervisor_reads_are_kept_of_a_dump() {
+        let long = format!("map $a $b {{ {} }}\n", "x".repeat(DUMP_LINE_AT_MOST as usize * 2));
+        let dump = format!(
+            "# configuration file /etc/nginx/nginx.conf:\n# daemon on;\ndaemon off;\n{long}\
+             events {{}}\n    worker_shutdown_timeout 10s;\n  if (-f /run/nginx-graceful/draining) {{\n\
+             # configuration file /etc/nginx/conf.d/a.conf:\nserver {{ listen 8080; }}\n"
+        );
+        let kept = read_dump(dump.as_bytes()).await.unwrap();
+        assert_eq!(
+            kept,
+            "# configuration file /etc/nginx/nginx.conf:\ndaemon off;\n    worker_shutdown_timeout 10s;\n\
+             \x20 if (-f /run/nginx-graceful/draining) {\n# configuration file /etc/nginx/conf.d/a.conf:\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dump_of_any_size_keeps_at_most_its_bound() {
+        let line = "listen 8080;\n";
+        let dump = line.repeat(2 * DUMP_KEPT_AT_MOST / line.len());
+        let kept = read_dump(dump.as_bytes()).await.unwrap();
+        assert!(kept.len() <= DUMP_KEPT_AT_MOST && kept.len() > DUMP_KEPT_AT_MOST - line.len());
     }
 
     #[test]

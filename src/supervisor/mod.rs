@@ -32,7 +32,9 @@ use crate::surfaces::health;
 use crate::surfaces::live::Live;
 use crate::surfaces::metrics::Metrics;
 use child::{Child, DrainTargets};
-use startup::{check_config, check_foreground, fit_worker_shutdown_timeout, flush, start_watch};
+use startup::{
+    check_config, check_foreground, fit_worker_shutdown_timeout, flush, start_watch, unless_stopped,
+};
 
 /// Runs nginx until it is drained or ends on its own; returns the supervisor's exit code.
 pub async fn run(args: RunArgs) -> Result<i32, Error> {
@@ -71,7 +73,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, controller_mode = !child.is_nginx(), "starting");
 
     let config_dump = if nginx.is_nginx() {
-        let dump = check_config(&nginx, &reaper, &flag).await?;
+        let test = check_config(&nginx, &reaper, &flag);
+        let dump = match unless_stopped(test, &mut signals, &mut control).await {
+            Ok(dump) => dump?,
+            Err(stopped) => return Ok(stopped.end(control, runtime.path()).await),
+        };
         check_foreground(&nginx, &dump)?;
         dump
     } else {
@@ -79,6 +85,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     };
     let (nginx, shutdown_timeout) = fit_worker_shutdown_timeout(nginx, &plan, &config_dump);
     let mut watch = start_watch(&args, &config_dump);
+    // Read at start only; a reload tests the config afresh.
+    drop(config_dump);
     let mut master = nginx.spawn(&reaper, &nginx_errors)?;
     let nginx_log = master.log.take();
     let master_pid = master.pidfd.pid();
@@ -107,8 +115,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let child_pidfd = &master.pidfd;
     let start_reload = || {
         let started = Instant::now();
-        let reload = reload::reload(&nginx, &reaper, child_pidfd, &nginx_errors, &reload_settings);
-        async move { (reload.await, started.elapsed()) }
+        // A wrapper that stayed nginx's parent would die of the SIGHUP meant for nginx.
+        let beneath = child.master_beneath(master_pid);
+        let (nginx, reaper, errors, settings) = (&nginx, &reaper, &nginx_errors, &reload_settings);
+        async move {
+            let master = beneath.as_ref().map_or(child_pidfd, |b| &b.pidfd);
+            let outcome = reload::reload(nginx, reaper, master, errors, settings).await;
+            (outcome, started.elapsed())
+        }
     };
 
     // A reload and the drain run beside the loop, so a SIGTERM never waits for `nginx -T` or
@@ -157,7 +171,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                         true => plan.clone(),
                         false => plan.without_delay(),
                     };
-                    let targets = child.drain_targets();
+                    let targets = child.drain_targets(master_pid);
                     let comm = child.nginx_comm(master_pid, &targets);
                     let drains = &drains;
                     let started = Instant::now();
@@ -165,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                         let masters = match &targets {
                             DrainTargets::Child => vec![child_pidfd],
                             DrainTargets::Found(found) => vec![&found.pidfd],
+                            DrainTargets::Beneath(beneath) => vec![&beneath.pidfd],
                             DrainTargets::None => Vec::new(),
                         };
                         let outcome = drains.below_us(&plan, masters, comm.clone()).run(started).await;
@@ -173,6 +188,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                             plan,
                             comm,
                             started,
+                            child_is_not_nginx: targets.child_is_not_nginx(),
                         }
                     }));
                 }
@@ -215,7 +231,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     reaper.reap_now();
                     let _ = flag.lower();
                     let outcome = Outcome::nginx_ended(Verdict::NginxExited, status, rest);
+                    // The same last line as every other end, with the cause and its exit code.
+                    outcome.log_summary(&format!("{} exited while serving", child.what()));
                     live.metrics.drain_finished(&outcome);
+                    record_outcome(runtime.path(), &outcome);
                     control.finish(&outcome).await;
                     flush(nginx_log).await;
                     return Ok(outcome.exit_code);
@@ -237,7 +256,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     }
     let mut outcome = Outcome::of_drain(drained.outcome.clone());
     let kill_at = drained.started + drained.plan.kill_at;
-    let stopped = child.after_drain(&master.pidfd, &mut master.exit, child_status, kill_at);
+    let stopped = child.after_drain(
+        &master.pidfd,
+        &mut master.exit,
+        child_status,
+        kill_at,
+        drained.child_is_not_nginx,
+    );
     if let Some(end) = stopped.await {
         // Whatever nginx a controller started since (a restart) goes the same way, within the
         // budget.
@@ -260,8 +285,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
     // A master that died during the drain (OOM-killed, say) did not quit cleanly.
+    let child_was_nginx = child.is_nginx() && !drained.child_is_not_nginx;
     if let Some(status) =
-        child_status.filter(|s| child.is_nginx() && !s.success() && !drained.outcome.escalated)
+        child_status.filter(|s| child_was_nginx && !s.success() && !drained.outcome.escalated)
     {
         tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
         outcome = Outcome::nginx_ended(Verdict::NginxFailed, status, drained.outcome);
@@ -312,6 +338,8 @@ struct Drained {
     comm: String,
     /// When the trigger arrived: the budget counts from here.
     started: Instant,
+    /// The master drained was beneath a wrapper: the child's status is not nginx's.
+    child_is_not_nginx: bool,
 }
 
 fn announce(cause: Cause) {

@@ -1,14 +1,75 @@
 //! Before the loop: the config test that gates the first start, the worker_shutdown_timeout
 //! fitted into the drain's budget, the config watch; and nginx's last log lines at the end.
 
+use std::path::Path;
+
 use crate::cli::RunArgs;
+use crate::core::outcome::{DrainOutcome, Outcome};
 use crate::core::plan::DrainPlan;
+use crate::core::policy::Trigger;
 use crate::error::Error;
 use crate::nginx::command::NginxCommand;
 use crate::nginx::config;
 use crate::os::config_watch::{ConfigWatch, dirs_to_watch};
 use crate::os::drain_flag::DrainFlag;
 use crate::os::reaper::Reaper;
+use crate::os::runtime_dir::record_outcome;
+use crate::os::signals::Signals;
+use crate::reload::ReloadReply;
+use crate::surfaces::control_socket::{ControlRequest, ControlServer};
+
+/// What ended start-up before nginx existed: a drain signal, or a preStop hook's request.
+pub struct StoppedBeforeStart(&'static str);
+
+/// Runs a start-up step (the config test, which may wait on DNS for up to its timeout) while
+/// a SIGTERM, SIGINT or SIGQUIT, or a preStop hook's drain request, can still end start-up: the
+/// step is dropped at once, and dropping it kills `nginx -T`.
+pub async fn unless_stopped<T>(
+    step: impl Future<Output = T>,
+    signals: &mut Signals,
+    control: &mut ControlServer,
+) -> Result<T, StoppedBeforeStart> {
+    let mut step = std::pin::pin!(step);
+    loop {
+        tokio::select! {
+            done = &mut step => return Ok(done),
+            trigger = signals.next() => match trigger {
+                Trigger::Drain { signal } => return Err(StoppedBeforeStart(signal.as_str())),
+                Trigger::DrainNow => return Err(StoppedBeforeStart("SIGQUIT")),
+                Trigger::Reload => {
+                    tracing::info!("SIGHUP before nginx started: it will start with the config on disk")
+                }
+                Trigger::Forward(signal) => {
+                    tracing::info!(%signal, "signal not forwarded: nginx has not started yet")
+                }
+            },
+            Some(request) = control.requests.recv() => match request {
+                ControlRequest::Drain => return Err(StoppedBeforeStart("a drain request (preStop hook)")),
+                ControlRequest::Reload(reply) => {
+                    let why = "nginx has not started yet: its config is being tested";
+                    let _ = reply.send(ReloadReply::NotRunning(why.into()));
+                }
+            },
+        }
+    }
+}
+
+impl StoppedBeforeStart {
+    /// Nothing was started, so nothing was lost: a clean end (exit 0) with the summary line, told
+    /// to a waiting hook too.
+    pub async fn end(self, control: ControlServer, runtime: &Path) -> i32 {
+        tracing::info!(
+            trigger = self.0,
+            "{} before nginx started: the config test is stopped and nothing was started",
+            self.0
+        );
+        let outcome = Outcome::of_drain(DrainOutcome::default());
+        let code = outcome.log_summary("stopped before nginx started");
+        record_outcome(runtime, &outcome);
+        control.finish(&outcome).await;
+        code
+    }
+}
 
 /// `nginx -T` before the first start: a broken config stops start-up with nginx's own words, and
 /// a config without the drain snippet is pointed out once.
