@@ -10,6 +10,8 @@ pub struct ProcStat {
     pub comm: String,
     pub state: char,
     pub ppid: i32,
+    /// Its process group: what a hook left running is found by it.
+    pub pgrp: i32,
     /// Clock ticks after boot; with the pid, it names one process for good (pids get reused).
     pub start_time: u64,
 }
@@ -29,6 +31,7 @@ impl ProcStat {
             comm,
             state: rest.first()?.chars().next()?,
             ppid: rest.get(1)?.parse().ok()?,
+            pgrp: rest.get(2)?.parse().ok()?,
             start_time: rest.get(19)?.parse().ok()?,
         })
     }
@@ -131,6 +134,17 @@ impl ProcessTable {
         found
     }
 
+    /// The live processes of a process group (zombies left out), by pid.
+    pub fn members_of_group(&self, pgrp: i32) -> impl Iterator<Item = &ProcStat> {
+        let mut members: Vec<&ProcStat> = self
+            .by_pid
+            .values()
+            .filter(|s| s.pgrp == pgrp && s.state != 'Z')
+            .collect();
+        members.sort_by_key(|s| s.pid);
+        members.into_iter()
+    }
+
     pub fn children(&self, parent: i32) -> impl Iterator<Item = &ProcStat> {
         self.by_pid.values().filter(move |s| s.ppid == parent)
     }
@@ -160,9 +174,10 @@ mod tests {
                 stat.comm.as_str(),
                 stat.state,
                 stat.ppid,
+                stat.pgrp,
                 stat.start_time
             ),
-            (4242, "nginx", 'S', 4241, 987654)
+            (4242, "nginx", 'S', 4241, 4241, 987654)
         );
 
         let odd = "7 (a) b (c)) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
@@ -184,6 +199,7 @@ mod tests {
             comm: "nginx".into(),
             state: 'S',
             ppid,
+            pgrp: 1,
             start_time: 1,
         };
         // 1 -> 10 (supervisor) -> 20 (master) -> 30, 31 (workers); 40 was reparented to 10.
@@ -210,6 +226,7 @@ mod tests {
         let table = ProcessTable::read_complete().unwrap();
         let me = table.get(std::process::id() as i32).unwrap();
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
+        assert_eq!(me.pgrp, nix::unistd::getpgrp().as_raw());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The drain's engine under faults, with real nginx under the supervisor as PID 1: a master
-//! killed during the propagation delay and a supervisor with no file descriptor left.
+//! killed during the propagation delay, a supervisor with no file descriptor left, hooks that
+//! leave a background process behind.
 
 use std::time::{Duration, Instant};
 
@@ -127,4 +128,44 @@ fn a_supervisor_out_of_file_descriptors_waits_for_what_it_cannot_see() {
         summary["elapsed_ms"].as_u64().unwrap() >= 1_000,
         "the drain ended with the download: {summary}"
     );
+}
+
+#[test]
+fn hooks_that_leave_a_background_process_take_no_longer_than_themselves() {
+    // A hook's leftover held its output pipes open, and the supervisor waited 200 ms for each
+    // pipe: 400 ms per hook, outside the plan's check.
+    let site = Site::new();
+    let hook = "sh -c 'echo deregistering; sleep 30 &'";
+    let args = site.run_args(&[
+        "--propagation-delay",
+        "100ms",
+        "--pre-drain-exec",
+        hook,
+        "--pre-drain-exec",
+        hook,
+    ]);
+    let mut supervisor = Supervisor::start_as_pid1(&args);
+    supervisor.wait_serving(&site);
+    supervisor.signal(SIGTERM);
+    let status = supervisor.wait_exit(10 * SECONDS);
+    assert_eq!(code(status), 0, "{:?}", supervisor.log.lines());
+
+    let hooks = supervisor.log.phase_ms("pre_drain_hooks").unwrap();
+    let delay = supervisor.log.phase_ms("propagation_delay").unwrap();
+    assert!(
+        delay - hooks < 200,
+        "two hooks that each exit at once took {} ms",
+        delay - hooks
+    );
+    let output = supervisor
+        .log
+        .events()
+        .into_iter()
+        .filter(|e| e["message"] == "deregistering")
+        .count();
+    assert_eq!(output, 2, "each hook's output is logged");
+    let left = supervisor.log.wait_for("the leftovers reported", SECONDS, |l| {
+        l.contains("left processes running")
+    });
+    assert!(left.contains("(sleep)"), "what was left is named: {left}");
 }
