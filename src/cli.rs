@@ -49,6 +49,7 @@ SIGNALS:
 EXIT CODES:
   0    nginx quit cleanly within the budget
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
+  4    controller mode: the nginx master died before it was asked to quit (its workers were)
   5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
        too many open files, say)
   10   the drain plan does not fit in --grace-period
