@@ -212,11 +212,11 @@ impl Drain<'_> {
             // it is unknown.
             Some((_, count)) => {
                 count.abort();
-                (!stopped.escalated && stopped.end_seen).then_some(0)
+                (!stopped.escalated && stopped.waited != Waited::Unknown).then_some(0)
             }
             None => None,
         };
-        let observed = sight.observed(stopped.end_seen);
+        let observed = sight.observed(stopped.waited);
         match &observed {
             Observed::NotTheEnd(_) => self.phases.enter(
                 Phase::Stopped,
@@ -249,7 +249,7 @@ impl Drain<'_> {
         let stopped = |escalated, killed, waited| Stopped {
             escalated,
             killed,
-            end_seen: waited == Waited::AllGone,
+            waited,
         };
         let waited = self
             .wait_for_all(processes, sight, started + self.plan.fast_shutdown_at, end)
@@ -349,8 +349,8 @@ struct Stopped {
     escalated: bool,
     /// nginx processes SIGKILLed.
     killed: usize,
-    /// The drain saw the last nginx process exit.
-    end_seen: bool,
+    /// How the last wait ended: [`Waited::Unknown`] when the end was not seen.
+    waited: Waited,
 }
 
 /// What a drain could see of nginx's processes: the first look that failed, if any did.
@@ -380,11 +380,12 @@ impl Sight {
         }
     }
 
-    fn observed(&self, end_seen: bool) -> Observed {
-        match (&self.gap, end_seen) {
+    /// `last` is how the drain's last wait ended: survivors of SIGKILL are seen, not unknown.
+    fn observed(&self, last: Waited) -> Observed {
+        match (&self.gap, last) {
             (None, _) => Observed::Fully,
-            (Some(Unseen(reason)), true) => Observed::WithGaps(reason.clone()),
-            (Some(Unseen(reason)), false) => Observed::NotTheEnd(reason.clone()),
+            (Some(Unseen(reason)), Waited::Unknown) => Observed::NotTheEnd(reason.clone()),
+            (Some(Unseen(reason)), _) => Observed::WithGaps(reason.clone()),
         }
     }
 }
