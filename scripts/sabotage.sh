@@ -79,7 +79,7 @@ sabotage escalation-at-once src/core/plan.rs \
   "--test drain"
 # No wait for the workers: the supervisor exits while they still serve.
 sabotage no-wait-for-workers src/drain/mod.rs \
-  's/(async fn wait_for_all\([^{]*\{)/$1 return true;/' \
+  's/(async fn wait_for_all\([^{]*\{)/$1 return Waited::AllGone;/' \
   "--test drain --test prestop"
 
 if [ "$missed" -gt 0 ]; then

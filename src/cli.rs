@@ -49,13 +49,17 @@ SIGNALS:
 EXIT CODES:
   0    nginx quit cleanly within the budget
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
+  4    controller mode: the nginx master died before it was asked to quit (its workers were)
+  5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
+       too many open files, say)
   10   the drain plan does not fit in --grace-period
   11   the nginx binary (or COMMAND) cannot be started, or nginx would daemonize
   12   the nginx config fails its test (nginx -T)
   13   the runtime directory cannot be used
   14   the health address cannot be bound
   70   internal error
-  other  nginx exited on its own: its exit code, or 128 + the signal that killed it
+  other  nginx exited on its own, or its master died during the drain: its exit code, or
+         128 + the signal that killed it
 
 CONTROLLER MODE (--pid-file, and a COMMAND that is not nginx):
   For ingress images whose main process is a controller that starts nginx itself. COMMAND is
@@ -97,6 +101,9 @@ KUBERNETES:
 EXIT CODES:
   0    nginx quit cleanly within the budget, or was not running
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
+  4    the nginx master died before it was asked to quit (its workers were)
+  5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
+       too many open files, say)
   10   the drain plan does not fit in --grace-period
   15   the pid file names a process that is not an nginx master (nothing was signalled)
   16   the nginx master belongs to another user (nothing was signalled)

@@ -7,6 +7,11 @@ use std::path::PathBuf;
 pub mod exit {
     pub const OK: i32 = 0;
     pub const ESCALATED: i32 = 3;
+    /// `drain` without a supervisor: the master died before it was asked to quit, its status
+    /// unknown (not our child). Under `run` the master's own status is the exit code.
+    pub const MASTER_DIED: i32 = 4;
+    /// The drain could not see whether nginx processes were left when it ended.
+    pub const UNOBSERVED: i32 = 5;
     pub const PLAN_DOES_NOT_FIT: i32 = 10;
     pub const CANNOT_START: i32 = 11;
     pub const CONFIG_TEST_FAILED: i32 = 12;

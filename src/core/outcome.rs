@@ -70,6 +70,63 @@ pub struct DrainOutcome {
     /// nginx processes killed with SIGKILL.
     pub killed: usize,
     pub elapsed: Duration,
+    /// A master the drain was given had died before its SIGQUIT (killed, crashed): its
+    /// workers, orphaned, were sent SIGQUIT directly.
+    pub master_died_before_quit: bool,
+    /// Whether the drain could see nginx's processes throughout.
+    pub observed: Observed,
+}
+
+/// What a drain could see of nginx's processes. A read of /proc or a pidfd that fails (too
+/// many open files, say) leaves a process unknown, never gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Observed {
+    /// Every look succeeded.
+    #[default]
+    Fully,
+    /// Some looks failed (the first reason), but the drain saw the last process exit.
+    WithGaps(String),
+    /// The drain ended without seeing whether nginx processes were left (the first reason).
+    NotTheEnd(String),
+}
+
+impl Observed {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Observed::Fully => "fully",
+            Observed::WithGaps(_) => "with_gaps",
+            Observed::NotTheEnd(_) => "not_the_end",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Observed::Fully => None,
+            Observed::WithGaps(reason) | Observed::NotTheEnd(reason) => Some(reason),
+        }
+    }
+
+    fn from_json(name: &str, reason: Option<&str>) -> Self {
+        let reason = reason.unwrap_or_default().to_owned();
+        match name {
+            "with_gaps" => Observed::WithGaps(reason),
+            "not_the_end" => Observed::NotTheEnd(reason),
+            _ => Observed::Fully,
+        }
+    }
+
+    /// For the summary line: nothing when every look succeeded.
+    fn words(&self) -> String {
+        match self {
+            Observed::Fully => String::new(),
+            Observed::WithGaps(reason) => {
+                format!(" nginx's processes could not always be seen ({reason}),")
+            }
+            Observed::NotTheEnd(reason) => {
+                format!(" the end was not seen: nginx's processes could not be read ({reason}),")
+            }
+        }
+    }
 }
 
 /// How the run (or a `drain` without a supervisor) ended, in one word.
@@ -83,6 +140,8 @@ pub enum Verdict {
     NginxExited,
     /// The nginx master died mid-drain without quitting cleanly (OOM-killed, say).
     NginxFailed,
+    /// The drain could not see whether nginx processes were left when it ended.
+    Unobserved,
 }
 
 impl Verdict {
@@ -92,6 +151,7 @@ impl Verdict {
             Verdict::Escalated => "escalated",
             Verdict::NginxExited => "nginx_exited",
             Verdict::NginxFailed => "nginx_failed",
+            Verdict::Unobserved => "unobserved",
         }
     }
 
@@ -101,6 +161,7 @@ impl Verdict {
             Verdict::Escalated,
             Verdict::NginxExited,
             Verdict::NginxFailed,
+            Verdict::Unobserved,
         ]
         .into_iter()
         .find(|v| v.name() == name)
@@ -126,11 +187,18 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// A drain that ran to its end.
+    /// A drain that ran to its end. Clean only if it saw the end, and the masters quit when
+    /// asked; a master that died first has no status here (not our child, for `drain`):
+    /// under `run`, [`Outcome::nginx_ended`] gives its own.
     pub fn of_drain(drain: DrainOutcome) -> Self {
-        let (verdict, exit_code) = match drain.escalated {
-            true => (Verdict::Escalated, exit::ESCALATED),
-            false => (Verdict::Clean, exit::OK),
+        let (verdict, exit_code) = if matches!(drain.observed, Observed::NotTheEnd(_)) {
+            (Verdict::Unobserved, exit::UNOBSERVED)
+        } else if drain.escalated {
+            (Verdict::Escalated, exit::ESCALATED)
+        } else if drain.master_died_before_quit {
+            (Verdict::NginxFailed, exit::MASTER_DIED)
+        } else {
+            (Verdict::Clean, exit::OK)
         };
         Self {
             verdict,
@@ -162,6 +230,9 @@ impl Outcome {
             "connections_at_quit": drain.connections_at_quit,
             "closed_by_shutdown_timeout": drain.closed_by_shutdown_timeout,
             "killed": drain.killed,
+            "master_died_before_quit": drain.master_died_before_quit,
+            "observed": drain.observed.name(),
+            "unobserved": drain.observed.reason(),
         });
         if let Some(controller) = &self.controller {
             event["controller_exit"] = controller.status.clone().into();
@@ -183,6 +254,11 @@ impl Outcome {
                 closed_by_shutdown_timeout: count("closed_by_shutdown_timeout"),
                 killed: count("killed").unwrap_or(0),
                 elapsed: Duration::from_millis(event["elapsed_ms"].as_u64().unwrap_or(0)),
+                master_died_before_quit: event["master_died_before_quit"].as_bool().unwrap_or(false),
+                observed: Observed::from_json(
+                    event["observed"].as_str().unwrap_or_default(),
+                    event["unobserved"].as_str(),
+                ),
             },
             controller: event.get("controller_killed").map(|killed| ControllerEnd {
                 status: event["controller_exit"].as_str().map(str::to_owned),
@@ -201,13 +277,20 @@ impl Outcome {
             connections_at_quit = drain.connections_at_quit,
             closed_by_shutdown_timeout = drain.closed_by_shutdown_timeout,
             killed = drain.killed,
+            master_died_before_quit = drain.master_died_before_quit,
+            observed = drain.observed.name(),
+            unobserved = drain.observed.reason(),
             // Controller mode: how the controller ended once nginx had.
             controller_exit = self.controller.as_ref().and_then(|c| c.status.as_deref()),
             controller_killed = self.controller.as_ref().map(|c| c.killed),
             exit_code = self.exit_code,
-            "{how}: {} in {}, {} connections at SIGQUIT,{} {} processes killed",
+            "{how}: {} in {},{} {} connections at SIGQUIT,{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
+            match drain.master_died_before_quit {
+                true => " the nginx master died before SIGQUIT (its workers were sent it directly),",
+                false => "",
+            },
             // Not counted when nginx was gone before the count was: it held nothing for long.
             drain
                 .connections_at_quit
@@ -217,6 +300,7 @@ impl Outcome {
                 .map_or(String::new(), |n| format!(
                     " {n} closed by worker_shutdown_timeout,"
                 )),
+            drain.observed.words(),
             drain.killed,
         );
         self.exit_code
@@ -260,6 +344,32 @@ mod tests {
                 "nginx_failed",
                 137,
             ),
+            (
+                Outcome::of_drain(DrainOutcome {
+                    master_died_before_quit: true,
+                    ..Default::default()
+                }),
+                "nginx_failed",
+                4,
+            ),
+            (
+                Outcome::of_drain(DrainOutcome {
+                    observed: Observed::WithGaps("cannot read /proc".into()),
+                    ..Default::default()
+                }),
+                "clean",
+                0,
+            ),
+            (
+                Outcome::of_drain(DrainOutcome {
+                    escalated: true,
+                    master_died_before_quit: true,
+                    observed: Observed::NotTheEnd("cannot read /proc".into()),
+                    ..Default::default()
+                }),
+                "unobserved",
+                5,
+            ),
         ] {
             assert_eq!(outcome.verdict.name(), verdict);
             assert_eq!(outcome.exit_code, code, "{verdict}");
@@ -276,13 +386,19 @@ mod tests {
             closed_by_shutdown_timeout: None,
             killed: 2,
             elapsed: Duration::from_millis(28_500),
+            ..Default::default()
         };
         let mut with_controller = Outcome::of_drain(drain.clone());
         with_controller.controller = Some(ControllerEnd {
             status: Some("exit code 1".into()),
             killed: false,
         });
-        for outcome in [Outcome::of_drain(drain), with_controller] {
+        let unobserved = Outcome::of_drain(DrainOutcome {
+            master_died_before_quit: true,
+            observed: Observed::NotTheEnd("cannot read /proc: Too many open files".into()),
+            ..Default::default()
+        });
+        for outcome in [Outcome::of_drain(drain), with_controller, unobserved] {
             let json = outcome.to_json();
             assert_eq!(json["event"], "outcome");
             assert_eq!(Outcome::from_json(&json), Some(outcome), "{json}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::{Instant, sleep_until};
 
-use super::NginxProcesses;
+use super::{NginxProcesses, Unseen};
 
 /// The kernel's PID_MAX_LIMIT: a fake's pids are above it, so that no real process has them
 /// and the connection counts the drain reads beside the wait find nothing.
@@ -119,6 +119,11 @@ pub struct FakeNginx {
     processes: Mutex<Vec<Process>>,
     /// (milliseconds after the start, pid, signal), in the order sent.
     sent: Mutex<Vec<(u64, i32, Signal)>>,
+    /// Until then every look for new processes fails, as /proc does when the supervisor is out
+    /// of file descriptors.
+    blind_until: Option<Instant>,
+    /// How many looks for new processes the drain made.
+    looks: usize,
 }
 
 impl FakeNginx {
@@ -138,7 +143,21 @@ impl FakeNginx {
             start,
             processes: Mutex::new(processes),
             sent: Mutex::new(Vec::new()),
+            blind_until: None,
+            looks: 0,
         }
+    }
+
+    /// Every look for new processes fails until `at` after the start (forever: `None`); the
+    /// processes the snapshot tracked stay tracked, as pidfds already held do.
+    pub fn blind_until(mut self, at: Option<Duration>) -> Self {
+        self.blind_until = Some(at.map_or(self.start + Duration::from_secs(86_400), |at| self.start + at));
+        self
+    }
+
+    /// How many looks for new processes the drain made.
+    pub fn looks(&self) -> usize {
+        self.looks
     }
 
     /// Every signal the drain sent: (milliseconds after the start, pid, signal), by time, then pid.
@@ -171,8 +190,14 @@ impl FakeNginx {
 }
 
 impl NginxProcesses for FakeNginx {
-    fn find_new(&mut self) -> usize {
+    fn find_new(&mut self) -> Result<usize, Unseen> {
         let now = Instant::now();
+        self.looks += 1;
+        if self.blind_until.is_some_and(|until| now < until) {
+            return Err(Unseen(
+                "cannot read /proc: Too many open files (os error 24)".into(),
+            ));
+        }
         let mut found = 0;
         for process in self.processes.get_mut().unwrap().iter_mut() {
             if !process.tracked && process.exists(now) {
@@ -180,7 +205,7 @@ impl NginxProcesses for FakeNginx {
                 found += 1;
             }
         }
-        found
+        Ok(found)
     }
 
     async fn next_exit(&mut self) -> Option<i32> {
@@ -213,6 +238,15 @@ impl NginxProcesses for FakeNginx {
             .unwrap()
             .iter()
             .any(|p| !p.tracked && p.exists(now))
+    }
+
+    fn a_master_exited(&self) -> bool {
+        let now = Instant::now();
+        self.processes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.script.master && p.exit.is_some_and(|exit| exit <= now))
     }
 
     fn signal_masters(&self, signal: Signal) {

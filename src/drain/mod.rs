@@ -12,11 +12,11 @@ use tokio::sync::Notify;
 // paused time in tests.
 use tokio::time::{Instant, sleep_until};
 
-use crate::core::outcome::DrainOutcome;
+use crate::core::outcome::{DrainOutcome, Observed};
 use crate::core::phase::{Phase, Phases};
 use crate::core::plan::DrainPlan;
 use crate::nginx::connections::{self, Listeners};
-use crate::nginx::pidfd::PidFd;
+use crate::nginx::pidfd::{self, PidFd};
 use crate::os::drain_flag::DrainFlag;
 use crate::os::hooks;
 use crate::os::reaper::Reaper;
@@ -28,10 +28,16 @@ mod processes;
 mod tests;
 
 use processes::PidfdProcesses;
-pub use processes::{NginxProcesses, NginxTree};
+pub use processes::{NginxProcesses, NginxTree, Unseen};
 
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// After a look for nginx processes that failed with none tracked, the next comes this soon,
+/// then twice as late each time, up to [`RETRY_AT_MOST`]: a drain that cannot see must not
+/// conclude that nothing is there, nor spin.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_AT_MOST: Duration = Duration::from_secs(1);
 
 pub struct Drain<'a> {
     pub plan: &'a DrainPlan,
@@ -54,6 +60,10 @@ impl Drain<'_> {
         let plan = self.plan;
         self.phases
             .enter(Phase::Unready, "drain started: readiness fails from now on");
+        // Held from the first instant: workers whose master dies during the hooks or the delay
+        // are still known, and quit at its end like the rest.
+        let mut sight = Sight::default();
+        let mut processes = self.snapshot(&mut sight);
         match self.flag.raise() {
             Ok(()) => self
                 .phases
@@ -71,19 +81,56 @@ impl Drain<'_> {
                 Phase::PropagationDelay,
                 "nginx keeps serving while endpoint removal propagates",
             );
+            self.propagation_delay().await;
+        }
+        // Workers forked since the snapshot (one the master replaced, say).
+        sight.note(processes.find_new());
+        self.quit(&mut processes, &mut sight, started).await
+    }
+
+    /// The propagation delay, cut short by a second interrupt. A master that dies meanwhile is
+    /// reported at once, but its workers, which still hold the listeners, serve on: load
+    /// balancers still send traffic, and quitting them now would refuse it. They are asked to
+    /// quit at the delay's end, as the master would have been.
+    async fn propagation_delay(&self) {
+        let delay = tokio::time::sleep(self.plan.propagation_delay);
+        tokio::pin!(delay);
+        let mut master_died = false;
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(plan.propagation_delay) => {}
-                _ = self.skip_delay.notified() => tracing::info!("propagation delay cut short"),
+                _ = &mut delay => return,
+                _ = self.skip_delay.notified() => {
+                    tracing::info!("propagation delay cut short");
+                    return;
+                }
+                at = pidfd::first_exit(&self.masters), if !master_died && !self.masters.is_empty() => {
+                    master_died = true;
+                    tracing::warn!(
+                        pid = self.masters[at].pid(),
+                        "the nginx master has died: its workers serve on until the propagation delay ends, then get SIGQUIT"
+                    );
+                }
             }
         }
-
-        let mut processes = self.snapshot();
-        self.quit(&mut processes, started).await
     }
 
     /// SIGQUIT to the masters, then the wait for every nginx process and, if the budget runs
-    /// out, the escalation.
-    async fn quit(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
+    /// out, the escalation. A master that died before it (killed, crashed) has left its workers
+    /// orphaned: they are sent SIGQUIT directly, and the outcome says the master died.
+    async fn quit(
+        &self,
+        processes: &mut impl NginxProcesses,
+        sight: &mut Sight,
+        started: Instant,
+    ) -> DrainOutcome {
+        if processes.a_master_exited() {
+            tracing::error!(
+                "the nginx master died before the drain asked it to quit: SIGQUIT goes to its workers directly"
+            );
+            let mut outcome = self.quit_orphans(processes, sight, started).await;
+            outcome.master_died_before_quit = true;
+            return outcome;
+        }
         // Before the signal: the master closes its listeners as soon as it gets it. Any other
         // master below (a binary upgrade, or one a controller started during the delay) too.
         let listeners = Listeners::of(&processes.masters());
@@ -99,17 +146,24 @@ impl Drain<'_> {
             let due = Instant::now() + timeout.saturating_sub(JUST_BEFORE_TIMEOUT);
             (due, count_before_shutdown_timeout(listeners, due))
         });
-        self.finish(processes, counting, before_timeout, started).await
+        self.finish(processes, sight, counting, before_timeout, started)
+            .await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
     /// connections. They are asked to finish (SIGQUIT) and waited for within the same budget.
     pub async fn orphans(self, started: Instant) -> DrainOutcome {
-        let mut processes = self.snapshot();
-        self.quit_orphans(&mut processes, started).await
+        let mut sight = Sight::default();
+        let mut processes = self.snapshot(&mut sight);
+        self.quit_orphans(&mut processes, &mut sight, started).await
     }
 
-    async fn quit_orphans(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
+    async fn quit_orphans(
+        &self,
+        processes: &mut impl NginxProcesses,
+        sight: &mut Sight,
+        started: Instant,
+    ) -> DrainOutcome {
         // Workers hold the listeners too; read before they close them.
         let listeners = Listeners::of(&processes.pids());
         let told = processes.signal_all(Signal::SIGQUIT);
@@ -120,22 +174,25 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(processes, counting, None, started).await
+        self.finish(processes, sight, counting, None, started).await
     }
 
     /// Every nginx process now, held by pidfd.
-    fn snapshot(&self) -> PidfdProcesses<'_> {
-        PidfdProcesses::snapshot(&self.tree, &self.masters, self.reaper)
+    fn snapshot(&self, sight: &mut Sight) -> PidfdProcesses<'_> {
+        let (processes, look) = PidfdProcesses::snapshot(&self.tree, &self.masters, self.reaper);
+        sight.note(look);
+        processes
     }
 
     async fn finish(
         &self,
         processes: &mut impl NginxProcesses,
+        sight: &mut Sight,
         counting: tokio::task::JoinHandle<Option<usize>>,
         before_timeout: Option<(Instant, tokio::task::JoinHandle<Option<usize>>)>,
         started: Instant,
     ) -> DrainOutcome {
-        let (escalated, killed) = self.stop(processes, started).await;
+        let stopped = self.stop(processes, sight, started).await;
         let connections_at_quit = match counting.is_finished() {
             true => counting.await.ok().flatten(),
             false => None,
@@ -151,79 +208,184 @@ impl Drain<'_> {
                     .flatten()
             }
             // nginx was done before its timeout fired: it closed nothing. Unless the budget
-            // ran out first (a timeout longer than the budget): then it is unknown.
+            // ran out first (a timeout longer than the budget), or the end was not seen: then
+            // it is unknown.
             Some((_, count)) => {
                 count.abort();
-                (!escalated).then_some(0)
+                (!stopped.escalated && stopped.waited != Waited::Unknown).then_some(0)
             }
             None => None,
         };
-        self.phases
-            .enter(Phase::Stopped, "every nginx process has exited");
+        let observed = sight.observed(stopped.waited);
+        match &observed {
+            Observed::NotTheEnd(_) => self.phases.enter(
+                Phase::Stopped,
+                "the drain ends without seeing every nginx process exit",
+            ),
+            _ => self
+                .phases
+                .enter(Phase::Stopped, "every nginx process has exited"),
+        }
         DrainOutcome {
-            escalated,
+            escalated: stopped.escalated,
             connections_at_quit,
             closed_by_shutdown_timeout,
-            killed,
+            killed: stopped.killed,
             elapsed: started.elapsed(),
+            master_died_before_quit: false,
+            observed,
         }
     }
 
     /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
-    /// master, SIGKILL to everything left. Returns (escalated, processes killed).
-    pub async fn stop(&self, processes: &mut impl NginxProcesses, started: Instant) -> (bool, usize) {
+    /// master, SIGKILL to everything left.
+    async fn stop(
+        &self,
+        processes: &mut impl NginxProcesses,
+        sight: &mut Sight,
+        started: Instant,
+    ) -> Stopped {
         let end = started + self.plan.grace_period;
-        if self
-            .wait_for_all(processes, started + self.plan.fast_shutdown_at, end)
-            .await
-        {
-            return (false, 0);
+        let stopped = |escalated, killed, waited| Stopped {
+            escalated,
+            killed,
+            waited,
+        };
+        let waited = self
+            .wait_for_all(processes, sight, started + self.plan.fast_shutdown_at, end)
+            .await;
+        match waited {
+            Waited::AllGone => return stopped(false, 0, waited),
+            // Nothing tracked is left to signal, and what cannot be seen cannot be signalled:
+            // waiting on past the plan would only eat the margin the supervisor needs to exit.
+            Waited::Unknown => {
+                tracing::error!(
+                    "the budget ran out while nginx's processes could not be seen: the drain ends without knowing whether any is left"
+                );
+                return stopped(false, 0, waited);
+            }
+            Waited::Deadline => {}
         }
         processes.signal_masters(Signal::SIGTERM);
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
-        if self
-            .wait_for_all(processes, started + self.plan.kill_at, end)
-            .await
-        {
-            return (true, 0);
+        let waited = self
+            .wait_for_all(processes, sight, started + self.plan.kill_at, end)
+            .await;
+        if waited != Waited::Deadline {
+            return stopped(true, 0, waited);
         }
         let killed = processes.signal_all(Signal::SIGKILL);
         self.phases.enter(
             Phase::Killing,
             &format!("SIGKILL to the {killed} nginx processes left"),
         );
-        if !self.wait_for_all(processes, end, end).await {
+        let waited = self.wait_for_all(processes, sight, end, end).await;
+        if waited == Waited::Deadline {
             tracing::error!(
                 left = processes.len(),
                 "nginx processes survived SIGKILL (stuck in the kernel?)"
             );
         }
-        (true, killed)
+        stopped(true, killed, waited)
     }
 
-    /// Waits until no nginx process is left (true) or `deadline` passes (false), with a progress
-    /// event at most every second. `budget_end` is only for the time left in those events.
+    /// Waits until no nginx process is left (seen to be so), or `deadline` passes, with a
+    /// progress event at most every second. `budget_end` is only for the time left in those
+    /// events. While none is tracked but a look for others fails, the look is tried again, a
+    /// little later each time.
     async fn wait_for_all(
         &self,
         processes: &mut impl NginxProcesses,
+        sight: &mut Sight,
         deadline: Instant,
         budget_end: Instant,
-    ) -> bool {
+    ) -> Waited {
         let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut retry = RETRY_FIRST;
         loop {
+            let mut blind = false;
             // Empty: look once more for stragglers (a worker forked just before SIGQUIT arrived).
-            if processes.is_empty() && (!processes.may_have_stragglers() || processes.find_new() == 0) {
-                return true;
+            if processes.is_empty() {
+                if !processes.may_have_stragglers() {
+                    return Waited::AllGone;
+                }
+                match sight.note(processes.find_new()) {
+                    Some(0) => return Waited::AllGone,
+                    Some(_) => retry = RETRY_FIRST,
+                    None => blind = processes.is_empty(),
+                }
             }
+            let look_again = Instant::now() + retry;
             tokio::select! {
-                _ = processes.next_exit() => {}
-                _ = progress.tick() => {
-                    processes.find_new();
+                _ = processes.next_exit(), if !blind => {}
+                _ = sleep_until(look_again), if blind => retry = (retry * 2).min(RETRY_AT_MOST),
+                // Blind, nothing tracked: nothing to report, and the look is the retry's.
+                _ = progress.tick(), if !blind => {
+                    sight.note(processes.find_new());
                     report_progress(self.phases, processes, budget_end).await;
                 }
-                _ = sleep_until(deadline) => return false,
+                _ = sleep_until(deadline) => {
+                    return if blind { Waited::Unknown } else { Waited::Deadline };
+                }
             }
+        }
+    }
+}
+
+/// How a wait for nginx's processes ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// None is left, and the drain saw so.
+    AllGone,
+    /// None is tracked, but others could not be looked for when the deadline passed.
+    Unknown,
+    /// Tracked processes are still running at the deadline.
+    Deadline,
+}
+
+/// The end of the wait and the escalation.
+struct Stopped {
+    escalated: bool,
+    /// nginx processes SIGKILLed.
+    killed: usize,
+    /// How the last wait ended: [`Waited::Unknown`] when the end was not seen.
+    waited: Waited,
+}
+
+/// What a drain could see of nginx's processes: the first look that failed, if any did.
+#[derive(Debug, Default)]
+struct Sight {
+    gap: Option<Unseen>,
+    blind: bool,
+}
+
+impl Sight {
+    /// Notes how a look went: how many it found, or `None` when it could not see them all.
+    fn note(&mut self, look: Result<usize, Unseen>) -> Option<usize> {
+        match look {
+            Ok(found) => {
+                if std::mem::replace(&mut self.blind, false) {
+                    tracing::info!("nginx's processes can be seen again");
+                }
+                Some(found)
+            }
+            Err(unseen) => {
+                if !std::mem::replace(&mut self.blind, true) {
+                    tracing::warn!(reason = %unseen.0, "cannot see every nginx process: those not seen are looked for again, never taken for gone");
+                }
+                self.gap.get_or_insert(unseen);
+                None
+            }
+        }
+    }
+
+    /// `last` is how the drain's last wait ended: survivors of SIGKILL are seen, not unknown.
+    fn observed(&self, last: Waited) -> Observed {
+        match (&self.gap, last) {
+            (None, _) => Observed::Fully,
+            (Some(Unseen(reason)), Waited::Unknown) => Observed::NotTheEnd(reason.clone()),
+            (Some(Unseen(reason)), _) => Observed::WithGaps(reason.clone()),
         }
     }
 }

@@ -3,20 +3,30 @@
 //!
 //! The drain's timeline (when to signal, how long to wait) is written against the trait only,
 //! so that it can be played in paused time against scripted processes.
+//!
+//! A process that cannot be read in /proc or held by a pidfd (too many open files, say) is
+//! unknown, never gone: the masters the drain was given are waited for through the drain's own
+//! pidfds, which need no new descriptor, and a look that fails says so ([`Unseen`]).
 
 use std::future::Future;
 
 use nix::sys::signal::Signal;
 
-use crate::nginx::pidfd::{PidFd, Processes};
+use crate::nginx::pidfd::{self, PidFd, Processes};
 use crate::nginx::pidfile::looks_like_master;
 use crate::nginx::tree::{ProcStat, ProcessTable, title};
 use crate::os::reaper::Reaper;
 
+/// A look for nginx processes that could not see them all: /proc could not be read, or a
+/// process found could not be held by a pidfd. What it missed may still run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unseen(pub String);
+
 /// The set of nginx processes a drain tracks, from its snapshot until none is left.
 pub trait NginxProcesses {
-    /// Tracks every nginx process not tracked yet; returns how many were added.
-    fn find_new(&mut self) -> usize;
+    /// Tracks every nginx process not tracked yet; returns how many were added, or why the look
+    /// could not see every one (those it did see are tracked).
+    fn find_new(&mut self) -> Result<usize, Unseen>;
 
     /// Resolves with the pid of the next tracked process to exit, which is then no longer
     /// tracked; `None` at once when none is tracked.
@@ -25,6 +35,10 @@ pub trait NginxProcesses {
     /// Whether an nginx process may exist that is not tracked (a worker forked just before
     /// SIGQUIT), answered cheaply: it is asked each time the tracked set empties.
     fn may_have_stragglers(&self) -> bool;
+
+    /// Whether a master the drain was given has exited (killed, crashed): its workers, orphaned,
+    /// no longer hear what is sent to it.
+    fn a_master_exited(&self) -> bool;
 
     /// Signals every master: the ones the drain was given and any other below them.
     fn signal_masters(&self, signal: Signal);
@@ -58,11 +72,9 @@ pub struct NginxTree {
 }
 
 impl NginxTree {
-    /// Tracks every nginx process not tracked yet; returns how many were added.
-    pub fn track(&self, processes: &mut Processes) -> usize {
-        let Ok(table) = ProcessTable::read() else {
-            return 0;
-        };
+    /// Every nginx process now, or why /proc could not show them all.
+    pub fn scan(&self) -> std::io::Result<Vec<ProcStat>> {
+        let table = ProcessTable::read_complete()?;
         let mut seen = Vec::new();
         for &root in &self.roots {
             seen.extend(table.descendants(root));
@@ -70,52 +82,94 @@ impl NginxTree {
                 seen.extend(table.get(root));
             }
         }
-        seen.into_iter()
-            .filter(|stat| stat.comm == self.comm && processes.track(stat))
-            .count()
+        Ok(seen
+            .into_iter()
+            .filter(|stat| stat.comm == self.comm)
+            .cloned()
+            .collect())
     }
 }
 
 /// nginx's real processes: found in /proc below the tree's roots, held by pidfd.
 pub struct PidfdProcesses<'a> {
+    /// Found in /proc, each held by a pidfd of its own.
     processes: Processes,
+    /// The masters the drain was given, whatever their name (an nginx-debug, an openresty),
+    /// until they exit: waited for through the drain's own pidfds, so that no failure to read
+    /// /proc or to open a descriptor can lose them.
+    masters_left: Vec<&'a PidFd>,
     tree: &'a NginxTree,
-    /// The masters the drain was given, whatever their name (an nginx-debug, an openresty).
     given_masters: &'a [&'a PidFd],
     reaper: &'a Reaper,
 }
 
 impl<'a> PidfdProcesses<'a> {
-    /// Every nginx process now: those named like the master below the roots, and the masters
-    /// we were given whatever their name.
-    pub fn snapshot(tree: &'a NginxTree, given_masters: &'a [&'a PidFd], reaper: &'a Reaper) -> Self {
-        let mut processes = Processes::default();
-        tree.track(&mut processes);
-        for master in given_masters {
-            if let Some(stat) = ProcStat::read(master.pid()) {
-                processes.track(&stat);
-            }
-        }
-        Self {
-            processes,
+    /// Every nginx process now: the masters we were given, and those named like the master below
+    /// the roots. Also returns why the look could not see them all, if it could not.
+    pub fn snapshot(
+        tree: &'a NginxTree,
+        given_masters: &'a [&'a PidFd],
+        reaper: &'a Reaper,
+    ) -> (Self, Result<usize, Unseen>) {
+        let mut processes = Self {
+            processes: Processes::default(),
+            masters_left: given_masters.to_vec(),
             tree,
             given_masters,
             reaper,
-        }
+        };
+        let found = processes.find_new();
+        (processes, found)
     }
 
-    fn is_given_master(&self, pid: i32) -> bool {
-        self.given_masters.iter().any(|m| m.pid() == pid)
+    /// A given master still running: tracked through `masters_left`, not by a pidfd of its own.
+    /// One that has exited frees its number for a new process, which is tracked like any other.
+    fn is_live_given_master(&self, pid: i32) -> bool {
+        self.given_masters.iter().any(|m| m.pid() == pid && m.is_alive())
     }
 }
 
+/// What ended a wait for the next exit.
+enum Exited {
+    Tracked(Option<i32>),
+    Master(usize),
+}
+
 impl NginxProcesses for PidfdProcesses<'_> {
-    fn find_new(&mut self) -> usize {
-        self.tree.track(&mut self.processes)
+    fn find_new(&mut self) -> Result<usize, Unseen> {
+        let mut found = self
+            .tree
+            .scan()
+            .map_err(|err| Unseen(format!("cannot read /proc: {err}")))?;
+        found.retain(|stat| !self.is_live_given_master(stat.pid));
+        let mut added = 0;
+        let mut failed = None;
+        for stat in &found {
+            match self.processes.try_track(stat) {
+                Ok(new) => added += usize::from(new),
+                Err(err) => {
+                    failed.get_or_insert_with(|| {
+                        Unseen(format!("cannot hold nginx process {} by pidfd: {err}", stat.pid))
+                    });
+                }
+            }
+        }
+        failed.map_or(Ok(added), Err)
     }
 
-    fn next_exit(&mut self) -> impl Future<Output = Option<i32>> + Send {
-        self.processes.next_exit()
+    async fn next_exit(&mut self) -> Option<i32> {
+        if self.masters_left.is_empty() {
+            return self.processes.next_exit().await;
+        }
+        let tracked = !self.processes.is_empty();
+        let exited = tokio::select! {
+            pid = self.processes.next_exit(), if tracked => Exited::Tracked(pid),
+            at = pidfd::first_exit(&self.masters_left) => Exited::Master(at),
+        };
+        match exited {
+            Exited::Tracked(pid) => pid,
+            Exited::Master(at) => Some(self.masters_left.remove(at).pid()),
+        }
     }
 
     /// Answered without reading /proc, so the drain ends within a millisecond of the last exit.
@@ -129,13 +183,17 @@ impl NginxProcesses for PidfdProcesses<'_> {
         }
     }
 
+    fn a_master_exited(&self) -> bool {
+        self.given_masters.iter().any(|m| !m.is_alive())
+    }
+
     /// The given masters by their own pidfds, tracked or not; any other master below too: a
     /// binary upgrade may have started a new one (a child of the old) after we read the pid file.
     fn signal_masters(&self, signal: Signal) {
         for master in self.given_masters {
             master.signal(signal);
         }
-        for pid in self.processes.pids().filter(|&pid| !self.is_given_master(pid)) {
+        for pid in self.processes.pids() {
             if looks_like_master(&title(pid), None) {
                 tracing::info!(pid, %signal, "another nginx master below: signalled too");
                 self.processes.signal(pid, signal);
@@ -144,7 +202,8 @@ impl NginxProcesses for PidfdProcesses<'_> {
     }
 
     fn signal_all(&self, signal: Signal) -> usize {
-        self.processes.signal_all(signal)
+        let masters = self.masters_left.iter().filter(|m| m.signal(signal)).count();
+        masters + self.processes.signal_all(signal)
     }
 
     /// The given masters and any tracked process titled like a master (a binary upgrade's, or
@@ -162,10 +221,11 @@ impl NginxProcesses for PidfdProcesses<'_> {
     }
 
     fn pids(&self) -> Vec<i32> {
-        self.processes.pids().collect()
+        let masters = self.masters_left.iter().map(|m| m.pid());
+        masters.chain(self.processes.pids()).collect()
     }
 
     fn len(&self) -> usize {
-        self.processes.len()
+        self.masters_left.len() + self.processes.len()
     }
 }

@@ -10,8 +10,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::fake::{FakeNginx, Script};
-use super::{Drain, NginxProcesses, NginxTree};
-use crate::core::outcome::DrainOutcome;
+use super::{Drain, NginxProcesses, NginxTree, Sight};
+use crate::core::outcome::{DrainOutcome, Observed, Outcome};
 use crate::core::phase::Phases;
 use crate::core::plan::{DrainPlan, DrainSettings};
 use crate::os::drain_flag::DrainFlag;
@@ -40,6 +40,7 @@ fn outcome(escalated: bool, killed: usize, elapsed_ms: u64) -> DrainOutcome {
         closed_by_shutdown_timeout: None,
         killed,
         elapsed: ms(elapsed_ms),
+        ..Default::default()
     }
 }
 
@@ -113,22 +114,41 @@ struct Played {
     /// Still tracked when the drain returned.
     left: Vec<i32>,
     logs: String,
+    /// How many looks for new processes the drain made.
+    looks: usize,
 }
 
 /// Plays a drain whose budget starts now and whose wait starts `wait_at` milliseconds later
 /// (after hooks and the propagation delay, or after the controller's part).
 async fn play(entry: Entry, wait_at: u64, nginx: Vec<Script>) -> Played {
+    play_blind(entry, wait_at, nginx, None).await
+}
+
+/// [`play`], with every look for new processes failing until `blind_until` (`Some(None)`: to
+/// the end), as /proc does when the supervisor has no file descriptor left.
+async fn play_blind(
+    entry: Entry,
+    wait_at: u64,
+    nginx: Vec<Script>,
+    blind_until: Option<Option<Duration>>,
+) -> Played {
     let parts = Parts::new();
     let mut feed = parts.phases.feed_source().subscribe();
     let logs = Logs::default();
     let _logging = logs.capture();
     let started = Instant::now();
     let mut nginx = FakeNginx::new(started, nginx);
+    if let Some(until) = blind_until {
+        nginx = nginx.blind_until(until);
+    }
     tokio::time::sleep(ms(wait_at)).await;
     let drain = parts.drain();
+    // The look that `run` and `orphans` take before the quit.
+    let mut sight = Sight::default();
+    sight.note(nginx.find_new());
     let outcome = match entry {
-        Entry::Quit => drain.quit(&mut nginx, started).await,
-        Entry::Orphans => drain.quit_orphans(&mut nginx, started).await,
+        Entry::Quit => drain.quit(&mut nginx, &mut sight, started).await,
+        Entry::Orphans => drain.quit_orphans(&mut nginx, &mut sight, started).await,
     };
     assert_eq!(
         outcome.elapsed,
@@ -147,6 +167,7 @@ async fn play(entry: Entry, wait_at: u64, nginx: Vec<Script>) -> Played {
         phases,
         left: nginx.pids(),
         logs: logs.text(),
+        looks: nginx.looks(),
     }
 }
 
@@ -394,6 +415,115 @@ async fn orphaned_workers_get_sigquit_and_what_is_left_of_the_budget() {
     for case in cases {
         case.check().await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_master_dead_before_the_quit_leaves_workers_that_get_sigquit_directly() {
+    use Script as S;
+    // The master was SIGKILLed 500 ms into a 2 s propagation delay; its workers serve on.
+    let nginx = vec![
+        S::master(MASTER).exits_at(ms(500)),
+        S::worker(WORKER_1).on(SIGQUIT, ms(1_000)),
+        S::worker(WORKER_2).on(SIGQUIT, ms(10)),
+    ];
+    let played = play(Entry::Quit, 2_000, nginx).await;
+    assert_eq!(
+        played.sent,
+        [(2_000, WORKER_1, SIGQUIT), (2_000, WORKER_2, SIGQUIT)],
+        "SIGQUIT to each worker at the delay's end, none to the dead master"
+    );
+    assert_eq!(
+        played.outcome,
+        DrainOutcome {
+            master_died_before_quit: true,
+            ..outcome(false, 0, 3_000)
+        }
+    );
+    assert_eq!(played.phases, ["quitting", "stopped"]);
+    let reported = Outcome::of_drain(played.outcome);
+    assert_eq!(
+        (reported.verdict.name(), reported.exit_code),
+        ("nginx_failed", 4),
+        "not clean: the master died"
+    );
+    assert!(
+        played
+            .logs
+            .contains("master died before the drain asked it to quit"),
+        "{}",
+        played.logs
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn processes_that_cannot_be_seen_are_unknown_never_gone() {
+    use Script as S;
+    const REASON: &str = "cannot read /proc: Too many open files (os error 24)";
+    // The worker exists from the start, but no look can see it while /proc is unreadable: only
+    // the master, held from before, is tracked.
+    let unseen_worker = || S::worker(WORKER_1).appears_at(ms(0)).on(SIGQUIT, ms(5_000));
+
+    // Sight comes back at 2.5 s: the worker is found and waited for, the end is seen.
+    let played = play_blind(
+        Entry::Quit,
+        0,
+        vec![S::master(MASTER).on(SIGQUIT, ms(3_000)), unseen_worker()],
+        Some(Some(ms(2_500))),
+    )
+    .await;
+    assert_eq!(
+        played.outcome,
+        DrainOutcome {
+            observed: Observed::WithGaps(REASON.into()),
+            ..outcome(false, 0, 5_000)
+        },
+        "the drain ends at the worker's exit, not at the master's"
+    );
+    assert_eq!(Outcome::of_drain(played.outcome).exit_code, 0);
+    assert!(played.logs.contains("never taken for gone"), "{}", played.logs);
+    assert!(played.logs.contains("can be seen again"), "{}", played.logs);
+
+    // Blind to the end, and the worker never finishes: the drain waits out the plan, then says
+    // it did not see the end.
+    let played = play_blind(
+        Entry::Quit,
+        0,
+        vec![
+            S::master(MASTER).on(SIGQUIT, ms(1_000)),
+            S::worker(WORKER_1).appears_at(ms(0)),
+        ],
+        Some(None),
+    )
+    .await;
+    assert_eq!(
+        played.outcome,
+        DrainOutcome {
+            observed: Observed::NotTheEnd(REASON.into()),
+            ..outcome(false, 0, FAST_SHUTDOWN_AT)
+        }
+    );
+    assert_eq!(played.sent, [(0, MASTER, SIGQUIT)], "nothing unseen is signalled");
+    assert_eq!(played.phases, ["quitting", "stopped"]);
+    let reported = Outcome::of_drain(played.outcome);
+    assert_eq!((reported.verdict.name(), reported.exit_code), ("unobserved", 5));
+    // 27 s without sight: looks again a little later each time, at most every second.
+    assert!((20..80).contains(&played.looks), "{} looks in 27 s", played.looks);
+
+    // Blind, but nothing can be left (as reaper: no child left): the end is seen.
+    let played = play_blind(
+        Entry::Quit,
+        0,
+        vec![S::master(MASTER).on(SIGQUIT, ms(1_000))],
+        Some(None),
+    )
+    .await;
+    assert_eq!(
+        played.outcome,
+        DrainOutcome {
+            observed: Observed::WithGaps(REASON.into()),
+            ..outcome(false, 0, 1_000)
+        }
+    );
 }
 
 /// The log lines written on this thread while a guard from [`Logs::capture`] is held.

@@ -11,7 +11,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinSet;
 
-use super::tree::{ProcStat, ProcessTable};
+use super::tree::ProcStat;
 
 /// One process, pinned: once open, the pidfd names this process and no later one.
 #[derive(Debug)]
@@ -41,7 +41,8 @@ impl PidFd {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(ProcStat::read(seen.pid)
+        // Read again through /proc: a failed read is an error too, never "gone".
+        Ok(ProcStat::read_checked(seen.pid)?
             .filter(|now| now.start_time == seen.start_time)
             .map(|_| fd))
     }
@@ -79,6 +80,19 @@ impl PidFd {
     }
 }
 
+/// Resolves with the index of the first of `fds` whose process has exited; never when `fds` is
+/// empty.
+pub async fn first_exit(fds: &[&PidFd]) -> usize {
+    let mut exits: Vec<_> = fds.iter().map(|fd| Box::pin(fd.exited())).collect();
+    std::future::poll_fn(|cx| {
+        exits
+            .iter_mut()
+            .position(|exit| exit.as_mut().poll(cx).is_ready())
+            .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
+    })
+    .await
+}
+
 /// A set of processes waited for together: nginx's master and workers during a drain.
 #[derive(Debug, Default)]
 pub struct Processes {
@@ -87,31 +101,22 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// Tracks every process below `root` not tracked yet, and `root` itself when `with_root`.
-    /// Returns how many were added.
-    pub fn track_below(&mut self, root: i32, with_root: bool) -> usize {
-        let Ok(table) = ProcessTable::read() else {
-            return 0;
-        };
-        let mut seen: Vec<&ProcStat> = table.descendants(root);
-        if with_root {
-            seen.extend(table.get(root));
-        }
-        seen.into_iter().filter(|stat| self.track(stat)).count()
+    /// [`Processes::try_track`], with a failure logged: for callers that can do without it.
+    pub fn track(&mut self, seen: &ProcStat) -> bool {
+        self.try_track(seen).unwrap_or_else(|err| {
+            tracing::error!(pid = seen.pid, %err, "cannot hold an nginx process by pidfd; it will not be waited for");
+            false
+        })
     }
 
-    pub fn track(&mut self, seen: &ProcStat) -> bool {
+    /// Holds the process a snapshot saw: true if it is tracked now, false if it was already or
+    /// is gone. An error (no pidfd: too many open files, say) leaves it untracked but not gone.
+    pub fn try_track(&mut self, seen: &ProcStat) -> std::io::Result<bool> {
         if self.live.contains_key(&seen.pid) {
-            return false;
+            return Ok(false);
         }
-        let fd = match PidFd::open_verified(seen) {
-            Ok(Some(fd)) => fd,
-            Ok(None) => return false,
-            Err(err) => {
-                // Untracked means unwaited: say so loudly rather than end a drain early.
-                tracing::error!(pid = seen.pid, %err, "cannot hold an nginx process by pidfd; it will not be waited for");
-                return false;
-            }
+        let Some(fd) = PidFd::open_verified(seen)? else {
+            return Ok(false);
         };
         let fd = Arc::new(fd);
         self.live.insert(seen.pid, fd.clone());
@@ -119,7 +124,7 @@ impl Processes {
             fd.exited().await;
             fd.pid()
         });
-        true
+        Ok(true)
     }
 
     pub fn is_empty(&self) -> bool {

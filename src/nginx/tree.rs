@@ -10,6 +10,8 @@ pub struct ProcStat {
     pub comm: String,
     pub state: char,
     pub ppid: i32,
+    /// Its process group: what a hook left running is found by it.
+    pub pgrp: i32,
     /// Clock ticks after boot; with the pid, it names one process for good (pids get reused).
     pub start_time: u64,
 }
@@ -29,40 +31,83 @@ impl ProcStat {
             comm,
             state: rest.first()?.chars().next()?,
             ppid: rest.get(1)?.parse().ok()?,
+            pgrp: rest.get(2)?.parse().ok()?,
             start_time: rest.get(19)?.parse().ok()?,
         })
     }
 
+    /// The process's line, or `None` when it cannot be read for any reason. Where "cannot be
+    /// read" must not pass for "gone", use [`ProcStat::read_checked`].
     pub fn read(pid: i32) -> Option<Self> {
-        Self::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+        Self::read_checked(pid).ok().flatten()
     }
+
+    /// `Ok(None)` only when no such process exists; any other failure (too many open files,
+    /// permission denied) is an error: the process may well be there.
+    pub fn read_checked(pid: i32) -> std::io::Result<Option<Self>> {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(line) => Ok(Self::parse(&line)),
+            Err(err) if is_gone(&err) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Whether a failed read of /proc/PID/... means the process is gone: no entry (ENOENT), or it
+/// exited between the open and the read (ESRCH).
+fn is_gone(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
 }
 
 /// A snapshot of every process's parent.
 #[derive(Debug, Default)]
 pub struct ProcessTable {
     by_pid: HashMap<i32, ProcStat>,
+    /// The first process listed whose line could not be read (too many open files, say): the
+    /// table may miss processes that exist.
+    unreadable: Option<(i32, std::io::ErrorKind, String)>,
 }
 
 impl ProcessTable {
+    /// Every process /proc lists. A process that exits between the listing and the read is
+    /// left out; one that cannot be read is left out too, and noted ([`ProcessTable::read_complete`]).
     pub fn read() -> std::io::Result<Self> {
         let mut table = Self::default();
         for entry in std::fs::read_dir("/proc")? {
-            let Ok(entry) = entry else { continue };
+            let entry = entry?;
             let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            // A process may exit between readdir and read: not an error.
-            if let Some(stat) = ProcStat::read(pid) {
-                table.by_pid.insert(pid, stat);
+            match ProcStat::read_checked(pid) {
+                Ok(Some(stat)) => {
+                    table.by_pid.insert(pid, stat);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    table.unreadable.get_or_insert((pid, err.kind(), err.to_string()));
+                }
             }
         }
         Ok(table)
     }
 
+    /// Every process, or an error when /proc cannot be listed or one of its processes cannot
+    /// be read: a table with a hole must not pass for one that shows every process.
+    pub fn read_complete() -> std::io::Result<Self> {
+        let table = Self::read()?;
+        match &table.unreadable {
+            None => Ok(table),
+            Some((pid, kind, err)) => Err(std::io::Error::new(
+                *kind,
+                format!("reading /proc/{pid}/stat: {err}"),
+            )),
+        }
+    }
+
     pub fn from_stats(stats: impl IntoIterator<Item = ProcStat>) -> Self {
         Self {
             by_pid: stats.into_iter().map(|s| (s.pid, s)).collect(),
+            unreadable: None,
         }
     }
 
@@ -87,6 +132,17 @@ impl ProcessTable {
             }
         }
         found
+    }
+
+    /// The live processes of a process group (zombies left out), by pid.
+    pub fn members_of_group(&self, pgrp: i32) -> impl Iterator<Item = &ProcStat> {
+        let mut members: Vec<&ProcStat> = self
+            .by_pid
+            .values()
+            .filter(|s| s.pgrp == pgrp && s.state != 'Z')
+            .collect();
+        members.sort_by_key(|s| s.pid);
+        members.into_iter()
     }
 
     pub fn children(&self, parent: i32) -> impl Iterator<Item = &ProcStat> {
@@ -118,9 +174,10 @@ mod tests {
                 stat.comm.as_str(),
                 stat.state,
                 stat.ppid,
+                stat.pgrp,
                 stat.start_time
             ),
-            (4242, "nginx", 'S', 4241, 987654)
+            (4242, "nginx", 'S', 4241, 4241, 987654)
         );
 
         let odd = "7 (a) b (c)) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
@@ -142,6 +199,7 @@ mod tests {
             comm: "nginx".into(),
             state: 'S',
             ppid,
+            pgrp: 1,
             start_time: 1,
         };
         // 1 -> 10 (supervisor) -> 20 (master) -> 30, 31 (workers); 40 was reparented to 10.
@@ -165,8 +223,20 @@ mod tests {
 
     #[test]
     fn this_process_is_in_the_live_table() {
-        let table = ProcessTable::read().unwrap();
+        let table = ProcessTable::read_complete().unwrap();
         let me = table.get(std::process::id() as i32).unwrap();
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
+        assert_eq!(me.pgrp, nix::unistd::getpgrp().as_raw());
+    }
+
+    #[test]
+    fn only_a_process_that_does_not_exist_reads_as_gone() {
+        // Above the kernel's PID_MAX_LIMIT: no process has it.
+        assert!(matches!(ProcStat::read_checked(1 << 23), Ok(None)));
+        let me = ProcStat::read_checked(std::process::id() as i32).unwrap();
+        assert!(me.is_some());
+        let exhausted = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(!is_gone(&exhausted), "too many open files is not gone");
+        assert!(is_gone(&std::io::Error::from_raw_os_error(libc::ESRCH)));
     }
 }

@@ -1,14 +1,22 @@
 //! Pre-drain hooks: commands run in order when a drain starts, each within its timeout, with
-//! their output logged. This is how a pod leaves nacos, consul or eureka before it stops serving.
+//! their output logged. A process a hook leaves in the background is named in the log and not
+//! waited for. This is how a pod leaves nacos, consul or eureka before it stops serving.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
+use crate::nginx::tree::ProcessTable;
 use crate::os::reaper::{Exit, Reaper};
+
+/// How long the output of a hook that has exited is read before the drain goes on: what it
+/// wrote is in the pipe's buffer already, read in microseconds; only a leftover process that
+/// holds the pipe open would make the wait longer.
+const OUTPUT_AFTER_EXIT: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookOutcome {
@@ -67,17 +75,19 @@ pub async fn run_one(reaper: &Reaper, argv: &[String], timeout: Duration) -> Hoo
             HookOutcome::TimedOut
         }
     };
-    // Output the hook wrote just before it ended is still in the pipes: read it, but do not wait
-    // on a background process of the hook's that keeps them open.
-    for mut reader in readers.into_iter().flatten() {
-        if tokio::time::timeout(Duration::from_millis(200), &mut reader)
-            .await
-            .is_err()
-        {
-            reader.abort();
-            tracing::debug!(hook, "stopped reading the output of a hook's leftover process");
+    // What the hook wrote before it ended is in the pipes: read it for a moment, bounded by the
+    // hook's own timeout, which is its place in the plan. A background process the hook left
+    // (`curl ... &`) keeps the pipes open: its output is logged as it comes, but the drain does
+    // not wait for it.
+    let read_until = (Instant::now() + OUTPUT_AFTER_EXIT).min(started + timeout);
+    let readers = readers.into_iter().flatten();
+    let all_read = async {
+        for reader in readers {
+            let _ = reader.await;
         }
-    }
+    };
+    let _ = tokio::time::timeout_at(read_until.into(), all_read).await;
+    report_leftovers(&hook, child.pid);
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match &outcome {
         HookOutcome::Exited(exit) if exit.success() => {
@@ -95,6 +105,34 @@ pub async fn run_one(reaper: &Reaper, argv: &[String], timeout: Duration) -> Hoo
         HookOutcome::NotStarted(_) => {}
     }
     outcome
+}
+
+/// Logs what a hook left running in its process group (a background `curl`, say): left to
+/// finish its work, and not waited for.
+fn report_leftovers(hook: &str, group: Pid) {
+    // Signal 0: whether any process is left in the group, without reading /proc.
+    if killpg(group, None).is_err() {
+        return;
+    }
+    // A leftover that has just exited is a zombie until reaped: still in the group, not running.
+    let left = match ProcessTable::read() {
+        Ok(table) => {
+            let members: Vec<String> = table
+                .members_of_group(group.as_raw())
+                .map(|stat| format!("{} ({})", stat.pid, stat.comm))
+                .collect();
+            if members.is_empty() {
+                return;
+            }
+            members
+        }
+        Err(err) => vec![format!("unknown: cannot read /proc: {err}")],
+    };
+    tracing::warn!(
+        hook,
+        left = left.join(", "),
+        "pre-drain hook left processes running; the drain does not wait for them"
+    );
 }
 
 fn log_lines(

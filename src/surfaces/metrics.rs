@@ -52,7 +52,7 @@ impl Metrics {
         let drains = Family::<Outcome, Counter>::default();
         registry.register(
             "drains",
-            "Drains by outcome: clean, escalated (SIGTERM/SIGKILL at the end of the budget), nginx_failed, nginx_exited",
+            "Drains by outcome: clean, escalated (SIGTERM/SIGKILL at the end of the budget), nginx_failed, nginx_exited, unobserved (the end of nginx's processes not seen)",
             drains.clone(),
         );
         let drain_seconds = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]);
@@ -198,6 +198,7 @@ mod tests {
             closed_by_shutdown_timeout: None,
             killed: 3,
             elapsed: Duration::from_secs(28),
+            ..Default::default()
         }));
         metrics.master_exited_unexpectedly();
         let text = metrics.render(Phase::Quitting, 1, 2);

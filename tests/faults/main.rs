@@ -8,6 +8,7 @@ use test_support as common;
 // One module per surface under attack, beside the start-up refusals below.
 mod listeners;
 mod supervisor;
+mod drain_engine;
 
 /// Runs `nginx-graceful run ARGS -- nginx -g 'daemon off;'` to be refused.
 fn run(args: &[&str]) -> (i32, String) {
