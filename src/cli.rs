@@ -302,6 +302,9 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+/// Where nginx writes its pid unless told otherwise (Debian's, and the official image's).
+pub const DEFAULT_PID_FILE: &str = "/run/nginx.pid";
+
 /// Where `drain` and `reload` find what they act on.
 #[derive(Debug, Clone, Args)]
 pub struct NginxTarget {
@@ -311,7 +314,7 @@ pub struct NginxTarget {
         long,
         value_name = "FILE",
         env = "NGINX_GRACEFUL_PID_FILE",
-        default_value = "/run/nginx.pid"
+        default_value = DEFAULT_PID_FILE
     )]
     pub pid_file: PathBuf,
 
@@ -324,6 +327,14 @@ pub struct NginxTarget {
         default_value = "/run/nginx-graceful"
     )]
     pub runtime_dir: PathBuf,
+}
+
+impl NginxTarget {
+    /// The pid file, when one other than the default was named (the option or its variable):
+    /// the nginx to act on, which a supervisor that answers must be the one running.
+    pub fn named_pid_file(&self) -> Option<&std::path::Path> {
+        (self.pid_file != std::path::Path::new(DEFAULT_PID_FILE)).then_some(self.pid_file.as_path())
+    }
 }
 
 #[derive(Debug, Args)]
