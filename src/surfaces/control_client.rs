@@ -101,8 +101,9 @@ struct Session {
 
 impl Session {
     /// Connects and checks who listens. `Ok(None)` when no supervisor is there: no socket, or
-    /// one that nobody listens on (a supervisor that died).
-    async fn open(runtime_dir: &Path, bound: Bound) -> Result<Option<Self>, Error> {
+    /// one that nobody listens on (a supervisor that died); `otherwise` says what the command
+    /// does then.
+    async fn open(runtime_dir: &Path, bound: Bound, otherwise: &str) -> Result<Option<Self>, Error> {
         let path = socket_path(runtime_dir);
         if !path.exists() {
             return Ok(None);
@@ -118,7 +119,7 @@ impl Session {
                 });
             }
             Ok(Err(err)) => {
-                tracing::warn!(socket = %path.display(), %err, "the supervisor's control socket does not answer: no supervisor");
+                tracing::warn!(socket = %path.display(), %err, "the supervisor's control socket does not answer: {otherwise}");
                 return Ok(None);
             }
             Err(_) => return Err(timed_out(&path, "take the connection", bound)),
@@ -220,6 +221,9 @@ fn named_master(target: &NginxTarget) -> Option<i32> {
     }
 }
 
+/// What `drain` does when no supervisor answers.
+const DRAINING_DIRECTLY: &str = "draining directly";
+
 /// Asks the supervisor to drain and follows its drain within `bound` (the hook's grace
 /// period). `Ok(None)` when no supervisor answers, so the caller drains by itself.
 pub async fn request_drain(
@@ -228,11 +232,11 @@ pub async fn request_drain(
     bound: Bound,
     mut on_event: impl FnMut(&Value),
 ) -> Result<Option<Value>, Error> {
-    let Some(mut session) = Session::open(&target.runtime_dir, bound).await? else {
+    let Some(mut session) = Session::open(&target.runtime_dir, bound, DRAINING_DIRECTLY).await? else {
         return Ok(None);
     };
     if !session.ask(request_for("drain", target)).await {
-        tracing::warn!(socket = %session.path.display(), "the supervisor closed the control socket: no supervisor");
+        tracing::warn!(socket = %session.path.display(), "the supervisor closed the control socket: {DRAINING_DIRECTLY}");
         return Ok(None);
     }
     let mut accepted = false;
@@ -256,7 +260,7 @@ pub async fn request_drain(
     if accepted {
         Err(Error::ControlBroken)
     } else {
-        tracing::warn!(socket = %session.path.display(), "the supervisor did not accept the request: no supervisor");
+        tracing::warn!(socket = %session.path.display(), "the supervisor did not accept the request: {DRAINING_DIRECTLY}");
         Ok(None)
     }
 }
@@ -288,7 +292,13 @@ fn say_whose_plan(accepted: &Value, hook: &DrainPlan) {
 /// Asks the supervisor to reload, and waits `reply_within` for the outcome once it has taken
 /// the request; `Ok(None)` when no supervisor answers.
 pub async fn request_reload(target: &NginxTarget, reply_within: Duration) -> Result<Option<Value>, Error> {
-    let Some(mut session) = Session::open(&target.runtime_dir, Bound::from_now(ANSWER_TIMEOUT)).await? else {
+    let Some(mut session) = Session::open(
+        &target.runtime_dir,
+        Bound::from_now(ANSWER_TIMEOUT),
+        "reloading directly",
+    )
+    .await?
+    else {
         return Ok(None);
     };
     if !session.ask(request_for("reload", target)).await {
@@ -316,7 +326,7 @@ pub async fn request_reload(target: &NginxTarget, reply_within: Duration) -> Res
 /// Asks the supervisor what it and nginx are doing; `Ok(None)` when no supervisor answers.
 pub async fn request_status(target: &NginxTarget) -> Result<Option<Value>, Error> {
     let bound = Bound::from_now(ANSWER_TIMEOUT);
-    let Some(mut session) = Session::open(&target.runtime_dir, bound).await? else {
+    let Some(mut session) = Session::open(&target.runtime_dir, bound, "reading the pid file").await? else {
         return Ok(None);
     };
     if !session.ask(request_for("status", target)).await {
