@@ -137,7 +137,7 @@ impl Session {
         if !trusted_uid(uid) {
             return Err(Error::ControlRefused {
                 detail: format!(
-                    "the control socket {} is served by uid {uid}, neither this user (uid {}) nor root: a process of another user may have replaced it; keep the runtime directory writable by the supervisor's user alone",
+                    "the control socket {} is served by uid {uid}, neither this user (uid {}) nor root: another user's process may have put it there (`ss -xlp` names it)",
                     path.display(),
                     nix::unistd::geteuid()
                 ),

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -165,72 +166,63 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, stream: UnixStream) {
+    async fn serve(self, stream: UnixStream) {
         let client_uid = stream.peer_cred().map(|cred| cred.uid()).ok();
         let (read, mut write) = stream.into_split();
         let mut read = BufReader::new(read);
-        let request =
-            match tokio::time::timeout(REQUEST_TIMEOUT, read_line(&mut read, MAX_REQUEST_LINE)).await {
-                Ok(Ok(Some(line))) => serde_json::from_str::<Value>(&line).unwrap_or(Value::Null),
-                Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
-                    let reason = format!("a request is one line of at most {MAX_REQUEST_LINE} bytes");
-                    let _ = send(&mut write, &refused(reason)).await;
-                    return;
-                }
-                // Silent for a second, gone, or unreadable: its slot goes to the next client.
-                _ => return,
-            };
+        let Some(request) = read_request(&mut read, &mut write).await else {
+            return;
+        };
         // Refused once its request is in, so the client reads why instead of a closed socket.
-        if let Some(reason) = refuse_client(client_uid) {
+        let refusal = refuse_client(client_uid).or_else(|| {
+            request["master_pid"]
+                .as_i64()
+                .and_then(|pid| self.refuse_master(pid))
+        });
+        if let Some(reason) = refusal {
             tracing::warn!(uid = client_uid, "control request refused: {reason}");
             let _ = send(&mut write, &refused(reason)).await;
             return;
         }
-        if let Some(reason) = request["master_pid"]
-            .as_i64()
-            .and_then(|pid| self.refuse_master(pid))
-        {
-            tracing::warn!("control request refused: {reason}");
-            let _ = send(&mut write, &refused(reason)).await;
+        match request["request"].as_str() {
+            Some("drain") => self.follow_drain(read, write).await,
+            Some("status") => self.status(write).await,
+            Some("reload") => self.reload(write).await,
+            _ => {
+                let unknown = json!({"event": "error", "message": "unknown request"});
+                let _ = send(&mut write, &unknown).await;
+            }
+        }
+    }
+
+    async fn status(self, mut write: OwnedWriteHalf) {
+        // /proc reads: off the thread that handles signals.
+        let live = self.live.clone();
+        let status = tokio::task::spawn_blocking(move || crate::surfaces::status::of_supervisor(&live))
+            .await
+            .unwrap_or_else(|_| json!({"error": "the status could not be read"}));
+        let _ = send(&mut write, &status).await;
+    }
+
+    async fn reload(self, mut write: OwnedWriteHalf) {
+        let accepted = json!({"event": "accepted", "master_pid": self.live.master()});
+        if send(&mut write, &accepted).await.is_err() {
             return;
         }
-        match request["request"].as_str() {
-            Some("drain") => {}
-            Some("status") => {
-                // /proc reads: off the thread that handles signals.
-                let live = self.live.clone();
-                let status =
-                    tokio::task::spawn_blocking(move || crate::surfaces::status::of_supervisor(&live))
-                        .await
-                        .unwrap_or_else(|_| json!({"error": "the status could not be read"}));
-                let _ = send(&mut write, &status).await;
-                return;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _ = self.requests.send(ControlRequest::Reload(reply)).await;
+        let answer = match answer.await {
+            Ok(reply) => reply.to_json(),
+            Err(_) => {
+                json!({"event": "reload", "outcome": "refused", "reason": "the supervisor is stopping"})
             }
-            Some("reload") => {
-                let accepted = json!({"event": "accepted", "master_pid": self.live.master()});
-                if send(&mut write, &accepted).await.is_err() {
-                    return;
-                }
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                let _ = self.requests.send(ControlRequest::Reload(reply)).await;
-                let answer = match answer.await {
-                    Ok(reply) => reply.to_json(),
-                    Err(_) => {
-                        json!({"event": "reload", "outcome": "refused", "reason": "the supervisor is stopping"})
-                    }
-                };
-                let _ = send(&mut write, &answer).await;
-                return;
-            }
-            _ => {
-                let _ = send(
-                    &mut write,
-                    &json!({"event": "error", "message": "unknown request"}),
-                )
-                .await;
-                return;
-            }
-        }
+        };
+        let _ = send(&mut write, &answer).await;
+    }
+
+    /// Starts the drain (or joins the one under way) and relays it: the plan, each event, the
+    /// outcome; then waits for the client to hang up.
+    async fn follow_drain(mut self, mut read: BufReader<OwnedReadHalf>, mut write: OwnedWriteHalf) {
         // Subscribed before the request goes in, so no event of this drain is missed.
         let _ = self.requests.send(ControlRequest::Drain).await;
         let mut accepted = json!({"event": "accepted", "master_pid": self.live.master()});
@@ -270,18 +262,35 @@ impl Connection {
         }
     }
 
-    /// Why a request for the master `pid` is refused: it is not this supervisor's (nor one its
-    /// master started, the new master of a binary upgrade).
+    /// Why a request for the master `pid` is refused: it runs, and it is not this supervisor's
+    /// (nor one its master started, the new master of a binary upgrade). A pid that no longer
+    /// runs is a pid file left by a master that has exited, ours most likely: nothing to protect.
     fn refuse_master(&self, pid: i64) -> Option<String> {
         let ours = self.live.master();
         let pid = i32::try_from(pid).ok()?;
-        if ours.is_some_and(|master| master == pid || descends_from(pid, master)) {
+        let runs = ProcStat::read(pid).is_some_and(|stat| stat.state != 'Z');
+        if !runs || ours.is_some_and(|master| master == pid || descends_from(pid, master)) {
             return None;
         }
         let ours = ours.map_or("none running".to_owned(), |master| format!("pid {master}"));
         Some(format!(
             "its nginx master is {ours}, not pid {pid} that --pid-file names; give --runtime-dir of the supervisor of pid {pid}, or one with no supervisor to act on pid {pid} directly"
         ))
+    }
+}
+
+/// The request, read within [`REQUEST_TIMEOUT`] and [`MAX_REQUEST_LINE`]; `None` when there is
+/// none to serve (a longer line is told why).
+async fn read_request(read: &mut BufReader<OwnedReadHalf>, write: &mut OwnedWriteHalf) -> Option<Value> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, read_line(read, MAX_REQUEST_LINE)).await {
+        Ok(Ok(Some(line))) => Some(serde_json::from_str::<Value>(&line).unwrap_or(Value::Null)),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
+            let reason = format!("a request is one line of at most {MAX_REQUEST_LINE} bytes");
+            let _ = send(write, &refused(reason)).await;
+            None
+        }
+        // Silent for a second, gone, or unreadable: its slot goes to the next client.
+        _ => None,
     }
 }
 
@@ -485,9 +494,13 @@ mod tests {
         );
         assert!(server.requests.try_recv().is_err(), "nothing reached the loop");
 
-        // Its own master, and a process below it, are its own.
-        let line = format!("{{\"request\":\"status\",\"master_pid\":{me}}}\n");
-        assert_eq!(exchange(&dir, line.as_bytes()).await["source"], "supervisor");
+        // Its own master is its own, and a pid that no longer runs names nothing to protect.
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        exited.wait().unwrap();
+        for pid in [me, exited.id() as i32] {
+            let line = format!("{{\"request\":\"status\",\"master_pid\":{pid}}}\n");
+            assert_eq!(exchange(&dir, line.as_bytes()).await["source"], "supervisor");
+        }
         assert!(!descends_from(1, me));
     }
 
