@@ -108,7 +108,10 @@ EXIT CODES:
   15   the pid file names a process that is not an nginx master (nothing was signalled)
   16   the nginx master belongs to another user (nothing was signalled)
   17   the pid file cannot be read, is empty, or holds no pid
-  18   the supervisor stopped answering before it reported the outcome
+  18   the supervisor stopped answering before it reported the outcome, or did not report it
+       within --grace-period (a supervisor stopped with SIGSTOP, say)
+  19   the supervisor cannot be used: it runs as another user (a socket put there by another
+       process), refused this user, or runs another nginx than --pid-file names; nothing was done
   70   internal error";
 
 const RELOAD_AFTER_HELP: &str = "\
@@ -122,7 +125,9 @@ EXIT CODES:
   20   the config fails its test: nothing was signalled, nginx serves the old config
   21   nginx kept the old config (its reason is printed), or no new workers came in time
   22   refused: a drain has begun
-  23   nginx is not running";
+  23   nginx is not running
+  18   the supervisor did not take the request within 5s, or gave no outcome in time
+  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)";
 
 const STATUS_AFTER_HELP: &str = "\
 With a `run` supervisor (its control socket in --runtime-dir), the supervisor answers: its
@@ -136,7 +141,9 @@ In a pod:  kubectl exec POD -- nginx-graceful status
 EXIT CODES:
   0    nginx runs
   23   nginx is not running
-  15, 16, 17  the pid file is not usable (as for drain)";
+  15, 16, 17  the pid file is not usable (as for drain)
+  18   the supervisor did not answer within 5s
+  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)";
 
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -309,16 +316,20 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+/// Where nginx writes its pid unless told otherwise (Debian's, and the official image's).
+pub const DEFAULT_PID_FILE: &str = "/run/nginx.pid";
+
 /// Where `drain` and `reload` find what they act on.
 #[derive(Debug, Clone, Args)]
 pub struct NginxTarget {
     /// nginx's pid file (its `pid` directive), read when no supervisor answers. During a binary
-    /// upgrade, `drain` drains the old master's FILE.oldbin too.
+    /// upgrade, `drain` drains the old master's FILE.oldbin too. A file other than the default
+    /// names the target: a supervisor that runs another nginx is refused.
     #[arg(
         long,
         value_name = "FILE",
         env = "NGINX_GRACEFUL_PID_FILE",
-        default_value = "/run/nginx.pid"
+        default_value = DEFAULT_PID_FILE
     )]
     pub pid_file: PathBuf,
 
@@ -333,9 +344,18 @@ pub struct NginxTarget {
     pub runtime_dir: PathBuf,
 }
 
+impl NginxTarget {
+    /// The pid file, when one other than the default was named (the option or its variable):
+    /// the nginx to act on, which a supervisor that answers must be the one running.
+    pub fn named_pid_file(&self) -> Option<&std::path::Path> {
+        (self.pid_file != std::path::Path::new(DEFAULT_PID_FILE)).then_some(self.pid_file.as_path())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct PreStopArgs {
-    /// Used only without a supervisor: with one, its own plan and budget apply.
+    /// Used only without a supervisor: with one, its own plan and budget apply, and
+    /// --grace-period bounds how long this hook follows its drain.
     #[command(flatten)]
     pub drain: DrainArgs,
 

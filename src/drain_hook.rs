@@ -46,7 +46,9 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
             _ => {}
         }
     };
-    if let Some(event) = control::request_drain(&args.target.runtime_dir, relay).await? {
+    // Every wait on the supervisor ends within this hook's grace period.
+    let bound = control::Bound::since(started, plan.grace_period);
+    if let Some(event) = control::request_drain(&args.target, &plan, bound, relay).await? {
         let outcome = Outcome::from_json(&event).ok_or(Error::ControlBroken)?;
         return Ok(outcome.log_summary("the supervisor drained nginx"));
     }

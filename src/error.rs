@@ -21,6 +21,7 @@ pub mod exit {
     pub const OTHER_USER: i32 = 16;
     pub const PID_FILE: i32 = 17;
     pub const CONTROL_BROKEN: i32 = 18;
+    pub const CONTROL_REFUSED: i32 = 19;
     pub const RELOAD_INVALID: i32 = 20;
     pub const RELOAD_FAILED: i32 = 21;
     pub const RELOAD_REFUSED: i32 = 22;
@@ -81,6 +82,18 @@ pub enum Error {
     #[error("the supervisor stopped answering before it reported the drain's outcome: see its log")]
     ControlBroken,
 
+    #[error(
+        "the supervisor at {} did not {what} within {within}: it is stopped (SIGSTOP), hung or swamped; see its log, and its state in `ps`", socket.display()
+    )]
+    ControlTimeout {
+        socket: PathBuf,
+        what: &'static str,
+        within: String,
+    },
+
+    #[error("{detail}; nothing was done")]
+    ControlRefused { detail: String },
+
     #[error("{context}: {source}")]
     Internal {
         context: &'static str,
@@ -133,7 +146,8 @@ impl Error {
             Error::PidFile { .. } => exit::PID_FILE,
             Error::NotNginx { .. } => exit::NOT_NGINX,
             Error::OtherUser { .. } => exit::OTHER_USER,
-            Error::ControlBroken => exit::CONTROL_BROKEN,
+            Error::ControlBroken | Error::ControlTimeout { .. } => exit::CONTROL_BROKEN,
+            Error::ControlRefused { .. } => exit::CONTROL_REFUSED,
             Error::Internal { .. } => exit::INTERNAL,
         }
     }

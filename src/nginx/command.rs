@@ -15,7 +15,7 @@ use crate::os::reaper::{Exit, Reaper};
 
 /// nginx resolves upstream host names while it tests a config; a DNS server that does not
 /// answer must not stall start-up or a reload for ever.
-const CONFIG_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const CONFIG_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct NginxCommand {

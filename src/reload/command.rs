@@ -40,7 +40,12 @@ pub fn argv_from_title(title: &str) -> Option<Vec<String>> {
 /// read as the supervisor writes it on the control socket.
 pub async fn request(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::Error> {
     use crate::error::exit;
-    let reply = match crate::surfaces::control_client::request_reload(&args.target.runtime_dir).await? {
+    // The supervisor's reload: its config test (bounded), the close window, and its confirmation
+    // (bounded by its --reload-timeout; this command's is taken for it).
+    let reply_within = crate::nginx::command::CONFIG_TEST_TIMEOUT
+        + args.reload.reload_close_window
+        + args.reload.reload_timeout;
+    let reply = match crate::surfaces::control_client::request_reload(&args.target, reply_within).await? {
         Some(reply) => reply,
         None => direct(&args).await?.to_json(),
     };

@@ -68,7 +68,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         generations.clone(),
         Metrics::new(nginx_errors.worker_crashes.clone()),
     );
-    let mut control = ControlServer::start(runtime.path(), &phases, live.clone())?;
+    let mut control = ControlServer::start(runtime.path(), &phases, live.clone(), &plan)?;
     let flag = runtime.flag();
     tracing::info!(phase = Phase::Starting.name(), ?role, command = ?args.command, controller_mode = !child.is_nginx(), "starting");
 

@@ -17,7 +17,7 @@ use crate::os::drain_flag::DrainFlag;
 use crate::surfaces::live::Live;
 
 pub async fn show(args: StatusArgs) -> Result<i32, Error> {
-    let status = match crate::surfaces::control_client::request_status(&args.target.runtime_dir).await? {
+    let status = match crate::surfaces::control_client::request_status(&args.target).await? {
         Some(status) => status,
         None => {
             let target = args.target.clone();

@@ -9,6 +9,7 @@ use test_support as common;
 mod listeners;
 mod supervisor;
 mod drain_engine;
+mod control_socket;
 
 /// Runs `nginx-graceful run ARGS -- nginx -g 'daemon off;'` to be refused.
 fn run(args: &[&str]) -> (i32, String) {
