@@ -95,13 +95,16 @@ KUBERNETES:
   terminationGracePeriodSeconds.
 
 EXIT CODES:
-  0    nginx quit cleanly within the budget, or was not running
+  0    nginx quit cleanly within the budget, or had exited already (its pid file names a
+       process that is gone)
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
   10   the drain plan does not fit in --grace-period
   15   the pid file names a process that is not an nginx master (nothing was signalled)
   16   the nginx master belongs to another user (nothing was signalled)
-  17   the pid file cannot be read, is empty, or holds no pid
+  17   the pid file cannot be read, is empty, holds no pid, or is not a small regular file
   18   the supervisor stopped answering before it reported the outcome
+  23   nothing to drain: no pid file (or no directory for it) and no drain recorded
+       (a repeat of the hook after a drain exits with that drain's code)
   70   internal error";
 
 const RELOAD_AFTER_HELP: &str = "\

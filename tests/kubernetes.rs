@@ -165,10 +165,13 @@ fn env_var<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
 
 /// The preStop hook's own run, in a container where nginx is already gone: the drain plan is
 /// built from the environment and checked against the grace period first (exit 10 when it does
-/// not fit), then `drain` finds no nginx and exits 0. The supervisor builds its plan from the
-/// same variables with the same code.
+/// not fit), then `drain` finds that nginx has exited (its pid file names a process that is
+/// gone) and exits 0. The supervisor builds its plan from the same variables with the same code.
 fn prestop_hook(env: &[(String, String)]) -> (i32, String) {
     let dir = TempDir::new("k8s-plan");
+    let mut exited = Command::new("true").spawn().unwrap();
+    std::fs::write(dir.0.join("nginx.pid"), format!("{}\n", exited.id())).unwrap();
+    exited.wait().unwrap();
     let mut hook = Command::new(bin());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("NGINX_GRACEFUL_") {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use test_support as common;
 
 // One module per surface under attack, beside the start-up refusals below.
+mod prestop_hook;
 
 /// Runs `nginx-graceful run ARGS -- nginx -g 'daemon off;'` to be refused.
 fn run(args: &[&str]) -> (i32, String) {
