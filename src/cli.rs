@@ -107,6 +107,28 @@ EXIT CODES:
        (a repeat of the hook after a drain exits with that drain's code)
   70   internal error";
 
+const POST_START_ABOUT: &str = "\
+Remove a drain flag that a previous life of this container left behind: the postStart hook
+beside a preStop `drain` without a supervisor.
+
+With nginx as PID 1, the kernel ends the preStop hook as soon as nginx exits. `drain` lowers the
+drain flag when the last worker exits, a moment before, but a hook killed earlier (the grace
+period ran out) leaves it in the emptyDir. A restart of the container in the same pod (a
+liveness failure runs preStop too) would then answer /readyz 503 and `Connection: close` on every
+response, for good. The flag names the nginx master it was raised for (pid, start time and PID
+namespace); post-start removes it when that master no longer runs, and keeps a running drain's.";
+
+const POST_START_AFTER_HELP: &str = "\
+KUBERNETES (nginx as PID 1, preStop `nginx-graceful drain`):
+  lifecycle:
+    postStart:
+      exec:
+        command: [\"nginx-graceful\", \"post-start\"]
+
+EXIT CODES:
+  0    no stale flag, or it was removed
+  13   a stale flag cannot be removed from the runtime directory";
+
 const RELOAD_AFTER_HELP: &str = "\
 With a `run` supervisor (its control socket in --runtime-dir), the supervisor reloads: the same
 test, SIGHUP and confirmation as on SIGHUP or a config change, and its --reload-timeout. Without
@@ -155,6 +177,9 @@ pub enum Command {
     /// Drain nginx and block until it has exited (the preStop hook).
     #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
     Drain(PreStopArgs),
+    /// Remove a drain flag left by a previous life of this container (the postStart hook).
+    #[command(long_about = POST_START_ABOUT, after_long_help = POST_START_AFTER_HELP)]
+    PostStart(PostStartArgs),
     /// Show the nginx master, its workers by generation, their connections, the phase and the last reload.
     #[command(after_long_help = STATUS_AFTER_HELP)]
     Status(StatusArgs),
@@ -340,6 +365,18 @@ pub struct PreStopArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PostStartArgs {
+    /// The runtime directory whose drain flag the keep-alive snippet and health.conf test.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "NGINX_GRACEFUL_RUNTIME_DIR",
+        default_value = "/run/nginx-graceful"
+    )]
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: NginxTarget,
@@ -446,7 +483,7 @@ mod tests {
         // The commands a container runs.
         let subcommands = cmd
             .get_subcommands()
-            .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))
+            .filter(|sub| ["run", "drain", "reload", "post-start"].contains(&sub.get_name()))
             .flat_map(|sub| sub.get_arguments().map(move |arg| (sub.get_name(), arg)));
         for (command, arg) in subcommands.chain(cmd.get_arguments().map(|arg| ("", arg))) {
             let id = arg.get_id().as_str();

@@ -11,14 +11,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::cli::{NginxTarget, PreStopArgs};
+use crate::cli::{NginxTarget, PostStartArgs, PreStopArgs};
 use crate::core::outcome::Outcome;
 use crate::core::phase::Phases;
 use crate::core::plan::DrainPlan;
 use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
 use crate::nginx::pidfile::{self, FoundMaster};
-use crate::os::drain_flag::DrainFlag;
+use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::os::reaper::Reaper;
 use crate::os::runtime_dir::{record_outcome, recorded_outcome};
 use crate::surfaces::control_client as control;
@@ -98,6 +98,32 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
         record_outcome(&runtime.dir, &outcome);
     }
     Ok(outcome.log_summary("drained nginx"))
+}
+
+/// `post-start`: removes a drain flag whose master no longer runs, the one a `drain` killed with
+/// nginx as PID 1 leaves to the container's next life. A running drain's flag stays.
+pub async fn post_start(args: PostStartArgs) -> Result<i32, Error> {
+    let flag = DrainFlag::in_dir(&args.runtime_dir);
+    let removed = flag.lower_if_stale().map_err(|source| Error::RuntimeDir {
+        path: args.runtime_dir.clone(),
+        source,
+    })?;
+    match removed {
+        Some(FlagState::Stale(Some(owner))) => {
+            tracing::warn!(flag = %flag.path().display(), master = owner.pid, "removed a drain flag left by an earlier life of this container (its nginx master no longer runs)")
+        }
+        Some(_) => {
+            tracing::warn!(flag = %flag.path().display(), "removed a drain flag that names no running nginx master")
+        }
+        None => match flag.state() {
+            FlagState::Raised(owner) => tracing::info!(
+                master = owner.pid,
+                "a drain of the running nginx is under way: its flag stays"
+            ),
+            _ => tracing::debug!("no drain flag"),
+        },
+    }
+    Ok(exit::OK)
 }
 
 /// The master the pid file names and, during a binary upgrade, the old one (`.oldbin`).

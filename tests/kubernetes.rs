@@ -200,8 +200,8 @@ fn check_common(objects: &[Value]) -> Vec<(String, String)> {
     assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 1);
     assert_eq!(
-        nginx["lifecycle"],
-        json!({"preStop": {"exec": {"command": ["nginx-graceful", "drain"]}}})
+        nginx["lifecycle"]["preStop"],
+        json!({"exec": {"command": ["nginx-graceful", "drain"]}})
     );
 
     // One drain budget: the kubelet's and nginx-graceful's.
@@ -340,6 +340,15 @@ fn prestop_only_overlay_runs_nginx_as_pid1_and_serves_the_probes_itself() {
     let nginx = container(the(&objects, "Deployment"));
     assert_eq!(nginx["command"], json!(["nginx", "-g", "daemon off;"]));
     assert!(nginx.get("args").is_none(), "{}", nginx["args"]);
+    // The patch adds postStart beside the base's preStop, not in its place.
+    assert_eq!(
+        nginx["lifecycle"]["postStart"]["exec"]["command"],
+        json!(["nginx-graceful", "post-start"])
+    );
+    assert_eq!(
+        nginx["lifecycle"]["preStop"]["exec"]["command"],
+        json!(["nginx-graceful", "drain"])
+    );
     let data = &the(&objects, "ConfigMap")["data"];
     let default_conf = data["default.conf"].as_str().expect("default.conf from the base");
     let health_conf = data["health.conf"].as_str().expect("health.conf");

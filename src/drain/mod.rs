@@ -54,7 +54,13 @@ impl Drain<'_> {
         let plan = self.plan;
         self.phases
             .enter(Phase::Unready, "drain started: readiness fails from now on");
-        match self.flag.raise() {
+        // Named after the master it drains; with none (a controller's nginx not running), after
+        // this process, which lowers it at the end.
+        let owner = self
+            .masters
+            .first()
+            .map_or(std::process::id() as i32, |m| m.pid());
+        match self.flag.raise(owner) {
             Ok(()) => self
                 .phases
                 .enter(Phase::KeepAliveClose, "keep-alive clients are told to close"),
@@ -86,7 +92,8 @@ impl Drain<'_> {
     async fn quit(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
         // Before the signal: the master closes its listeners as soon as it gets it. Any other
         // master below (a binary upgrade, or one a controller started during the delay) too.
-        let listeners = Listeners::of(&processes.masters());
+        let masters = processes.masters();
+        let listeners = Listeners::of(&masters);
         processes.signal_masters(Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
@@ -99,7 +106,8 @@ impl Drain<'_> {
             let due = Instant::now() + timeout.saturating_sub(JUST_BEFORE_TIMEOUT);
             (due, count_before_shutdown_timeout(listeners, due))
         });
-        self.finish(processes, counting, before_timeout, started).await
+        self.finish(processes, &masters, counting, before_timeout, started)
+            .await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
@@ -120,7 +128,7 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(processes, counting, None, started).await
+        self.finish(processes, &[], counting, None, started).await
     }
 
     /// Every nginx process now, held by pidfd.
@@ -131,11 +139,12 @@ impl Drain<'_> {
     async fn finish(
         &self,
         processes: &mut impl NginxProcesses,
+        masters: &[i32],
         counting: tokio::task::JoinHandle<Option<usize>>,
         before_timeout: Option<(Instant, tokio::task::JoinHandle<Option<usize>>)>,
         started: Instant,
     ) -> DrainOutcome {
-        let (escalated, killed) = self.stop(processes, started).await;
+        let (escalated, killed) = self.stop(processes, masters, started).await;
         let connections_at_quit = match counting.is_finished() {
             true => counting.await.ok().flatten(),
             false => None,
@@ -170,11 +179,17 @@ impl Drain<'_> {
     }
 
     /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
-    /// master, SIGKILL to everything left. Returns (escalated, processes killed).
-    pub async fn stop(&self, processes: &mut impl NginxProcesses, started: Instant) -> (bool, usize) {
+    /// master, SIGKILL to everything left. Returns (escalated, processes killed). `masters` are
+    /// the processes that serve no request.
+    pub async fn stop(
+        &self,
+        processes: &mut impl NginxProcesses,
+        masters: &[i32],
+        started: Instant,
+    ) -> (bool, usize) {
         let end = started + self.plan.grace_period;
         if self
-            .wait_for_all(processes, started + self.plan.fast_shutdown_at, end)
+            .wait_for_all(processes, masters, started + self.plan.fast_shutdown_at, end)
             .await
         {
             return (false, 0);
@@ -183,7 +198,7 @@ impl Drain<'_> {
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
         if self
-            .wait_for_all(processes, started + self.plan.kill_at, end)
+            .wait_for_all(processes, masters, started + self.plan.kill_at, end)
             .await
         {
             return (true, 0);
@@ -193,7 +208,7 @@ impl Drain<'_> {
             Phase::Killing,
             &format!("SIGKILL to the {killed} nginx processes left"),
         );
-        if !self.wait_for_all(processes, end, end).await {
+        if !self.wait_for_all(processes, masters, end, end).await {
             tracing::error!(
                 left = processes.len(),
                 "nginx processes survived SIGKILL (stuck in the kernel?)"
@@ -207,6 +222,7 @@ impl Drain<'_> {
     async fn wait_for_all(
         &self,
         processes: &mut impl NginxProcesses,
+        masters: &[i32],
         deadline: Instant,
         budget_end: Instant,
     ) -> bool {
@@ -217,13 +233,28 @@ impl Drain<'_> {
                 return true;
             }
             tokio::select! {
-                _ = processes.next_exit() => {}
+                _ = processes.next_exit() => self.lower_flag_once_no_worker_is_left(processes, masters),
                 _ = progress.tick() => {
                     processes.find_new();
                     report_progress(self.phases, processes, budget_end).await;
                 }
                 _ = sleep_until(deadline) => return false,
             }
+        }
+    }
+
+    /// The flag matters only while workers write responses. With nginx as PID 1 (the preStop
+    /// hook without a supervisor), the kernel ends the hook a moment after the master's exit,
+    /// which follows its last worker's: lowered now, the flag is not left behind for the
+    /// container's next life.
+    fn lower_flag_once_no_worker_is_left(&self, processes: &impl NginxProcesses, masters: &[i32]) {
+        if !processes.pids().iter().all(|pid| masters.contains(pid)) {
+            return;
+        }
+        match self.flag.lower() {
+            Ok(true) => tracing::info!("no nginx worker is left: drain flag lowered"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%err, "cannot remove the drain flag"),
         }
     }
 }
