@@ -1,5 +1,7 @@
 //! `drain`: the blocking preStop hook. It asks the `run` supervisor of this container to drain
 //! (control socket), or, with no supervisor, drains nginx itself, found through its pid file.
+//! `post-start`, its postStart counterpart without a supervisor, clears the drain flag a killed
+//! hook left to the container's next life.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
