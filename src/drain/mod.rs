@@ -30,6 +30,10 @@ mod tests;
 use processes::PidfdProcesses;
 pub use processes::{NginxProcesses, NginxTree};
 
+/// The most nginx masters a drain meets at once: an old and a new one during a binary upgrade,
+/// and one a controller started meanwhile. With more processes left, one of them is a worker.
+const MASTERS_AT_MOST: usize = 3;
+
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -92,8 +96,7 @@ impl Drain<'_> {
     async fn quit(&self, processes: &mut impl NginxProcesses, started: Instant) -> DrainOutcome {
         // Before the signal: the master closes its listeners as soon as it gets it. Any other
         // master below (a binary upgrade, or one a controller started during the delay) too.
-        let masters = processes.masters();
-        let listeners = Listeners::of(&masters);
+        let listeners = Listeners::of(&processes.masters());
         processes.signal_masters(Signal::SIGQUIT);
         self.phases.enter(
             Phase::Quitting,
@@ -106,8 +109,7 @@ impl Drain<'_> {
             let due = Instant::now() + timeout.saturating_sub(JUST_BEFORE_TIMEOUT);
             (due, count_before_shutdown_timeout(listeners, due))
         });
-        self.finish(processes, &masters, counting, before_timeout, started)
-            .await
+        self.finish(processes, counting, before_timeout, started).await
     }
 
     /// The master exited on its own: its orphaned workers, ours as reaper, may still hold
@@ -128,7 +130,7 @@ impl Drain<'_> {
                 &format!("SIGQUIT sent to {told} orphaned nginx processes"),
             );
         }
-        self.finish(processes, &[], counting, None, started).await
+        self.finish(processes, counting, None, started).await
     }
 
     /// Every nginx process now, held by pidfd.
@@ -139,12 +141,11 @@ impl Drain<'_> {
     async fn finish(
         &self,
         processes: &mut impl NginxProcesses,
-        masters: &[i32],
         counting: tokio::task::JoinHandle<Option<usize>>,
         before_timeout: Option<(Instant, tokio::task::JoinHandle<Option<usize>>)>,
         started: Instant,
     ) -> DrainOutcome {
-        let (escalated, killed) = self.stop(processes, masters, started).await;
+        let (escalated, killed) = self.stop(processes, started).await;
         let connections_at_quit = match counting.is_finished() {
             true => counting.await.ok().flatten(),
             false => None,
@@ -179,17 +180,11 @@ impl Drain<'_> {
     }
 
     /// Waits for every nginx process until the budget runs out, then escalates: SIGTERM to the
-    /// master, SIGKILL to everything left. Returns (escalated, processes killed). `masters` are
-    /// the processes that serve no request.
-    pub async fn stop(
-        &self,
-        processes: &mut impl NginxProcesses,
-        masters: &[i32],
-        started: Instant,
-    ) -> (bool, usize) {
+    /// master, SIGKILL to everything left. Returns (escalated, processes killed).
+    pub async fn stop(&self, processes: &mut impl NginxProcesses, started: Instant) -> (bool, usize) {
         let end = started + self.plan.grace_period;
         if self
-            .wait_for_all(processes, masters, started + self.plan.fast_shutdown_at, end)
+            .wait_for_all(processes, started + self.plan.fast_shutdown_at, end)
             .await
         {
             return (false, 0);
@@ -198,7 +193,7 @@ impl Drain<'_> {
         self.phases
             .enter(Phase::FastShutdown, "budget ran out: SIGTERM to the nginx master");
         if self
-            .wait_for_all(processes, masters, started + self.plan.kill_at, end)
+            .wait_for_all(processes, started + self.plan.kill_at, end)
             .await
         {
             return (true, 0);
@@ -208,7 +203,7 @@ impl Drain<'_> {
             Phase::Killing,
             &format!("SIGKILL to the {killed} nginx processes left"),
         );
-        if !self.wait_for_all(processes, masters, end, end).await {
+        if !self.wait_for_all(processes, end, end).await {
             tracing::error!(
                 left = processes.len(),
                 "nginx processes survived SIGKILL (stuck in the kernel?)"
@@ -222,7 +217,6 @@ impl Drain<'_> {
     async fn wait_for_all(
         &self,
         processes: &mut impl NginxProcesses,
-        masters: &[i32],
         deadline: Instant,
         budget_end: Instant,
     ) -> bool {
@@ -233,7 +227,7 @@ impl Drain<'_> {
                 return true;
             }
             tokio::select! {
-                _ = processes.next_exit() => self.lower_flag_once_no_worker_is_left(processes, masters),
+                _ = processes.next_exit() => self.lower_flag_once_no_worker_is_left(processes),
                 _ = progress.tick() => {
                     processes.find_new();
                     report_progress(self.phases, processes, budget_end).await;
@@ -247,8 +241,17 @@ impl Drain<'_> {
     /// hook without a supervisor), the kernel ends the hook a moment after the master's exit,
     /// which follows its last worker's: lowered now, the flag is not left behind for the
     /// container's next life.
-    fn lower_flag_once_no_worker_is_left(&self, processes: &impl NginxProcesses, masters: &[i32]) {
-        if !processes.pids().iter().all(|pid| masters.contains(pid)) {
+    fn lower_flag_once_no_worker_is_left(&self, processes: &impl NginxProcesses) {
+        let left = processes.pids();
+        let given = |pid: &i32| self.masters.iter().any(|m| m.pid() == *pid);
+        // Other masters (a binary upgrade's new one) are known by their titles, read only once
+        // so few processes are left that they may all be masters.
+        let only_masters = left.iter().all(given)
+            || (left.len() <= MASTERS_AT_MOST && {
+                let masters = processes.masters();
+                left.iter().all(|pid| masters.contains(pid))
+            });
+        if !only_masters {
             return;
         }
         match self.flag.lower() {
