@@ -67,7 +67,7 @@ sabotage no-delay src/core/plan.rs \
   "--test drain --test prestop"
 # No drain flag: keep-alive clients are never told to close.
 sabotage no-drain-flag src/os/drain_flag.rs \
-  's/std::fs::write\(&self\.path, b"draining\\n"\)/Ok(())/' \
+  's/std::fs::rename\(&staging, &self\.path\)/std::fs::remove_file(&staging)/' \
   "--test drain --test prestop"
 # No close window before a reload: keep-alive clients meet the old workers' close.
 sabotage no-reload-close-window src/reload/mod.rs \

@@ -99,7 +99,8 @@ KUBERNETES:
   terminationGracePeriodSeconds.
 
 EXIT CODES:
-  0    nginx quit cleanly within the budget, or was not running
+  0    nginx quit cleanly within the budget, or had exited already (its pid file names a
+       process that is gone)
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
   4    the nginx master died before it was asked to quit (its workers were)
   5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
@@ -107,12 +108,36 @@ EXIT CODES:
   10   the drain plan does not fit in --grace-period
   15   the pid file names a process that is not an nginx master (nothing was signalled)
   16   the nginx master belongs to another user (nothing was signalled)
-  17   the pid file cannot be read, is empty, or holds no pid
+  17   the pid file cannot be read, is empty, holds no pid, or is not a small regular file
   18   the supervisor stopped answering before it reported the outcome, or did not report it
        within --grace-period (a supervisor stopped with SIGSTOP, say)
   19   the supervisor cannot be used: it runs as another user (a socket put there by another
        process), refused this user, or runs another nginx than --pid-file names; nothing was done
+  23   nothing to drain: no pid file (or no directory for it) and no drain recorded
+       (a repeat of the hook after a drain exits with that drain's code)
   70   internal error";
+
+const POST_START_ABOUT: &str = "\
+Remove a drain flag that a previous life of this container left behind: the postStart hook
+beside a preStop `drain` without a supervisor.
+
+With nginx as PID 1, the kernel ends the preStop hook as soon as nginx exits. `drain` lowers the
+drain flag when the last worker exits, a moment before, but a hook killed earlier (the grace
+period ran out) leaves it in the emptyDir. A restart of the container in the same pod (a
+liveness failure runs preStop too) would then answer /readyz 503 and `Connection: close` on every
+response, for good. The flag names the nginx master it was raised for (pid, start time and PID
+namespace); post-start removes it when that master no longer runs, and keeps a running drain's.";
+
+const POST_START_AFTER_HELP: &str = "\
+KUBERNETES (nginx as PID 1, preStop `nginx-graceful drain`):
+  lifecycle:
+    postStart:
+      exec:
+        command: [\"nginx-graceful\", \"post-start\"]
+
+EXIT CODES:
+  0    no stale flag, or it was removed
+  13   a stale flag cannot be removed from the runtime directory";
 
 const RELOAD_AFTER_HELP: &str = "\
 With a `run` supervisor (its control socket in --runtime-dir), the supervisor reloads: the same
@@ -166,6 +191,9 @@ pub enum Command {
     /// Drain nginx and block until it has exited (the preStop hook).
     #[command(long_about = DRAIN_ABOUT, after_long_help = DRAIN_AFTER_HELP)]
     Drain(PreStopArgs),
+    /// Remove a drain flag left by a previous life of this container (the postStart hook).
+    #[command(long_about = POST_START_ABOUT, after_long_help = POST_START_AFTER_HELP)]
+    PostStart(PostStartArgs),
     /// Show the nginx master, its workers by generation, their connections, the phase and the last reload.
     #[command(after_long_help = STATUS_AFTER_HELP)]
     Status(StatusArgs),
@@ -364,6 +392,18 @@ pub struct PreStopArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PostStartArgs {
+    /// The runtime directory whose drain flag the keep-alive snippet and health.conf test.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "NGINX_GRACEFUL_RUNTIME_DIR",
+        default_value = "/run/nginx-graceful"
+    )]
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub target: NginxTarget,
@@ -470,7 +510,7 @@ mod tests {
         // The commands a container runs.
         let subcommands = cmd
             .get_subcommands()
-            .filter(|sub| ["run", "drain", "reload"].contains(&sub.get_name()))
+            .filter(|sub| ["run", "drain", "reload", "post-start"].contains(&sub.get_name()))
             .flat_map(|sub| sub.get_arguments().map(move |arg| (sub.get_name(), arg)));
         for (command, arg) in subcommands.chain(cmd.get_arguments().map(|arg| ("", arg))) {
             let id = arg.get_id().as_str();

@@ -1,9 +1,11 @@
 //! `drain`: the blocking preStop hook. It asks the `run` supervisor of this container to drain
 //! (control socket), or, with no supervisor, drains nginx itself, found through its pid file.
+//! `post-start`, its postStart counterpart without a supervisor, clears the drain flag a killed
+//! hook left to the container's next life.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
@@ -11,14 +13,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::cli::PreStopArgs;
+use crate::cli::{NginxTarget, PostStartArgs, PreStopArgs};
 use crate::core::outcome::Outcome;
 use crate::core::phase::Phases;
 use crate::core::plan::DrainPlan;
 use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
 use crate::nginx::pidfile::{self, FoundMaster};
-use crate::os::drain_flag::DrainFlag;
+use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::os::reaper::Reaper;
 use crate::os::runtime_dir::{record_outcome, recorded_outcome};
 use crate::surfaces::control_client as control;
@@ -56,28 +58,15 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     // No supervisor: this process drains nginx. Two hooks at once share one drain.
     let runtime = RuntimeFiles::prepare(&args.target.runtime_dir);
     let _turn = match &runtime {
-        Some(runtime) => runtime.take_turn().await,
+        Some(runtime) => runtime.take_turn(plan.grace_period).await,
         None => None,
     };
 
     // After another hook's drain this finds nginx gone and reports that drain's outcome; after
     // one that failed, it meets the same problem and says so.
-    let mut masters: Vec<FoundMaster> = Vec::from_iter(pidfile::find_master(&args.target.pid_file)?);
-    // The old master of a binary upgrade, if any; a stale .oldbin must not stop the drain.
-    match pidfile::find_master(&pidfile::oldbin(&args.target.pid_file)) {
-        Ok(found) => masters.extend(found),
-        Err(err) => tracing::warn!("ignoring the binary upgrade's old pid file: {err}"),
-    }
+    let masters = masters_to_drain(&args.target.pid_file)?;
     let Some(first) = masters.first() else {
-        // Hooks are delivered at least once: a repeat after the end reports the same outcome.
-        let recent = started_at
-            .checked_sub(plan.grace_period)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        if let Some(outcome) = recorded_outcome(&args.target.runtime_dir, recent) {
-            return Ok(outcome.log_summary("nginx is not running; the last drain ended"));
-        }
-        tracing::info!(pid_file = %args.target.pid_file.display(), "nginx is not running: nothing to drain");
-        return Ok(exit::OK);
+        return nothing_to_drain(&args.target, started_at, plan.grace_period);
     };
     if masters.len() > 1 {
         tracing::info!(pids = ?masters.iter().map(|m| m.pidfd.pid()).collect::<Vec<_>>(), "a binary upgrade is under way: draining the old and the new master");
@@ -115,6 +104,87 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
     Ok(outcome.log_summary("drained nginx"))
 }
 
+/// `post-start`: removes a drain flag whose master no longer runs, the one a `drain` killed with
+/// nginx as PID 1 leaves to the container's next life. A running drain's flag stays.
+pub async fn post_start(args: PostStartArgs) -> Result<i32, Error> {
+    let flag = DrainFlag::in_dir(&args.runtime_dir);
+    let removed = flag.lower_if_stale().map_err(|source| Error::RuntimeDir {
+        path: args.runtime_dir.clone(),
+        source,
+    })?;
+    match removed {
+        Some(FlagState::Stale(Some(owner))) => {
+            tracing::warn!(flag = %flag.path().display(), master = owner.pid, "removed a drain flag left by an earlier life of this container (its nginx master no longer runs)")
+        }
+        Some(_) => {
+            tracing::warn!(flag = %flag.path().display(), "removed a drain flag that names no running nginx master")
+        }
+        None => match flag.state() {
+            FlagState::Raised(owner) => tracing::info!(
+                master = owner.pid,
+                "a drain of the running nginx is under way: its flag stays"
+            ),
+            _ => tracing::debug!("no drain flag"),
+        },
+    }
+    Ok(exit::OK)
+}
+
+/// The master the pid file names and, during a binary upgrade, the old one (`.oldbin`).
+fn masters_to_drain(pid_file: &Path) -> Result<Vec<FoundMaster>, Error> {
+    let current = pidfile::find_master(pid_file)?;
+    // A stale .oldbin must neither stop the drain nor name another nginx to drain.
+    let old = match pidfile::find_master(&pidfile::oldbin(pid_file)) {
+        Ok(old) => old,
+        Err(err) => {
+            tracing::warn!("ignoring the binary upgrade's old pid file: {err}");
+            None
+        }
+    };
+    let old = old.filter(|old| {
+        let upgrade = pidfile::is_upgrade_of(old, current.as_ref());
+        if !upgrade {
+            tracing::warn!(pid = old.pidfd.pid(), oldbin = %old.pid_file.display(), "ignoring the binary upgrade's old pid file: the nginx master it names is not the old master of this nginx (a stale file); nothing was signalled there");
+        }
+        upgrade
+    });
+    Ok(current.into_iter().chain(old).collect())
+}
+
+/// No master to drain. A repeat hook reports the drain that ended (hooks are delivered at least
+/// once); a pid file naming a process that has exited means nginx ran here and is gone. No pid
+/// file and no recorded drain is a wrong path far more often than an nginx that removed its pid
+/// file on exit: it fails, and the kubelet shows it (FailedPreStopHook).
+fn nothing_to_drain(
+    target: &NginxTarget,
+    started_at: SystemTime,
+    grace_period: Duration,
+) -> Result<i32, Error> {
+    let recent = started_at
+        .checked_sub(grace_period)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if let Some(outcome) = recorded_outcome(&target.runtime_dir, recent) {
+        return Ok(outcome.log_summary("nginx is not running; the last drain ended"));
+    }
+    let pid_file = &target.pid_file;
+    if pid_file.symlink_metadata().is_ok() {
+        tracing::info!(pid_file = %pid_file.display(), "nginx is not running (its pid file names a process that has exited): nothing to drain");
+        return Ok(exit::OK);
+    }
+    let directory = pid_file.parent().filter(|dir| !dir.as_os_str().is_empty());
+    let detail = match directory {
+        Some(dir) if !dir.is_dir() => {
+            format!("the directory of pid file {} does not exist", pid_file.display())
+        }
+        _ => format!(
+            "pid file {} does not exist, and no drain is recorded in {}",
+            pid_file.display(),
+            target.runtime_dir.display()
+        ),
+    };
+    Err(Error::NoPidFile { detail })
+}
+
 /// The files a direct drain keeps in the runtime directory: a lock that makes concurrent hooks
 /// share one drain, and the outcome the followers report.
 struct RuntimeFiles {
@@ -132,9 +202,9 @@ impl RuntimeFiles {
         }
     }
 
-    /// Takes the drain lock, waiting while another hook's drain holds it. `None` when no lock
-    /// can be had: the drain goes on alone.
-    async fn take_turn(&self) -> Option<Flock<File>> {
+    /// Takes the drain lock, waiting while another hook's drain holds it, at most `bound` (that
+    /// drain's budget). `None` when no lock can be had: the drain goes on alone.
+    async fn take_turn(&self, bound: Duration) -> Option<Flock<File>> {
         let path = self.dir.join("drain.lock");
         let file = File::options()
             .create(true)
@@ -146,9 +216,14 @@ impl RuntimeFiles {
             Ok(lock) => Some(lock),
             Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
                 tracing::info!("another drain of this nginx is under way: waiting for it");
-                let waited =
-                    tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive)).await;
-                waited.ok()?.ok()
+                let waiting = tokio::task::spawn_blocking(move || Flock::lock(file, FlockArg::LockExclusive));
+                match tokio::time::timeout(bound, waiting).await {
+                    Ok(waited) => waited.ok()?.ok(),
+                    Err(_) => {
+                        tracing::warn!(lock = %path.display(), "the other drain still holds the lock after the grace period: draining alone");
+                        None
+                    }
+                }
             }
             Err((_, err)) => {
                 tracing::warn!(lock = %path.display(), %err, "cannot lock: concurrent hooks will not share one drain");

@@ -79,6 +79,11 @@ pub enum Error {
     )]
     OtherUser { pid: i32, uid: u32 },
 
+    #[error(
+        "nothing to drain: {detail}: point --pid-file (NGINX_GRACEFUL_PID_FILE) at nginx's pid file (its `pid` directive)"
+    )]
+    NoPidFile { detail: String },
+
     #[error("the supervisor stopped answering before it reported the drain's outcome: see its log")]
     ControlBroken,
 
@@ -146,6 +151,7 @@ impl Error {
             Error::PidFile { .. } => exit::PID_FILE,
             Error::NotNginx { .. } => exit::NOT_NGINX,
             Error::OtherUser { .. } => exit::OTHER_USER,
+            Error::NoPidFile { .. } => exit::NOT_RUNNING,
             Error::ControlBroken | Error::ControlTimeout { .. } => exit::CONTROL_BROKEN,
             Error::ControlRefused { .. } => exit::CONTROL_REFUSED,
             Error::Internal { .. } => exit::INTERNAL,

@@ -19,7 +19,8 @@
 //!    forward a signal. In controller mode the child is an ingress controller and the master
 //!    is the one its pid file names, drained before the controller hears SIGTERM.
 //!    [`drain_hook`] (`drain`, the preStop hook) asks the supervisor over the socket, or runs
-//!    the same drain itself on a master found through its pid file ([`nginx::pidfile`]).
+//!    the same drain itself on a master found through its pid file ([`nginx::pidfile`]); its
+//!    `post-start` removes a drain flag whose master no longer runs ([`os::drain_flag`]).
 //! 3. [`reload`]: test, bound the old worker generations, SIGHUP, confirm the new generation or
 //!    report nginx's reason (read from its stderr, [`nginx::log`]).
 //! 4. [`drain`]: the ordered drain, one [`core::phase::Phase`] after another: readiness fails

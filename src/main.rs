@@ -15,6 +15,7 @@ fn main() {
         match cli.command {
             Command::Run(args) => supervisor::run(args).await,
             Command::Drain(args) => drain_hook::drain(args).await,
+            Command::PostStart(args) => drain_hook::post_start(args).await,
             Command::Reload(args) => reload::request(args).await,
             Command::Status(args) => status::show(args).await,
         }

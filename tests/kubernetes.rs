@@ -165,10 +165,13 @@ fn env_var<'a>(env: &'a [(String, String)], name: &str) -> &'a str {
 
 /// The preStop hook's own run, in a container where nginx is already gone: the drain plan is
 /// built from the environment and checked against the grace period first (exit 10 when it does
-/// not fit), then `drain` finds no nginx and exits 0. The supervisor builds its plan from the
-/// same variables with the same code.
+/// not fit), then `drain` finds that nginx has exited (its pid file names a process that is
+/// gone) and exits 0. The supervisor builds its plan from the same variables with the same code.
 fn prestop_hook(env: &[(String, String)]) -> (i32, String) {
     let dir = TempDir::new("k8s-plan");
+    let mut exited = Command::new("true").spawn().unwrap();
+    std::fs::write(dir.0.join("nginx.pid"), format!("{}\n", exited.id())).unwrap();
+    exited.wait().unwrap();
     let mut hook = Command::new(bin());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("NGINX_GRACEFUL_") {
@@ -197,8 +200,8 @@ fn check_common(objects: &[Value]) -> Vec<(String, String)> {
     assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 1);
     assert_eq!(
-        nginx["lifecycle"],
-        json!({"preStop": {"exec": {"command": ["nginx-graceful", "drain"]}}})
+        nginx["lifecycle"]["preStop"],
+        json!({"exec": {"command": ["nginx-graceful", "drain"]}})
     );
 
     // One drain budget: the kubelet's and nginx-graceful's.
@@ -337,6 +340,15 @@ fn prestop_only_overlay_runs_nginx_as_pid1_and_serves_the_probes_itself() {
     let nginx = container(the(&objects, "Deployment"));
     assert_eq!(nginx["command"], json!(["nginx", "-g", "daemon off;"]));
     assert!(nginx.get("args").is_none(), "{}", nginx["args"]);
+    // The patch adds postStart beside the base's preStop, not in its place.
+    assert_eq!(
+        nginx["lifecycle"]["postStart"]["exec"]["command"],
+        json!(["nginx-graceful", "post-start"])
+    );
+    assert_eq!(
+        nginx["lifecycle"]["preStop"]["exec"]["command"],
+        json!(["nginx-graceful", "drain"])
+    );
     let data = &the(&objects, "ConfigMap")["data"];
     let default_conf = data["default.conf"].as_str().expect("default.conf from the base");
     let health_conf = data["health.conf"].as_str().expect("health.conf");

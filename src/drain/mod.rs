@@ -30,6 +30,10 @@ mod tests;
 use processes::PidfdProcesses;
 pub use processes::{NginxProcesses, NginxTree, Unseen};
 
+/// The most nginx masters a drain meets at once: an old and a new one during a binary upgrade,
+/// and one a controller started meanwhile. With more processes left, one of them is a worker.
+const MASTERS_AT_MOST: usize = 3;
+
 /// How often, at most, a drain reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -64,7 +68,13 @@ impl Drain<'_> {
         // are still known, and quit at its end like the rest.
         let mut sight = Sight::default();
         let mut processes = self.snapshot(&mut sight);
-        match self.flag.raise() {
+        // Named after the master it drains; with none (a controller's nginx not running), after
+        // this process, which lowers it at the end.
+        let owner = self
+            .masters
+            .first()
+            .map_or(std::process::id() as i32, |m| m.pid());
+        match self.flag.raise(owner) {
             Ok(()) => self
                 .phases
                 .enter(Phase::KeepAliveClose, "keep-alive clients are told to close"),
@@ -318,7 +328,7 @@ impl Drain<'_> {
             }
             let look_again = Instant::now() + retry;
             tokio::select! {
-                _ = processes.next_exit(), if !blind => {}
+                _ = processes.next_exit(), if !blind => self.lower_flag_once_no_worker_is_left(processes),
                 _ = sleep_until(look_again), if blind => retry = (retry * 2).min(RETRY_AT_MOST),
                 // Blind, nothing tracked: nothing to report, and the look is the retry's.
                 _ = progress.tick(), if !blind => {
@@ -329,6 +339,30 @@ impl Drain<'_> {
                     return if blind { Waited::Unknown } else { Waited::Deadline };
                 }
             }
+        }
+    }
+
+    /// The flag matters only while workers write responses. With nginx as PID 1 (the preStop
+    /// hook without a supervisor), the kernel ends the hook a moment after the master's exit,
+    /// which follows its last worker's: lowered now, the flag is not left behind for the
+    /// container's next life.
+    fn lower_flag_once_no_worker_is_left(&self, processes: &impl NginxProcesses) {
+        let left = processes.pids();
+        let given = |pid: &i32| self.masters.iter().any(|m| m.pid() == *pid);
+        // Other masters (a binary upgrade's new one) are known by their titles, read only once
+        // so few processes are left that they may all be masters.
+        let only_masters = left.iter().all(given)
+            || (left.len() <= MASTERS_AT_MOST && {
+                let masters = processes.masters();
+                left.iter().all(|pid| masters.contains(pid))
+            });
+        if !only_masters {
+            return;
+        }
+        match self.flag.lower() {
+            Ok(true) => tracing::info!("no nginx worker is left: drain flag lowered"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%err, "cannot remove the drain flag"),
         }
     }
 }

@@ -526,6 +526,40 @@ async fn processes_that_cannot_be_seen_are_unknown_never_gone() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_flag_is_lowered_with_the_last_worker_before_the_master_exits() {
+    // With nginx as PID 1 the kernel ends the hook with the master: the flag must be gone by then.
+    let dir = std::env::temp_dir().join(format!("ng-drain-flag-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut parts = Parts::new();
+    parts.flag = DrainFlag::in_dir(&dir);
+    parts.flag.raise(std::process::id() as i32).unwrap();
+    let flag = parts.flag.path().to_owned();
+    let started = Instant::now();
+    let mut nginx = FakeNginx::new(
+        started,
+        vec![
+            Script::master(MASTER).on(SIGQUIT, ms(2_000)),
+            Script::worker(WORKER_1).on(SIGQUIT, ms(500)),
+            Script::worker(WORKER_2).on(SIGQUIT, ms(1_000)),
+        ],
+    );
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for at in [750, 1_500] {
+            tokio::time::sleep_until(started + ms(at)).await;
+            seen.push((at, flag.exists()));
+        }
+        seen
+    });
+    parts
+        .drain()
+        .quit(&mut nginx, &mut Sight::default(), started)
+        .await;
+    assert_eq!(seen.await.unwrap(), [(750, true), (1_500, false)]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The log lines written on this thread while a guard from [`Logs::capture`] is held.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use super::pidfd::PidFd;
-use super::tree::ProcStat;
+use super::tree::{ProcStat, ProcessTable, title};
 use crate::error::Error;
+use crate::os::small_file;
+
+/// More than any pid file holds (digits and a newline): a larger one is not a pid file.
+const PID_FILE_LIMIT: usize = 64;
 
 /// What a pid file holds, read as nginx writes it (digits and a newline).
 #[derive(Debug, PartialEq, Eq)]
@@ -95,13 +99,13 @@ pub fn looks_like_master(cmdline: &str, exe: Option<&Path>) -> bool {
 /// Reads `path` and returns the master it names; `Ok(None)` when nginx is not running (no pid
 /// file, or its pid has exited). Never returns a process that is not an nginx master.
 pub fn find_master(path: &Path) -> Result<Option<FoundMaster>, Error> {
-    let content = match std::fs::read_to_string(path) {
+    let content = match small_file::read(path, PID_FILE_LIMIT) {
         Ok(content) => content,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(refused) => {
             return Err(Error::PidFile {
                 path: path.to_owned(),
-                detail: source.to_string(),
+                detail: refused.to_string(),
             });
         }
     };
@@ -123,7 +127,7 @@ pub fn find_master(path: &Path) -> Result<Option<FoundMaster>, Error> {
     let Some(stat) = ProcStat::read(pid).filter(|s| s.state != 'Z') else {
         return Ok(None);
     };
-    let cmdline = super::tree::title(pid);
+    let cmdline = title(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     if !looks_like_master(&cmdline, exe.as_deref()) {
         let what = if cmdline.is_empty() {
@@ -164,6 +168,49 @@ fn process_uid(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `old`, named by the `.oldbin` file, is the old master of this nginx's binary upgrade
+/// and not whatever nginx now has a stale file's pid. nginx's new master is a child of the old
+/// one (it forks and executes the new binary; inherited listeners keep it from daemonizing), so
+/// `current`, the master the pid file names, must be `old`'s child. Before the new master has
+/// written the pid file, `old` must have a child that is one.
+pub fn is_upgrade_of(old: &FoundMaster, current: Option<&FoundMaster>) -> bool {
+    let old_pid = old.pidfd.pid();
+    match current {
+        Some(current) => ProcStat::read(current.pidfd.pid()).is_some_and(|stat| stat.ppid == old_pid),
+        None => ProcessTable::read()
+            .is_ok_and(|table| new_master_below(old_pid, &old.comm, &table, title).is_some()),
+    }
+}
+
+/// The child of `old_pid` that is a binary upgrade's new master: titled a master, with workers of
+/// its own, or the new binary still starting (not titled by nginx yet). A worker is neither: it
+/// has no children, and a worker just forked still bears its master's title.
+fn new_master_below(
+    old_pid: i32,
+    comm: &str,
+    table: &ProcessTable,
+    title: impl Fn(i32) -> String,
+) -> Option<i32> {
+    table
+        .children(old_pid)
+        .filter(|child| child.comm == comm)
+        .find(|child| {
+            let title = title(child.pid);
+            if looks_like_master(&title, None) {
+                table.children(child.pid).next().is_some()
+            } else {
+                !titled_by_nginx(&title)
+            }
+        })
+        .map(|child| child.pid)
+}
+
+/// Whether nginx gave the process its title ("nginx: worker process"), as it does to every
+/// process it forks.
+fn titled_by_nginx(title: &str) -> bool {
+    title.starts_with("nginx: ") || title.starts_with("openresty: ")
 }
 
 /// The pid file of the old master during a binary upgrade (`nginx.pid.oldbin`).
@@ -218,6 +265,44 @@ mod tests {
             "nginx: master process",
             Some(Path::new("/usr/bin/python3"))
         ));
+    }
+
+    #[test]
+    fn an_upgrade_s_new_master_is_a_child_of_the_old_that_no_worker_resembles() {
+        let stat = |pid, ppid| ProcStat {
+            pid,
+            comm: "nginx".into(),
+            state: 'S',
+            ppid,
+            pgrp: pid,
+            start_time: 1,
+        };
+        let title = |pid| match pid {
+            20 => "nginx: master process /usr/sbin/nginx".to_owned(),
+            21 | 22 | 31 => "nginx: worker process".to_owned(),
+            // Forked a moment ago: the worker still bears its master's title.
+            23 => "nginx: master process /usr/sbin/nginx".to_owned(),
+            30 => "nginx: master process /usr/sbin/nginx".to_owned(),
+            40 => "/usr/sbin/nginx -g daemon off;".to_owned(),
+            _ => String::new(),
+        };
+        // 10 -> 20 (old master) -> 21, 22, 23 (workers), 30 (new master) -> 31 (its worker).
+        let upgraded = ProcessTable::from_stats([
+            stat(20, 10),
+            stat(21, 20),
+            stat(22, 20),
+            stat(23, 20),
+            stat(30, 20),
+            stat(31, 30),
+        ]);
+        assert_eq!(new_master_below(20, "nginx", &upgraded, title), Some(30));
+        // An nginx with workers only (one just forked) is no upgrade's old master.
+        let unrelated = ProcessTable::from_stats([stat(20, 10), stat(21, 20), stat(23, 20)]);
+        assert_eq!(new_master_below(20, "nginx", &unrelated, title), None);
+        // The new binary executed, not titled yet: an upgrade under way.
+        let starting = ProcessTable::from_stats([stat(20, 10), stat(21, 20), stat(40, 20)]);
+        assert_eq!(new_master_below(20, "nginx", &starting, title), Some(40));
+        assert_eq!(new_master_below(20, "openresty", &starting, title), None);
     }
 
     #[test]

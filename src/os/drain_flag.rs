@@ -4,8 +4,16 @@
 //! Why a file: stock nginx cannot change keep-alive at run time without a reload, and a reload
 //! itself closes idle keep-alive connections, the very race this avoids. An `if (-f ...)` is
 //! checked on every request, so the flag takes effect on the next response.
+//!
+//! nginx cannot tell a flag of its own drain from one a previous life of the container left in
+//! the emptyDir (a `drain` killed with nginx as PID 1). So the flag names its owner, the nginx
+//! master it drains, and a flag whose master is gone is stale: `run` and `post-start` remove it.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use crate::nginx::tree::ProcStat;
+use crate::os::small_file;
 
 /// The snippet as shipped, for the default runtime directory.
 pub const SNIPPET: &str = include_str!("../../nginx-conf/graceful-drain.conf");
@@ -27,9 +35,36 @@ impl DrainFlag {
         &self.path
     }
 
-    /// Tells keep-alive clients to close from the next response on.
-    pub fn raise(&self) -> std::io::Result<()> {
-        std::fs::write(&self.path, b"draining\n")
+    /// Tells keep-alive clients to close from the next response on; the flag names `master`, the
+    /// nginx master it is raised for. Written aside and renamed: never seen half-written.
+    pub fn raise(&self, master: i32) -> std::io::Result<()> {
+        let staging = self
+            .path
+            .with_file_name(format!(".draining.{}", std::process::id()));
+        std::fs::write(&staging, record(FlagOwner::of(master).as_ref()))?;
+        std::fs::rename(&staging, &self.path)
+    }
+
+    /// Whether the flag is up, and for a master that still runs.
+    pub fn state(&self) -> FlagState {
+        match small_file::read(&self.path, RECORD_LIMIT) {
+            Err(err) if err.is_not_found() => FlagState::Down,
+            // nginx's `-f` is false for anything but a regular file (or a link to one).
+            Err(small_file::SmallFileError::NotRegular(_)) => FlagState::Down,
+            Err(_) => FlagState::Stale(None),
+            Ok(record) => match FlagOwner::parse(&record) {
+                Some(owner) if owner.is_running() => FlagState::Raised(owner),
+                owner => FlagState::Stale(owner),
+            },
+        }
+    }
+
+    /// Removes the flag if it is stale; returns what was removed.
+    pub fn lower_if_stale(&self) -> std::io::Result<Option<FlagState>> {
+        match self.state() {
+            stale @ FlagState::Stale(_) => Ok(self.lower()?.then_some(stale)),
+            FlagState::Down | FlagState::Raised(_) => Ok(None),
+        }
     }
 
     /// Removes the flag; a flag left by an earlier run would close every connection from the start.
@@ -54,6 +89,75 @@ impl DrainFlag {
             !line.starts_with('#') && line.contains("-f") && line.contains(flag.as_ref())
         })
     }
+}
+
+/// The flag's contents: more than this is not a flag we wrote.
+const RECORD_LIMIT: usize = 256;
+
+fn record(owner: Option<&FlagOwner>) -> String {
+    match owner {
+        Some(owner) => format!("draining\n{}\n", owner.line()),
+        None => "draining\n".into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlagState {
+    Down,
+    /// Up, for a master that runs.
+    Raised(FlagOwner),
+    /// Up, for a master that has exited, in a PID namespace that is not ours (a previous
+    /// container), or for no master it names.
+    Stale(Option<FlagOwner>),
+}
+
+/// The nginx master a flag was raised for, named for good: its pid, its start time (pids are
+/// reused; a container's nginx is PID 1 in every life) and the PID namespace the pid counts in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagOwner {
+    pub pid: i32,
+    pub start_time: u64,
+    pub pid_namespace: u64,
+}
+
+impl FlagOwner {
+    /// `pid`'s owner record, or `None` if /proc does not show it.
+    pub fn of(pid: i32) -> Option<Self> {
+        Some(Self {
+            pid,
+            start_time: ProcStat::read(pid)?.start_time,
+            pid_namespace: own_pid_namespace()?,
+        })
+    }
+
+    fn line(&self) -> String {
+        format!("master {} {} {}", self.pid, self.start_time, self.pid_namespace)
+    }
+
+    /// Reads the record [`record`] writes; `None` for anything else.
+    pub fn parse(record: &str) -> Option<Self> {
+        let line = record.lines().find_map(|l| l.strip_prefix("master "))?;
+        let mut fields = line.split_whitespace();
+        let owner = Self {
+            pid: fields.next()?.parse().ok().filter(|&pid: &i32| pid > 0)?,
+            start_time: fields.next()?.parse().ok()?,
+            pid_namespace: fields.next()?.parse().ok()?,
+        };
+        fields.next().is_none().then_some(owner)
+    }
+
+    /// Whether this master still runs. From another PID namespace its pid means nothing: the
+    /// commands that read the flag run in nginx's container, so the namespace is a previous
+    /// container's.
+    pub fn is_running(&self) -> bool {
+        own_pid_namespace() == Some(self.pid_namespace)
+            && ProcStat::read(self.pid)
+                .is_some_and(|now| now.start_time == self.start_time && now.state != 'Z')
+    }
+}
+
+fn own_pid_namespace() -> Option<u64> {
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|ns| ns.ino())
 }
 
 #[cfg(test)]
@@ -84,10 +188,70 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let flag = DrainFlag::in_dir(&dir);
         assert!(!flag.lower().unwrap());
-        flag.raise().unwrap();
+        flag.raise(std::process::id() as i32).unwrap();
         assert!(flag.path().exists());
         assert!(flag.lower().unwrap());
         assert!(!flag.path().exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_flag_whose_master_is_gone_is_stale() {
+        let dir = std::env::temp_dir().join(format!("ng-flag-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = DrainFlag::in_dir(&dir);
+        assert_eq!(flag.state(), FlagState::Down);
+        // This process stands for the master: it runs.
+        let me = std::process::id() as i32;
+        flag.raise(me).unwrap();
+        let owner = FlagOwner::of(me).unwrap();
+        assert_eq!(flag.state(), FlagState::Raised(owner.clone()));
+        assert_eq!(flag.lower_if_stale().unwrap(), None);
+        assert!(flag.path().exists(), "a running drain's flag stays");
+
+        let previous_life = [
+            // The same pid, started at another time: PID 1 of the container's previous life.
+            FlagOwner {
+                start_time: owner.start_time + 1,
+                ..owner.clone()
+            },
+            // Another PID namespace: a previous container's.
+            FlagOwner {
+                pid_namespace: owner.pid_namespace + 1,
+                ..owner.clone()
+            },
+        ];
+        for stale in previous_life {
+            std::fs::write(flag.path(), record(Some(&stale))).unwrap();
+            assert_eq!(
+                flag.lower_if_stale().unwrap(),
+                Some(FlagState::Stale(Some(stale)))
+            );
+            assert!(!flag.path().exists());
+        }
+        // A flag that names no master (by hand, or an older version) is nobody's.
+        std::fs::write(flag.path(), "").unwrap();
+        assert_eq!(flag.lower_if_stale().unwrap(), Some(FlagState::Stale(None)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn owner_records_are_read_as_written() {
+        let owner = FlagOwner {
+            pid: 1,
+            start_time: 4242,
+            pid_namespace: 4026532000,
+        };
+        assert_eq!(FlagOwner::parse(&record(Some(&owner))), Some(owner));
+        for bad in [
+            "",
+            "draining\n",
+            "master 1 2",
+            "master 0 1 2",
+            "master x 1 2",
+            "master 1 2 3 4",
+        ] {
+            assert_eq!(FlagOwner::parse(bad), None, "{bad:?}");
+        }
     }
 }

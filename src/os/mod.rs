@@ -7,3 +7,4 @@ pub mod hooks;
 pub mod reaper;
 pub mod runtime_dir;
 pub mod signals;
+pub mod small_file;

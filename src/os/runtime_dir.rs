@@ -287,7 +287,7 @@ mod tests {
     fn a_stale_flag_is_cleared() {
         let path = std::env::temp_dir().join(format!("ng-rt-stale-{}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
-        DrainFlag::in_dir(&path).raise().unwrap();
+        DrainFlag::in_dir(&path).raise(std::process::id() as i32).unwrap();
         let dir = RuntimeDir::prepare(&path).unwrap();
         assert!(!dir.flag().path().exists());
         std::fs::remove_dir_all(&path).unwrap();

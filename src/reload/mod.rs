@@ -82,7 +82,7 @@ pub async fn reload(
         .filter(|_| !settings.close_window.is_zero())
     {
         Some(flag) => {
-            let guard = FlagGuard::raise(flag);
+            let guard = FlagGuard::raise(flag, master.pid());
             tokio::time::sleep(settings.close_window).await;
             Some(guard)
         }
@@ -156,8 +156,8 @@ pub async fn reload(
 struct FlagGuard<'a>(&'a crate::os::drain_flag::DrainFlag);
 
 impl<'a> FlagGuard<'a> {
-    fn raise(flag: &'a crate::os::drain_flag::DrainFlag) -> Self {
-        if let Err(err) = flag.raise() {
+    fn raise(flag: &'a crate::os::drain_flag::DrainFlag, master: i32) -> Self {
+        if let Err(err) = flag.raise(master) {
             tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
         }
         Self(flag)

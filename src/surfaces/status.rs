@@ -13,7 +13,7 @@ use crate::error::{Error, exit};
 use crate::nginx::connections;
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::tree::ProcStat;
-use crate::os::drain_flag::DrainFlag;
+use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::surfaces::live::Live;
 
 pub async fn show(args: StatusArgs) -> Result<i32, Error> {
@@ -65,8 +65,9 @@ fn of_pid_file(pid_file: &Path, runtime_dir: &Path) -> Result<Value, Error> {
     };
     status["source"] = "pid_file".into();
     status["pid_file"] = pid_file.display().to_string().into();
-    // No supervisor, no phase; the drain flag says whether a `drain` has begun.
-    let draining = DrainFlag::in_dir(runtime_dir).path().exists();
+    // No supervisor, no phase; the drain flag says whether a `drain` has begun (a stale one,
+    // whose master no longer runs, does not).
+    let draining = matches!(DrainFlag::in_dir(runtime_dir).state(), FlagState::Raised(_));
     status["phase"] = if status["master"].is_null() {
         Value::Null
     } else if draining {

@@ -6,10 +6,11 @@ use std::time::Duration;
 use test_support as common;
 
 // One module per surface under attack, beside the start-up refusals below.
-mod listeners;
-mod supervisor;
-mod drain_engine;
 mod control_socket;
+mod drain_engine;
+mod listeners;
+mod prestop_hook;
+mod supervisor;
 
 /// Runs `nginx-graceful run ARGS -- nginx -g 'daemon off;'` to be refused.
 fn run(args: &[&str]) -> (i32, String) {
