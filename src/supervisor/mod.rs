@@ -231,12 +231,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     reaper.reap_now();
                     let _ = flag.lower();
                     let outcome = Outcome::nginx_ended(Verdict::NginxExited, status, rest);
+                    flush(nginx_log).await;
                     // The same last line as every other end, with the cause and its exit code.
                     outcome.log_summary(&format!("{} exited while serving", child.what()));
                     live.metrics.drain_finished(&outcome);
                     record_outcome(runtime.path(), &outcome);
                     control.finish(&outcome).await;
-                    flush(nginx_log).await;
                     return Ok(outcome.exit_code);
                 }
                 Action::Say(note) => say(note, &child, &phases),
@@ -292,12 +292,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
         outcome = Outcome::nginx_ended(Verdict::NginxFailed, status, drained.outcome);
     }
+    // nginx's last lines first: the summary is the log's last line.
+    flush(nginx_log).await;
     let code = outcome.log_summary("drain finished");
     live.metrics.drain_finished(&outcome);
     record_outcome(runtime.path(), &outcome);
     // The preStop hook, if one asked, hears the outcome and exits before we do.
     control.finish(&outcome).await;
-    flush(nginx_log).await;
     Ok(code)
 }
 
