@@ -7,7 +7,7 @@ at random moments while nginx serves, then ends the round the way the kubelet do
 the preStop `drain` hook and then SIGTERM. The load stops inside the propagation delay, as it does
 once the endpoint removal has propagated. A round passes when no request failed, no probe went
 unanswered while the supervisor could run, the supervisor exited 0 within the grace period (a
-master killed on purpose must be reported, with exit 1), and no nginx process, zombie, drain flag
+master killed on purpose must be reported, with its status, 137), and no nginx process, zombie, drain flag
 or control socket is left.
 
     scripts/chaos.sh [--minutes N] [--seed S]
@@ -223,9 +223,11 @@ class Prober:
                 if self.paused.is_set():
                     continue  # the stop began while the probe waited
                 self.probes += 1
-                # Once the drain starts, readiness fails on purpose and liveness no longer
-                # matters (the pod is going): only an unanswered probe counts.
-                if self.draining.is_set() and isinstance(status, int):
+                # Once the drain starts, readiness fails on purpose, liveness no longer matters
+                # (the pod is going) and the listener closes as the supervisor exits: only a
+                # probe left unanswered (a starved listener) counts.
+                refused = isinstance(status, str) and "Connection refused" in status
+                if self.draining.is_set() and (isinstance(status, int) or refused):
                     continue
                 if status != 200:
                     took = time.monotonic() - started
@@ -402,7 +404,8 @@ def run_round(n, rng, args, workdir):
 
         result["hwm_kib"] = hwm
         result["exit"] = supervisor.returncode
-        wanted = 1 if ending == "master-killed-in-delay" else 0
+        # A master killed on purpose is reported with its status: 128 + SIGKILL.
+        wanted = 137 if ending == "master-killed-in-delay" else 0
         if supervisor.returncode != wanted:
             problems.append(f"exit {supervisor.returncode}, wanted {wanted}")
         result["requests"] = result["failed"] = 0
@@ -469,7 +472,7 @@ def main():
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="chaos-")
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
     os.makedirs(workdir, exist_ok=True)
     os.chmod(workdir, 0o755)
     print(f"chaos: seed {seed}, {args.minutes} minutes, rounds in {workdir}", file=sys.stderr)
@@ -485,6 +488,9 @@ def main():
         if r["problems"] and r.get("log_tail"):
             print("  supervisor log, last lines:\n    "
                   + "\n    ".join(r["log_tail"].splitlines()[-12:]), file=sys.stderr)
+        if "requests" not in r:
+            print("chaos: stopped: nginx did not start, a problem of the setup", file=sys.stderr)
+            break
     counts = {}
     for r in rounds:
         for fault in r["faults"] + [r["ending"]]:
