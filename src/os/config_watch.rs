@@ -224,15 +224,28 @@ pub fn contents_hash(watched: &Watched) -> u64 {
         names.sort();
         for path in names.into_iter().filter(|p| watched.counts(p)) {
             // `metadata` follows symlinks: a link to a file counts as that file.
-            if std::fs::metadata(&path).is_ok_and(|m| m.is_file())
-                && let Ok(bytes) = std::fs::read(&path)
-            {
+            if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
                 path.hash(&mut hasher);
-                bytes.hash(&mut hasher);
+                hash_file(&path, &mut hasher);
             }
         }
     }
     hasher.finish()
+}
+
+/// Hashes a file's contents a piece at a time: a config of many megabytes is never held whole.
+fn hash_file(path: &Path, hasher: &mut DefaultHasher) {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return;
+    };
+    let mut piece = [0u8; 64 * 1024];
+    loop {
+        match file.read(&mut piece) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => hasher.write(&piece[..n]),
+        }
+    }
 }
 
 /// Files that change while nginx runs without being its config: its pid file and logs, and an
