@@ -197,6 +197,9 @@ fn first_unsearchable(flag: &Path, worker: &WorkerUser) -> Option<(PathBuf, std:
 
 const OUTCOME_FILE: &str = "drain-outcome.json";
 
+/// The most an outcome file may hold; one is a few hundred bytes.
+const OUTCOME_MAX_BYTES: usize = 16 * 1024;
+
 /// Keeps a drain's outcome event, for hooks that come late or run twice.
 pub fn record_outcome(dir: &Path, outcome: &Outcome) {
     if let Err(err) = std::fs::write(dir.join(OUTCOME_FILE), outcome.to_json().to_string()) {
@@ -211,7 +214,10 @@ pub fn recorded_outcome(dir: &Path, since: std::time::SystemTime) -> Option<Outc
     if written < since {
         return None;
     }
-    let event = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    // Any uid in the pod may write here (an emptyDir is mode 777): an outcome is a few hundred
+    // bytes, and a FIFO or a huge file is no outcome.
+    let text = crate::os::small_file::read(&path, OUTCOME_MAX_BYTES).ok()?;
+    let event = serde_json::from_str(&text).ok()?;
     Outcome::from_json(&event)
 }
 
@@ -266,6 +272,22 @@ mod tests {
                 "{dump:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_outcome_file_that_is_no_outcome_is_ignored_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("ng-rt-outcome-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(OUTCOME_FILE);
+        let since = std::time::SystemTime::UNIX_EPOCH;
+        // Another uid's FIFO: a blocking open would wait for a writer for good.
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        assert!(recorded_outcome(&dir, since).is_none());
+        std::fs::remove_file(&path).unwrap();
+        // A file far larger than any outcome is not read into memory.
+        std::fs::File::create(&path).unwrap().set_len(1 << 30).unwrap();
+        assert!(recorded_outcome(&dir, since).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
