@@ -307,7 +307,14 @@ fn a_fake_supervisor_of_another_user_is_not_believed() {
     std::fs::create_dir(&runtime).unwrap();
     std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o777)).unwrap();
     let path = socket(&runtime);
-    let mut fake = Command::new(std::env::current_exe().unwrap())
+    // A copy the other user can run: this binary may sit under a directory only root can enter
+    // (a checkout in a mktemp directory).
+    let exe = dir.0.join("fake-supervisor");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    for open in [&dir.0, &exe] {
+        std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut fake = Command::new(&exe)
         .args(["--exact", "control_socket::fake_supervisor", "--ignored"])
         .args(["--nocapture", "--test-threads", "1"])
         .env("FAKE_CONTROL_SOCKET", &path)
