@@ -47,7 +47,8 @@ SIGNALS:
   SIGUSR1/USR2/WINCH  forwarded to the nginx master
 
 EXIT CODES:
-  0    nginx quit cleanly within the budget
+  0    nginx quit cleanly within the budget, or quit on its own (exit code 0) during the drain
+       before the drain asked it (outcome nginx_exited: a leftover `nginx -s quit`, say)
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
   4    controller mode: the nginx master died before it was asked to quit (its workers were)
   5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:

@@ -136,7 +136,8 @@ pub enum Verdict {
     Clean,
     /// The budget ran out: nginx was stopped with SIGTERM/SIGKILL.
     Escalated,
-    /// The nginx master (or the controller) exited on its own while serving.
+    /// The nginx master (or the controller) exited on its own while serving; or, under `run`,
+    /// the master quit cleanly (exit code 0) during the drain before the drain asked it.
     NginxExited,
     /// The nginx master died mid-drain without quitting cleanly (OOM-killed, say).
     NginxFailed,
@@ -219,6 +220,21 @@ impl Outcome {
         }
     }
 
+    /// The master quit cleanly (exit code 0) before the drain asked it (an `nginx -s quit`
+    /// from elsewhere): not a failure of nginx, and the exit code is its status.
+    pub fn master_quit_first(drain: DrainOutcome) -> Self {
+        Self::nginx_ended(Verdict::NginxExited, Exit::Code(0), drain)
+    }
+
+    /// For the summary line: how a master that ended before the drain asked it ended.
+    fn early_master_words(&self) -> &'static str {
+        match (self.drain.master_died_before_quit, self.verdict) {
+            (false, _) => "",
+            (true, Verdict::NginxExited) => " the nginx master quit before the drain asked it,",
+            (true, _) => " the nginx master died before SIGQUIT (its workers were sent it directly),",
+        }
+    }
+
     /// The event that ends a drain, for the log, the outcome file and `drain` clients.
     pub fn to_json(&self) -> Value {
         let drain = &self.drain;
@@ -287,10 +303,7 @@ impl Outcome {
             "{how}: {} in {},{} {} connections at SIGQUIT,{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
-            match drain.master_died_before_quit {
-                true => " the nginx master died before SIGQUIT (its workers were sent it directly),",
-                false => "",
-            },
+            self.early_master_words(),
             // Not counted when nginx was gone before the count was: it held nothing for long.
             drain
                 .connections_at_quit
@@ -351,6 +364,14 @@ mod tests {
                 }),
                 "nginx_failed",
                 4,
+            ),
+            (
+                Outcome::master_quit_first(DrainOutcome {
+                    master_died_before_quit: true,
+                    ..Default::default()
+                }),
+                "nginx_exited",
+                0,
             ),
             (
                 Outcome::of_drain(DrainOutcome {
