@@ -77,6 +77,22 @@ pub struct DrainOutcome {
     pub observed: Observed,
 }
 
+impl DrainOutcome {
+    /// This drain followed by `rest`, a later sweep within the same budget (the nginx a
+    /// controller started meanwhile): what either saw counts, the worse sight wins.
+    pub fn then(self, rest: DrainOutcome) -> DrainOutcome {
+        DrainOutcome {
+            escalated: self.escalated || rest.escalated,
+            killed: self.killed + rest.killed,
+            elapsed: self.elapsed.max(rest.elapsed),
+            master_died_before_quit: self.master_died_before_quit || rest.master_died_before_quit,
+            observed: self.observed.worse(rest.observed),
+            // The counts are taken at the drain's SIGQUIT and timeout, not the sweep's.
+            ..self
+        }
+    }
+}
+
 /// What a drain could see of nginx's processes. A read of /proc or a pidfd that fails (too
 /// many open files, say) leaves a process unknown, never gone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,6 +119,20 @@ impl Observed {
         match self {
             Observed::Fully => None,
             Observed::WithGaps(reason) | Observed::NotTheEnd(reason) => Some(reason),
+        }
+    }
+
+    /// The worse of two sights (the first one on a tie): an end not seen over gaps, gaps over
+    /// a full view.
+    fn worse(self, other: Observed) -> Observed {
+        let rank = |o: &Observed| match o {
+            Observed::Fully => 0,
+            Observed::WithGaps(_) => 1,
+            Observed::NotTheEnd(_) => 2,
+        };
+        match rank(&other) > rank(&self) {
+            true => other,
+            false => self,
         }
     }
 
@@ -396,6 +426,54 @@ mod tests {
             assert_eq!(outcome.exit_code, code, "{verdict}");
             assert_eq!(outcome.to_json()["outcome"], verdict);
             assert_eq!(outcome.to_json()["exit_code"], code);
+        }
+    }
+
+    #[test]
+    fn a_later_sweep_adds_what_it_saw_and_the_worse_sight_wins() {
+        let drain = DrainOutcome {
+            connections_at_quit: Some(3),
+            killed: 1,
+            elapsed: Duration::from_secs(4),
+            observed: Observed::WithGaps("first".into()),
+            ..Default::default()
+        };
+        let rest = DrainOutcome {
+            escalated: true,
+            connections_at_quit: Some(9),
+            killed: 2,
+            elapsed: Duration::from_secs(6),
+            master_died_before_quit: true,
+            observed: Observed::NotTheEnd("second".into()),
+            ..Default::default()
+        };
+        let both = drain.clone().then(rest);
+        assert_eq!(
+            both,
+            DrainOutcome {
+                escalated: true,
+                connections_at_quit: Some(3),
+                killed: 3,
+                elapsed: Duration::from_secs(6),
+                master_died_before_quit: true,
+                observed: Observed::NotTheEnd("second".into()),
+                ..drain.clone()
+            }
+        );
+        assert_eq!(Outcome::of_drain(both).exit_code, exit::UNOBSERVED);
+
+        let gaps = |r: &str| Observed::WithGaps(r.into());
+        let not_the_end = |r: &str| Observed::NotTheEnd(r.into());
+        for (first, second, worse) in [
+            (Observed::Fully, Observed::Fully, Observed::Fully),
+            (Observed::Fully, gaps("b"), gaps("b")),
+            (gaps("a"), Observed::Fully, gaps("a")),
+            (gaps("a"), gaps("b"), gaps("a")),
+            (gaps("a"), not_the_end("b"), not_the_end("b")),
+            (not_the_end("a"), gaps("b"), not_the_end("a")),
+            (not_the_end("a"), not_the_end("b"), not_the_end("a")),
+        ] {
+            assert_eq!(first.clone().worse(second.clone()), worse, "{first:?} {second:?}");
         }
     }
 

@@ -270,13 +270,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             .below_us(&drained.plan, Vec::new(), drained.comm.clone())
             .orphans(drained.started)
             .await;
-        outcome = Outcome::of_drain(DrainOutcome {
-            escalated: drained.outcome.escalated || rest.escalated || end.killed,
-            // nginx processes; the controller's own kill is `controller.killed`.
-            killed: drained.outcome.killed + rest.killed,
-            elapsed: rest.elapsed.max(drained.outcome.elapsed),
-            ..drained.outcome.clone()
-        });
+        // `killed` counts nginx processes; the controller's own kill is `controller.killed`.
+        let mut both = drained.outcome.clone().then(rest);
+        both.escalated |= end.killed;
+        outcome = Outcome::of_drain(both);
         outcome.controller = Some(end);
     }
     live.set_child(0);
