@@ -47,9 +47,11 @@ SIGNALS:
   SIGUSR1/USR2/WINCH  forwarded to the nginx master
 
 EXIT CODES:
-  0    nginx quit cleanly within the budget
+  0    nginx quit cleanly within the budget, or quit on its own (exit code 0) during the drain
+       before the drain asked it (outcome nginx_exited: a leftover `nginx -s quit`, say)
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
-  4    controller mode: the nginx master died before it was asked to quit (its workers were)
+  4    controller mode, or a COMMAND that stays nginx's parent: the nginx master died before
+       it was asked to quit (its workers were); its status is not ours to know
   5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
        too many open files, say)
   10   the drain plan does not fit in --grace-period
@@ -99,10 +101,14 @@ KUBERNETES:
   terminationGracePeriodSeconds.
 
 EXIT CODES:
+  With a supervisor, the drain's outcome code is the supervisor's, the one `run` exits with
+  (0, 3, 4, 5, or nginx's own status: 137 when the master was SIGKILLed). Without one, and
+  for drain's own failures:
   0    nginx quit cleanly within the budget, or had exited already (its pid file names a
        process that is gone)
   3    the budget ran out: nginx was stopped with SIGTERM/SIGKILL
-  4    the nginx master died before it was asked to quit (its workers were)
+  4    the nginx master died before it was asked to quit (its workers were); its status is not
+       the hook's to know
   5    nginx's processes could not be seen to their end (/proc or pidfds unreadable:
        too many open files, say)
   10   the drain plan does not fit in --grace-period
@@ -147,12 +153,12 @@ and arguments, sends SIGHUP and waits for a new generation of workers.
 
 EXIT CODES:
   0    reloaded: a new generation of workers serves
+  18   the supervisor did not take the request within 5s, or gave no outcome in time
+  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)
   20   the config fails its test: nothing was signalled, nginx serves the old config
   21   nginx kept the old config (its reason is printed), or no new workers came in time
   22   refused: a drain has begun
-  23   nginx is not running
-  18   the supervisor did not take the request within 5s, or gave no outcome in time
-  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)";
+  23   nginx is not running";
 
 const STATUS_AFTER_HELP: &str = "\
 With a `run` supervisor (its control socket in --runtime-dir), the supervisor answers: its
@@ -165,10 +171,10 @@ In a pod:  kubectl exec POD -- nginx-graceful status
 
 EXIT CODES:
   0    nginx runs
-  23   nginx is not running
   15, 16, 17  the pid file is not usable (as for drain)
   18   the supervisor did not answer within 5s
-  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)";
+  19   the supervisor cannot be used (another user, or another nginx than --pid-file names)
+  23   nginx is not running";
 
 #[derive(Debug, Parser)]
 #[command(name = "nginx-graceful", version, about = ABOUT, long_about = LONG_ABOUT)]

@@ -97,6 +97,12 @@ fn a_supervisor_reports_its_phase_generations_reloads_and_crashes() {
         sample(&metrics, "nginx_graceful_nginx_worker_crashes_total"),
         Some(0.0)
     );
+    // stderr is read: no log line was lost.
+    assert_eq!(
+        sample(&metrics, "nginx_graceful_log_lines_dropped_total"),
+        Some(0.0),
+        "{metrics}"
+    );
 
     // One connection held open by a worker of the first generation, then a reload: that worker
     // keeps it while it shuts down, beside the new generation.

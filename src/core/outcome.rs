@@ -77,6 +77,22 @@ pub struct DrainOutcome {
     pub observed: Observed,
 }
 
+impl DrainOutcome {
+    /// This drain followed by `rest`, a later sweep within the same budget (the nginx a
+    /// controller started meanwhile): what either saw counts, the worse sight wins.
+    pub fn then(self, rest: DrainOutcome) -> DrainOutcome {
+        DrainOutcome {
+            escalated: self.escalated || rest.escalated,
+            killed: self.killed + rest.killed,
+            elapsed: self.elapsed.max(rest.elapsed),
+            master_died_before_quit: self.master_died_before_quit || rest.master_died_before_quit,
+            observed: self.observed.worse(rest.observed),
+            // The counts are taken at the drain's SIGQUIT and timeout, not the sweep's.
+            ..self
+        }
+    }
+}
+
 /// What a drain could see of nginx's processes. A read of /proc or a pidfd that fails (too
 /// many open files, say) leaves a process unknown, never gone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,6 +119,20 @@ impl Observed {
         match self {
             Observed::Fully => None,
             Observed::WithGaps(reason) | Observed::NotTheEnd(reason) => Some(reason),
+        }
+    }
+
+    /// The worse of two sights (the first one on a tie): an end not seen over gaps, gaps over
+    /// a full view.
+    fn worse(self, other: Observed) -> Observed {
+        let rank = |o: &Observed| match o {
+            Observed::Fully => 0,
+            Observed::WithGaps(_) => 1,
+            Observed::NotTheEnd(_) => 2,
+        };
+        match rank(&other) > rank(&self) {
+            true => other,
+            false => self,
         }
     }
 
@@ -136,7 +166,8 @@ pub enum Verdict {
     Clean,
     /// The budget ran out: nginx was stopped with SIGTERM/SIGKILL.
     Escalated,
-    /// The nginx master (or the controller) exited on its own while serving.
+    /// The nginx master (or the controller) exited on its own while serving; or, under `run`,
+    /// the master quit cleanly (exit code 0) during the drain before the drain asked it.
     NginxExited,
     /// The nginx master died mid-drain without quitting cleanly (OOM-killed, say).
     NginxFailed,
@@ -219,6 +250,21 @@ impl Outcome {
         }
     }
 
+    /// The master quit cleanly (exit code 0) before the drain asked it (an `nginx -s quit`
+    /// from elsewhere): not a failure of nginx, and the exit code is its status.
+    pub fn master_quit_first(drain: DrainOutcome) -> Self {
+        Self::nginx_ended(Verdict::NginxExited, Exit::Code(0), drain)
+    }
+
+    /// For the summary line: how a master that ended before the drain asked it ended.
+    fn early_master_words(&self) -> &'static str {
+        match (self.drain.master_died_before_quit, self.verdict) {
+            (false, _) => "",
+            (true, Verdict::NginxExited) => " the nginx master quit before the drain asked it,",
+            (true, _) => " the nginx master died before SIGQUIT (its workers were sent it directly),",
+        }
+    }
+
     /// The event that ends a drain, for the log, the outcome file and `drain` clients.
     pub fn to_json(&self) -> Value {
         let drain = &self.drain;
@@ -287,10 +333,7 @@ impl Outcome {
             "{how}: {} in {},{} {} connections at SIGQUIT,{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
-            match drain.master_died_before_quit {
-                true => " the nginx master died before SIGQUIT (its workers were sent it directly),",
-                false => "",
-            },
+            self.early_master_words(),
             // Not counted when nginx was gone before the count was: it held nothing for long.
             drain
                 .connections_at_quit
@@ -353,6 +396,14 @@ mod tests {
                 4,
             ),
             (
+                Outcome::master_quit_first(DrainOutcome {
+                    master_died_before_quit: true,
+                    ..Default::default()
+                }),
+                "nginx_exited",
+                0,
+            ),
+            (
                 Outcome::of_drain(DrainOutcome {
                     observed: Observed::WithGaps("cannot read /proc".into()),
                     ..Default::default()
@@ -375,6 +426,54 @@ mod tests {
             assert_eq!(outcome.exit_code, code, "{verdict}");
             assert_eq!(outcome.to_json()["outcome"], verdict);
             assert_eq!(outcome.to_json()["exit_code"], code);
+        }
+    }
+
+    #[test]
+    fn a_later_sweep_adds_what_it_saw_and_the_worse_sight_wins() {
+        let drain = DrainOutcome {
+            connections_at_quit: Some(3),
+            killed: 1,
+            elapsed: Duration::from_secs(4),
+            observed: Observed::WithGaps("first".into()),
+            ..Default::default()
+        };
+        let rest = DrainOutcome {
+            escalated: true,
+            connections_at_quit: Some(9),
+            killed: 2,
+            elapsed: Duration::from_secs(6),
+            master_died_before_quit: true,
+            observed: Observed::NotTheEnd("second".into()),
+            ..Default::default()
+        };
+        let both = drain.clone().then(rest);
+        assert_eq!(
+            both,
+            DrainOutcome {
+                escalated: true,
+                connections_at_quit: Some(3),
+                killed: 3,
+                elapsed: Duration::from_secs(6),
+                master_died_before_quit: true,
+                observed: Observed::NotTheEnd("second".into()),
+                ..drain.clone()
+            }
+        );
+        assert_eq!(Outcome::of_drain(both).exit_code, exit::UNOBSERVED);
+
+        let gaps = |r: &str| Observed::WithGaps(r.into());
+        let not_the_end = |r: &str| Observed::NotTheEnd(r.into());
+        for (first, second, worse) in [
+            (Observed::Fully, Observed::Fully, Observed::Fully),
+            (Observed::Fully, gaps("b"), gaps("b")),
+            (gaps("a"), Observed::Fully, gaps("a")),
+            (gaps("a"), gaps("b"), gaps("a")),
+            (gaps("a"), not_the_end("b"), not_the_end("b")),
+            (not_the_end("a"), gaps("b"), not_the_end("a")),
+            (not_the_end("a"), not_the_end("b"), not_the_end("a")),
+        ] {
+            assert_eq!(first.clone().worse(second.clone()), worse, "{first:?} {second:?}");
         }
     }
 

@@ -59,6 +59,16 @@ fn is_gone(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
 }
 
+/// Whether a failed read of /proc/PID/stat means that one process is hidden from us (an LSM
+/// policy, or /proc mounted with hidepid), not that the look failed. Such a process is left out
+/// of the table without leaving a hole: it cannot be nginx's in practice. The masters are held
+/// by pidfd and waited for through it, and their workers run as our own user (or we are root,
+/// and read every process): the drain must not wait out its budget for a stranger.
+/// Anything else (EMFILE, ENFILE, ENOMEM, EIO...) is a look that could not see.
+fn is_not_ours_to_see(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+}
+
 /// A snapshot of every process's parent.
 #[derive(Debug, Default)]
 pub struct ProcessTable {
@@ -70,33 +80,49 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     /// Every process /proc lists. A process that exits between the listing and the read is
-    /// left out; one that cannot be read is left out too, and noted ([`ProcessTable::read_complete`]).
+    /// left out, and so is one we are denied; one that cannot be read for another reason is
+    /// left out too, and noted ([`ProcessTable::read_complete`]).
     pub fn read() -> std::io::Result<Self> {
-        let mut table = Self::default();
+        let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc")? {
             let entry = entry?;
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            match ProcStat::read_checked(pid) {
+            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                pids.push(pid);
+            }
+        }
+        Ok(Self::from_reads(
+            pids.into_iter().map(|pid| (pid, ProcStat::read_checked(pid))),
+        ))
+    }
+
+    /// The table from each listed process's read of its stat line.
+    fn from_reads(reads: impl IntoIterator<Item = (i32, std::io::Result<Option<ProcStat>>)>) -> Self {
+        let mut table = Self::default();
+        for (pid, read) in reads {
+            match read {
                 Ok(Some(stat)) => {
                     table.by_pid.insert(pid, stat);
                 }
                 Ok(None) => {}
+                Err(err) if is_not_ours_to_see(&err) => {}
                 Err(err) => {
                     table.unreadable.get_or_insert((pid, err.kind(), err.to_string()));
                 }
             }
         }
-        Ok(table)
+        table
     }
 
     /// Every process, or an error when /proc cannot be listed or one of its processes cannot
-    /// be read: a table with a hole must not pass for one that shows every process.
+    /// be read (other than denied to us): a table with a hole must not pass for one that shows
+    /// every process.
     pub fn read_complete() -> std::io::Result<Self> {
-        let table = Self::read()?;
-        match &table.unreadable {
-            None => Ok(table),
+        Self::read()?.complete()
+    }
+
+    fn complete(self) -> std::io::Result<Self> {
+        match &self.unreadable {
+            None => Ok(self),
             Some((pid, kind, err)) => Err(std::io::Error::new(
                 *kind,
                 format!("reading /proc/{pid}/stat: {err}"),
@@ -227,6 +253,37 @@ mod tests {
         let me = table.get(std::process::id() as i32).unwrap();
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
         assert_eq!(me.pgrp, nix::unistd::getpgrp().as_raw());
+    }
+
+    #[test]
+    fn a_process_not_ours_to_see_leaves_no_hole_but_a_failed_look_does() {
+        let stat = |pid| ProcStat {
+            pid,
+            comm: "nginx".into(),
+            state: 'S',
+            ppid: 1,
+            pgrp: 1,
+            start_time: 1,
+        };
+        let table_with = |errno| {
+            ProcessTable::from_reads([
+                (10, Ok(Some(stat(10)))),
+                (20, Err(std::io::Error::from_raw_os_error(errno))),
+                (30, Ok(None)),
+            ])
+            .complete()
+        };
+        // An LSM or hidepid denying one process (EACCES, EPERM): the table is still whole.
+        for errno in [libc::EACCES, libc::EPERM] {
+            let table = table_with(errno).unwrap_or_else(|err| panic!("errno {errno}: {err}"));
+            assert!(table.get(10).is_some());
+            assert!(table.get(20).is_none());
+        }
+        // A look that could not see: the table may miss a process that exists.
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EIO, libc::EAGAIN] {
+            let err = table_with(errno).expect_err("a hole in the table");
+            assert!(err.to_string().contains("/proc/20/stat"), "{err}");
+        }
     }
 
     #[test]

@@ -270,13 +270,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
             .below_us(&drained.plan, Vec::new(), drained.comm.clone())
             .orphans(drained.started)
             .await;
-        outcome = Outcome::of_drain(DrainOutcome {
-            escalated: drained.outcome.escalated || rest.escalated || end.killed,
-            // nginx processes; the controller's own kill is `controller.killed`.
-            killed: drained.outcome.killed + rest.killed,
-            elapsed: rest.elapsed.max(drained.outcome.elapsed),
-            ..drained.outcome.clone()
-        });
+        // `killed` counts nginx processes; the controller's own kill is `controller.killed`.
+        let mut both = drained.outcome.clone().then(rest);
+        both.escalated |= end.killed;
+        outcome = Outcome::of_drain(both);
         outcome.controller = Some(end);
     }
     live.set_child(0);
@@ -284,13 +281,23 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     if let Err(err) = flag.lower() {
         tracing::warn!(%err, "cannot remove the drain flag");
     }
-    // A master that died during the drain (OOM-killed, say) did not quit cleanly.
+    // Our child's status is known: a master that ended on its own during the drain is reported
+    // with it. One that died (OOM-killed, say) did not quit cleanly; one that quit with exit
+    // code 0 before being asked did (an `nginx -s quit` from elsewhere), only early.
     let child_was_nginx = child.is_nginx() && !drained.child_is_not_nginx;
-    if let Some(status) =
-        child_status.filter(|s| child_was_nginx && !s.success() && !drained.outcome.escalated)
-    {
-        tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
-        outcome = Outcome::nginx_ended(Verdict::NginxFailed, status, drained.outcome);
+    match child_status.filter(|_| child_was_nginx && !drained.outcome.escalated) {
+        Some(status) if !status.success() => {
+            tracing::error!(pid = master_pid, %status, "the nginx master did not exit cleanly during the drain");
+            outcome = Outcome::nginx_ended(Verdict::NginxFailed, status, drained.outcome);
+        }
+        Some(_) if drained.outcome.master_died_before_quit => {
+            tracing::warn!(
+                pid = master_pid,
+                "the nginx master quit on its own (exit code 0) before the drain asked it: its listeners closed early (an `nginx -s quit` in a preStop hook, say)"
+            );
+            outcome = Outcome::master_quit_first(drained.outcome);
+        }
+        _ => {}
     }
     // nginx's last lines first: the summary is the log's last line.
     flush(nginx_log).await;

@@ -42,6 +42,7 @@ pub struct Metrics {
     reload_seconds: Histogram,
     generations: Family<GenerationState, Gauge>,
     master_exits: Counter,
+    log_lines_dropped: Counter,
     phase: Family<PhaseLabel, Gauge>,
 }
 
@@ -102,6 +103,12 @@ impl Metrics {
             "nginx workers that exited on a signal or with an error; the master starts a new one",
             worker_crashes.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (the supervisor's and nginx's) dropped because stderr was full, closed or failing",
+            log_lines_dropped.clone(),
+        );
         let phase = Family::<PhaseLabel, Gauge>::default();
         registry.register(
             "phase",
@@ -118,6 +125,7 @@ impl Metrics {
             reload_seconds,
             generations,
             master_exits,
+            log_lines_dropped,
             phase,
         }
     }
@@ -144,8 +152,17 @@ impl Metrics {
         self.master_exits.inc();
     }
 
+    /// Brings the counter up to the logger's own count. A maximum, not an increment: two
+    /// scrapes at once must not add the same lines twice.
+    fn note_log_lines_dropped(&self, dropped: u64) {
+        self.log_lines_dropped
+            .inner()
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The text a scrape gets, with the present state filled in first.
     pub fn render(&self, phase: Phase, serving_generations: usize, shutting_down: usize) -> String {
+        self.note_log_lines_dropped(crate::logging::dropped_lines());
         for candidate in Phase::ALL {
             let value = i64::from(candidate == phase);
             self.phase
@@ -221,6 +238,30 @@ mod tests {
         ] {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }
+        // Its value is the process's own count (see below).
+        assert!(
+            sample(&text, "nginx_graceful_log_lines_dropped_total").is_some(),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn dropped_log_lines_follow_the_loggers_count() {
+        let metrics = Metrics::new(Counter::default());
+        let series = "nginx_graceful_log_lines_dropped_total";
+        metrics.note_log_lines_dropped(5);
+        metrics.note_log_lines_dropped(5);
+        assert_eq!(
+            metrics.log_lines_dropped.get(),
+            5,
+            "the same count twice adds nothing"
+        );
+        metrics.note_log_lines_dropped(3);
+        assert_eq!(metrics.log_lines_dropped.get(), 5, "a counter never goes down");
+        metrics.note_log_lines_dropped(8);
+        let text = metrics.render(Phase::Serving, 1, 0);
+        // At least: the scrape brings it up to the logger's count of this test process.
+        assert!(sample(&text, series).is_some_and(|n| n >= 8.0), "{text}");
     }
 }

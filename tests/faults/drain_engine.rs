@@ -72,6 +72,40 @@ fn a_master_killed_during_the_delay_leaves_workers_that_serve_to_its_end_then_qu
     );
 }
 
+#[test]
+fn a_master_that_quits_cleanly_during_the_delay_is_its_own_exit_code() {
+    // A leftover `preStop: nginx -s quit` beside `run`: the master quits on its own, exit code
+    // 0. That used to be reported as a failed nginx, exit 4 (a status not ours to know), though
+    // under `run` the master's own status is the exit code.
+    let site = Site::new();
+    let args = site.run_args(&["--propagation-delay", "2s", "--grace-period", "12s"]);
+    let mut supervisor = Supervisor::start_as_pid1(&args);
+    supervisor.wait_serving(&site);
+    let master = supervisor.master();
+
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .unwrap();
+
+    let status = supervisor.wait_exit(15 * SECONDS);
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(code(status), 0, "the master's own status: {summary}");
+    assert_eq!(summary["outcome"], "nginx_exited", "{summary}");
+    assert_eq!(summary["exit_code"], 0, "{summary}");
+    assert_eq!(summary["master_died_before_quit"], true, "{summary}");
+    assert_eq!(summary["killed"], 0, "{summary}");
+    let message = summary["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the nginx master quit before the drain asked it"),
+        "{summary}"
+    );
+    assert!(!message.contains("died"), "a clean quit is no death: {summary}");
+}
+
 /// Lowers the open-files limit of `pid` to its lowest free descriptor: from then on, every
 /// descriptor it tries to open (a /proc file, a pidfd, a socket) fails with EMFILE.
 fn exhaust_file_descriptors(pid: i32) {
