@@ -1,8 +1,10 @@
 //! nginx's stderr, passed through the supervisor line by line: the container log stays the
 //! same, and a reload can read nginx's own reason when the master rolls a new config back.
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::sync::broadcast;
+
+use crate::os::lines;
 
 /// `[emerg]` lines as nginx wrote them: what a master writes when it cannot apply a new
 /// config. (`[crit]` and `[alert]` come from requests too, e.g. failed TLS handshakes.)
@@ -50,10 +52,6 @@ pub fn is_worker_crash(line: &str) -> bool {
         && (line.contains(" exited on signal ") || line.contains(" exited with fatal code "))
 }
 
-/// nginx writes lines of a few hundred bytes; a longer one is passed on in pieces of this size,
-/// so a line without an end cannot grow in memory.
-const MAX_LINE: u64 = 16 * 1024;
-
 /// Copies `pipe` to our stderr until every nginx process has closed it.
 pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -62,30 +60,25 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
         };
         let mut reader = BufReader::new(pipe);
         let mut line = Vec::new();
-        loop {
-            line.clear();
-            match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
-                    // Queued, never written here: a stalled stderr must not stall the loop.
-                    if errors.as_json {
-                        let wrapped = serde_json::json!({"source": "nginx", "message": text.trim_end()});
-                        crate::logging::write_line(format!("{wrapped}\n").into_bytes());
-                    } else {
-                        let mut copy = line.clone();
-                        if !copy.ends_with(b"\n") {
-                            copy.push(b'\n');
-                        }
-                        crate::logging::write_line(copy);
-                    }
-                    if is_error_line(&text) {
-                        let _ = errors.tx.send(text.trim_end().to_owned());
-                    }
-                    if is_worker_crash(&text) {
-                        errors.worker_crashes.inc();
-                    }
+        // nginx writes lines of a few hundred bytes; a longer one is passed on in pieces.
+        while lines::next_line(&mut reader, &mut line).await {
+            let text = String::from_utf8_lossy(&line);
+            // Queued, never written here: a stalled stderr must not stall the loop.
+            if errors.as_json {
+                let wrapped = serde_json::json!({"source": "nginx", "message": text.trim_end()});
+                crate::logging::write_line(format!("{wrapped}\n").into_bytes());
+            } else {
+                let mut copy = line.clone();
+                if !copy.ends_with(b"\n") {
+                    copy.push(b'\n');
                 }
+                crate::logging::write_line(copy);
+            }
+            if is_error_line(&text) {
+                let _ = errors.tx.send(text.trim_end().to_owned());
+            }
+            if is_worker_crash(&text) {
+                errors.worker_crashes.inc();
             }
         }
     })

@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::os::small_file;
 
 /// More than any pid file holds (digits and a newline): a larger one is not a pid file.
-const PID_FILE_LIMIT: usize = 64;
+pub const PID_FILE_LIMIT: usize = 64;
 
 /// What a pid file holds, read as nginx writes it (digits and a newline).
 #[derive(Debug, PartialEq, Eq)]

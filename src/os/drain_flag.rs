@@ -9,7 +9,9 @@
 //! the emptyDir (a `drain` killed with nginx as PID 1). So the flag names its owner, the nginx
 //! master it drains, and a flag whose master is gone is stale: `run` and `post-start` remove it.
 
-use std::os::unix::fs::MetadataExt;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::nginx::tree::ProcStat;
@@ -41,7 +43,7 @@ impl DrainFlag {
         let staging = self
             .path
             .with_file_name(format!(".draining.{}", std::process::id()));
-        std::fs::write(&staging, record(FlagOwner::of(master).as_ref()))?;
+        write_new(&staging, record(FlagOwner::of(master).as_ref()).as_bytes())?;
         std::fs::rename(&staging, &self.path)
     }
 
@@ -89,6 +91,23 @@ impl DrainFlag {
             !line.starts_with('#') && line.contains("-f") && line.contains(flag.as_ref())
         })
     }
+}
+
+/// Writes `bytes` to a file of our own at `path`. The runtime dir is writable by every uid in the
+/// pod: whatever stands at the name (a FIFO would block the open, a symlink would truncate its
+/// target) is removed, and the file is created anew, never through a link, never waiting.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 /// The flag's contents: more than this is not a flag we wrote.
@@ -232,6 +251,46 @@ mod tests {
         // A flag that names no master (by hand, or an older version) is nobody's.
         std::fs::write(flag.path(), "").unwrap();
         assert_eq!(flag.lower_if_stale().unwrap(), Some(FlagState::Stale(None)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_a_symlink_at_the_staging_name_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("ng-flag-planted-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = DrainFlag::in_dir(&dir);
+        let staging = dir.join(format!(".draining.{}", std::process::id()));
+        let target = dir.join("target");
+        std::fs::write(&target, "keep me").unwrap();
+        let plants: [&dyn Fn(); 2] = [
+            &|| nix::unistd::mkfifo(&staging, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+            &|| std::os::unix::fs::symlink(&target, &staging).unwrap(),
+        ];
+        for plant in plants {
+            plant();
+            let raising = {
+                let flag = flag.clone();
+                std::thread::spawn(move || flag.raise(std::process::id() as i32))
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !raising.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if !raising.is_finished() {
+                // Unblocks the open so the test can clean up and fail rather than hang.
+                let _ = std::fs::File::options()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&staging);
+                let _ = std::fs::remove_dir_all(&dir);
+                panic!("raising the flag blocked on what stood at its staging name");
+            }
+            raising.join().unwrap().unwrap();
+            assert!(matches!(flag.state(), FlagState::Raised(_)));
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+            assert!(!staging.exists() && std::fs::symlink_metadata(&staging).is_err());
+            flag.lower().unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

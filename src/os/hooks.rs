@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, BufReader};
 
 use crate::nginx::tree::ProcessTable;
+use crate::os::lines;
 use crate::os::reaper::{Exit, Reaper};
 
 /// How long the output of a hook that has exited is read before the drain goes on: what it
@@ -141,9 +142,74 @@ fn log_lines(
     pipe: impl AsyncRead + Unpin + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(hook, stream, "{line}");
+        // The reader may outlive the hook (a background child holds the pipe): a line without
+        // an end is logged in pieces rather than kept.
+        let mut pipe = BufReader::new(pipe);
+        let mut line = Vec::new();
+        while lines::next_line(&mut pipe, &mut line).await {
+            let text = String::from_utf8_lossy(&line);
+            tracing::info!(hook, stream, "{}", text.trim_end_matches(['\r', '\n']));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// What the subscriber writes, one event a line.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn output_without_a_newline_is_logged_in_pieces() {
+        // A megabyte with no newline used to be held whole until the pipe closed, and a
+        // background child that never closes it grows the supervisor without bound.
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+
+        let (mut hook_side, our_side) = tokio::io::duplex(64 * 1024);
+        let reader = log_lines("echo".into(), "stdout", our_side);
+        hook_side.write_all(&vec![b'x'; 1 << 20]).await.unwrap();
+        hook_side.write_all(b"\nlast line\n").await.unwrap();
+        drop(hook_side);
+        tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<&str> = text.lines().collect();
+        let longest = events.iter().map(|e| e.len()).max().unwrap_or(0);
+        assert!(longest < lines::MAX_LINE + 200, "a line of {longest} bytes");
+        assert!(
+            events.len() > (1 << 20) / lines::MAX_LINE,
+            "{} events",
+            events.len()
+        );
+        assert!(
+            events.last().unwrap().contains(" last line "),
+            "the line after it is whole"
+        );
+    }
 }

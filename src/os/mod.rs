@@ -4,6 +4,7 @@
 pub mod config_watch;
 pub mod drain_flag;
 pub mod hooks;
+pub mod lines;
 pub mod reaper;
 pub mod runtime_dir;
 pub mod signals;

@@ -13,6 +13,7 @@ pub use crate::nginx::generations::{Generations, serving_workers};
 pub use crate::nginx::log::NginxErrors;
 use crate::nginx::pidfd::PidFd;
 use crate::nginx::tree;
+use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::os::reaper::Reaper;
 
 mod command;
@@ -43,7 +44,7 @@ pub struct ReloadSettings {
     /// Before the SIGHUP, keep-alive clients are told to close for this long (see
     /// `--reload-close-window`); zero turns it off.
     pub close_window: Duration,
-    pub flag: Option<crate::os::drain_flag::DrainFlag>,
+    pub flag: Option<DrainFlag>,
 }
 
 pub async fn reload(
@@ -152,21 +153,32 @@ pub async fn reload(
     outcome
 }
 
-/// The drain flag, raised for the reload's close window and lowered when dropped.
-struct FlagGuard<'a>(&'a crate::os::drain_flag::DrainFlag);
+/// The drain flag, raised for the reload's close window and lowered when dropped. A flag already
+/// up for a running master is a drain's (a direct `drain` hook has no supervisor to cancel this
+/// reload): the guard leaves it as it is, up, and does not lower it.
+struct FlagGuard<'a>(Option<&'a DrainFlag>);
 
 impl<'a> FlagGuard<'a> {
-    fn raise(flag: &'a crate::os::drain_flag::DrainFlag, master: i32) -> Self {
+    fn raise(flag: &'a DrainFlag, master: i32) -> Self {
+        if let FlagState::Raised(owner) = flag.state() {
+            tracing::info!(
+                owner = owner.pid,
+                "the keep-alive flag is already up, for a drain: the reload leaves it up"
+            );
+            return Self(None);
+        }
         if let Err(err) = flag.raise(master) {
             tracing::warn!(%err, "cannot raise the keep-alive flag before the reload");
         }
-        Self(flag)
+        Self(Some(flag))
     }
 }
 
 impl Drop for FlagGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.0.lower();
+        if let Some(flag) = self.0 {
+            let _ = flag.lower();
+        }
     }
 }
 
@@ -284,5 +296,40 @@ impl ReloadOutcome {
             _ => reply["reason"] = self.reason().into(),
         }
         reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drains_flag_outlives_the_close_window_of_a_reload() {
+        let dir = std::env::temp_dir().join(format!("ng-reload-flag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = DrainFlag::in_dir(&dir);
+        // This process stands for the master: it runs.
+        let master = std::process::id() as i32;
+
+        // Raised by a direct drain, as a reload starts: it stays up after the window.
+        flag.raise(master).unwrap();
+        drop(FlagGuard::raise(&flag, master));
+        assert!(
+            matches!(flag.state(), FlagState::Raised(_)),
+            "the drain's flag was lowered"
+        );
+
+        // Down, or stale: the reload raises it for its window, and lowers it after.
+        for before in [None, Some("draining\n")] {
+            flag.lower().unwrap();
+            if let Some(stale) = before {
+                std::fs::write(flag.path(), stale).unwrap();
+            }
+            let window = FlagGuard::raise(&flag, master);
+            assert!(matches!(flag.state(), FlagState::Raised(_)));
+            drop(window);
+            assert_eq!(flag.state(), FlagState::Down);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

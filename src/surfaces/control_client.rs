@@ -19,7 +19,8 @@ use crate::cli::NginxTarget;
 use crate::core::plan::DrainPlan;
 use crate::duration::fmt;
 use crate::error::Error;
-use crate::nginx::pidfile::PidFileContent;
+use crate::nginx::pidfile::{PID_FILE_LIMIT, PidFileContent};
+use crate::os::small_file;
 
 /// How long `status` waits for the supervisor's answer, and `reload` for it to take the request.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,29 +196,36 @@ fn refusal(path: &Path, event: &Value) -> Error {
 }
 
 /// The request, with the master the user named: a supervisor that runs another one refuses.
-fn request_for(what: &str, target: &NginxTarget) -> Value {
+fn request_for(what: &str, target: &NginxTarget) -> Result<Value, Error> {
     let mut request = json!({ "request": what });
-    if let Some(pid) = named_master(target) {
+    if let Some(pid) = named_master(target)? {
         request["master_pid"] = pid.into();
     }
-    request
+    Ok(request)
 }
 
 /// The pid in the pid file the user named (`--pid-file` or its variable, when not the default).
-/// `None` when none was named, or when it holds no pid: then there is nothing to compare, and
-/// the supervisor is asked as it would be without one.
-fn named_master(target: &NginxTarget) -> Option<i32> {
-    let path = target.named_pid_file()?;
-    match std::fs::read_to_string(path).map(|text| PidFileContent::parse(&text)) {
-        Ok(PidFileContent::Pid(pid)) => Some(pid),
+/// `None` when none was named, or when it is missing or holds no pid: then there is nothing to
+/// compare, and the supervisor is asked as it would be without one. A pid file that is not a
+/// small regular file (a FIFO, a device) is refused, as a direct drain refuses it.
+fn named_master(target: &NginxTarget) -> Result<Option<i32>, Error> {
+    let Some(path) = target.named_pid_file() else {
+        return Ok(None);
+    };
+    match small_file::read(path, PID_FILE_LIMIT).map(|text| PidFileContent::parse(&text)) {
+        Ok(PidFileContent::Pid(pid)) => Ok(Some(pid)),
         Ok(_) => {
             tracing::info!(pid_file = %path.display(), "the pid file holds no pid: the supervisor's own nginx is the target");
-            None
+            Ok(None)
         }
-        Err(err) => {
+        Err(err) if err.is_not_found() => {
             tracing::info!(pid_file = %path.display(), %err, "cannot read the pid file: the supervisor's own nginx is the target");
-            None
+            Ok(None)
         }
+        Err(refused) => Err(Error::PidFile {
+            path: path.to_owned(),
+            detail: refused.to_string(),
+        }),
     }
 }
 
@@ -235,7 +243,7 @@ pub async fn request_drain(
     let Some(mut session) = Session::open(&target.runtime_dir, bound, DRAINING_DIRECTLY).await? else {
         return Ok(None);
     };
-    if !session.ask(request_for("drain", target)).await {
+    if !session.ask(request_for("drain", target)?).await {
         tracing::warn!(socket = %session.path.display(), "the supervisor closed the control socket: {DRAINING_DIRECTLY}");
         return Ok(None);
     }
@@ -301,7 +309,7 @@ pub async fn request_reload(target: &NginxTarget, reply_within: Duration) -> Res
     else {
         return Ok(None);
     };
-    if !session.ask(request_for("reload", target)).await {
+    if !session.ask(request_for("reload", target)?).await {
         return Ok(None);
     }
     let taken = session
@@ -329,7 +337,7 @@ pub async fn request_status(target: &NginxTarget) -> Result<Option<Value>, Error
     let Some(mut session) = Session::open(&target.runtime_dir, bound, "reading the pid file").await? else {
         return Ok(None);
     };
-    if !session.ask(request_for("status", target)).await {
+    if !session.ask(request_for("status", target)?).await {
         return Ok(None);
     }
     match session.next(bound, "answer the status request").await? {

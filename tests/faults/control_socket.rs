@@ -440,3 +440,57 @@ fn a_pid_file_that_names_another_nginx_is_not_the_supervisors_to_act_on() {
     );
     assert_eq!(common::code(supervisor.wait_exit(10 * SECONDS)), 0);
 }
+
+#[test]
+fn a_fifo_or_a_device_as_the_named_pid_file_is_refused_at_once() {
+    // With a supervisor running, the named pid file was read whole and synchronously: a FIFO
+    // hung drain, reload and status for good, /dev/zero filled their memory.
+    let site = Site::new();
+    let supervisor = Supervisor::start_serving(&site, &[]);
+    let fifo = site.dir.0.join("nginx.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for (pid_file, refusal) in [
+        (fifo.as_path(), "it is a FIFO, not a regular file"),
+        (
+            Path::new("/dev/zero"),
+            "it is a character device, not a regular file",
+        ),
+    ] {
+        for (what, extra) in [
+            ("drain", &["--propagation-delay", "0s"][..]),
+            ("reload", &[]),
+            ("status", &[]),
+        ] {
+            let args = command(what, &site.runtime, pid_file, extra);
+            let (code, log, took) = client_bounded(&args, 10 * SECONDS);
+            assert_eq!(code, 17, "{what}: {log}");
+            assert!(
+                log.contains("cannot read pid file") && log.contains(refusal),
+                "{what}: {log}"
+            );
+            assert!(took < 5 * SECONDS, "{what}: {took:?}");
+        }
+    }
+    assert_eq!(
+        supervisor.log.phase_count("unready"),
+        0,
+        "the supervisor's nginx was left alone: {:?}",
+        supervisor.log.phases()
+    );
+    assert!(site.serves());
+}
+
+/// [`client`] under a 1 GiB address-space limit: a read without bound fails fast instead of
+/// taking the machine's memory.
+fn client_bounded(args: &[String], within: Duration) -> (i32, String, Duration) {
+    let started = Instant::now();
+    let mut process = Supervisor::spawn_command(
+        Command::new("prlimit")
+            .arg("--as=1073741824")
+            .arg(common::bin())
+            .args(["--log-format", "json"])
+            .args(args),
+    );
+    let status = process.wait_exit(within);
+    (code(status), process.log.lines().join("\n"), started.elapsed())
+}

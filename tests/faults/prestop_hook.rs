@@ -283,3 +283,26 @@ fn a_drain_lock_held_for_good_is_waited_for_within_the_grace_period_only() {
     assert!([0, 3].contains(&code(status)), "{:?}", hook.log.lines());
     assert!(nginx.all_gone());
 }
+
+#[test]
+fn a_fifo_as_drain_lock_does_not_stop_the_drain() {
+    // Any uid in the pod can write the runtime dir: a FIFO there used to block every direct
+    // `drain` in its open, before it signalled anything.
+    let site = Site::new();
+    std::fs::create_dir_all(&site.runtime).unwrap();
+    let lock = site.runtime.join("drain.lock");
+    nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let nginx = site.start_daemon();
+    let started = Instant::now();
+    let mut hook = Supervisor::start(&drain_args(&site, &["--propagation-delay", "0s"]));
+    let status = hook.wait_exit(10 * SECONDS);
+    let took = started.elapsed();
+    assert_eq!(code(status), 0, "{:?}", hook.log.lines());
+    assert!(nginx.all_gone(), "nginx is drained");
+    assert!(took < 5 * SECONDS, "{took:?}");
+    assert!(
+        hook.log.contains("cannot open the drain lock") && hook.log.contains("not a regular file"),
+        "{:?}",
+        hook.log.lines()
+    );
+}
