@@ -4,7 +4,6 @@
 //! hook left to the container's next life.
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -207,7 +206,7 @@ impl RuntimeFiles {
     /// drain's budget). `None` when no lock can be had: the drain goes on alone.
     async fn take_turn(&self, bound: Duration) -> Option<Flock<File>> {
         let path = self.dir.join("drain.lock");
-        let file = match open_lock(&path) {
+        let file = match crate::os::small_file::open_lock(&path) {
             Ok(file) => file,
             Err(err) => {
                 tracing::warn!(lock = %path.display(), %err, "cannot open the drain lock: concurrent hooks will not share one drain");
@@ -233,25 +232,4 @@ impl RuntimeFiles {
             }
         }
     }
-}
-
-/// Opens the drain lock in a directory every uid in the pod can write: never through a link,
-/// never waiting on a FIFO, and only a regular file.
-fn open_lock(path: &Path) -> std::io::Result<File> {
-    let not_regular =
-        || std::io::Error::other(format!("{} is not a regular file; remove it", path.display()));
-    // Checked first for a clear error; the flags below cover a swap after the check.
-    if std::fs::symlink_metadata(path).is_ok_and(|meta| !meta.is_file()) {
-        return Err(not_regular());
-    }
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(not_regular());
-    }
-    Ok(file)
 }

@@ -9,9 +9,7 @@
 //! the emptyDir (a `drain` killed with nginx as PID 1). So the flag names its owner, the nginx
 //! master it drains, and a flag whose master is gone is stale: `run` and `post-start` remove it.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::nginx::tree::ProcStat;
@@ -43,7 +41,7 @@ impl DrainFlag {
         let staging = self
             .path
             .with_file_name(format!(".draining.{}", std::process::id()));
-        write_new(&staging, record(FlagOwner::of(master).as_ref()).as_bytes())?;
+        crate::os::small_file::write_new(&staging, record(FlagOwner::of(master).as_ref()).as_bytes())?;
         std::fs::rename(&staging, &self.path)
     }
 
@@ -91,23 +89,6 @@ impl DrainFlag {
             !line.starts_with('#') && line.contains("-f") && line.contains(flag.as_ref())
         })
     }
-}
-
-/// Writes `bytes` to a file of our own at `path`. The runtime dir is writable by every uid in the
-/// pod: whatever stands at the name (a FIFO would block the open, a symlink would truncate its
-/// target) is removed, and the file is created anew, never through a link, never waiting.
-fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
-        _ => {}
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    file.write_all(bytes)
 }
 
 /// The flag's contents: more than this is not a flag we wrote.
@@ -182,6 +163,7 @@ fn own_pid_namespace() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn the_snippet_follows_the_runtime_dir() {

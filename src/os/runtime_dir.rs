@@ -1,7 +1,7 @@
 //! The runtime directory: what the supervisor creates at run time (drain flag, bundled config,
 //! nginx's pid file and temp files), locked so that two supervisors never share one.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -39,12 +39,7 @@ impl RuntimeDir {
         {
             tracing::warn!(dir = %path.display(), %err, "cannot make the runtime directory world-readable; nginx workers may not see the drain flag");
         }
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path.join("lock"))
-            .map_err(fail)?;
+        let lock_file = crate::os::small_file::open_lock(&path.join("lock")).map_err(fail)?;
         let lock =
             Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| Error::RuntimeDirBusy {
                 path: path.to_owned(),
@@ -202,7 +197,9 @@ const OUTCOME_MAX_BYTES: usize = 16 * 1024;
 
 /// Keeps a drain's outcome event, for hooks that come late or run twice.
 pub fn record_outcome(dir: &Path, outcome: &Outcome) {
-    if let Err(err) = std::fs::write(dir.join(OUTCOME_FILE), outcome.to_json().to_string()) {
+    let written =
+        crate::os::small_file::write_new(&dir.join(OUTCOME_FILE), outcome.to_json().to_string().as_bytes());
+    if let Err(err) = written {
         tracing::debug!(%err, "cannot record the drain's outcome");
     }
 }
@@ -287,6 +284,42 @@ mod tests {
         // A file far larger than any outcome is not read into memory.
         std::fs::File::create(&path).unwrap().set_len(1 << 30).unwrap();
         assert!(recorded_outcome(&dir, since).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Runs `f` on a thread of its own and returns its result, or `None` if it blocks past 2 s.
+    fn within_2s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(2)).ok()
+    }
+
+    #[test]
+    fn fifos_planted_in_the_runtime_directory_block_nothing() {
+        let dir = std::env::temp_dir().join(format!("ng-rt-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = |name: &str| {
+            nix::unistd::mkfifo(&dir.join(name), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap()
+        };
+        // Another uid's FIFO at the lock: refused at once, not waited on.
+        fifo("lock");
+        let d = dir.clone();
+        let prepared = within_2s(move || RuntimeDir::prepare(&d).map(|_| ()));
+        assert!(matches!(prepared, Some(Err(_))), "{prepared:?}");
+        std::fs::remove_file(dir.join("lock")).unwrap();
+        // At the outcome: replaced by the outcome, not written into.
+        fifo(OUTCOME_FILE);
+        let d = dir.clone();
+        let outcome = Outcome::of_drain(Default::default());
+        assert!(
+            within_2s(move || record_outcome(&d, &outcome)).is_some(),
+            "blocked"
+        );
+        assert!(
+            std::fs::symlink_metadata(dir.join(OUTCOME_FILE))
+                .unwrap()
+                .is_file()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

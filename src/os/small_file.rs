@@ -1,8 +1,9 @@
-//! Reading the small files other processes write (nginx's pid file, the drain flag), trusting
-//! nothing: a FIFO must not block the reader, and `/dev/zero` must not fill its memory.
+//! The small files of directories other processes can write (nginx's pid file; the runtime
+//! directory, an emptyDir of mode 777 in a pod), trusting nothing: a FIFO must not block, a
+//! symlink must not redirect a write, and `/dev/zero` must not fill memory.
 
 use std::fs::{File, FileType, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -110,4 +111,41 @@ mod tests {
         assert!(read(&dir.join("missing"), 64).unwrap_err().is_not_found());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Creates `path` afresh with `bytes`: whatever another process put at that name (a FIFO, a
+/// symlink) is removed first, and the open neither follows a link nor blocks.
+pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+/// Opens (creating it if need be) a lock file, refusing anything that is not a regular file.
+pub fn open_lock(path: &Path) -> std::io::Result<File> {
+    let not_regular =
+        || std::io::Error::other(format!("{} is not a regular file; remove it", path.display()));
+    // Checked first for a clear error; the flags below cover a swap after the check.
+    if std::fs::symlink_metadata(path).is_ok_and(|meta| !meta.is_file()) {
+        return Err(not_regular());
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(file)
 }
