@@ -81,38 +81,6 @@ fn regular(kind: FileType) -> Result<(), SmallFileError> {
     Err(SmallFileError::NotRegular(what))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_small_regular_files_are_read() {
-        let dir = std::env::temp_dir().join(format!("ng-small-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("nginx.pid");
-        std::fs::write(&file, "1234\n").unwrap();
-        assert_eq!(read(&file, 64).unwrap(), "1234\n");
-        std::fs::write(&file, "x".repeat(65)).unwrap();
-        assert!(matches!(read(&file, 64), Err(SmallFileError::TooLarge(64))));
-
-        let fifo = dir.join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let refused = read(&fifo, 64).unwrap_err();
-        assert_eq!(refused.to_string(), "it is a FIFO, not a regular file");
-        let refused = read(Path::new("/dev/zero"), 64).unwrap_err();
-        assert_eq!(
-            refused.to_string(),
-            "it is a character device, not a regular file"
-        );
-        assert!(matches!(
-            read(&dir, 64),
-            Err(SmallFileError::NotRegular("a directory"))
-        ));
-        assert!(read(&dir.join("missing"), 64).unwrap_err().is_not_found());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
 /// Creates `path` afresh with `bytes`: whatever another process put at that name (a FIFO, a
 /// symlink) is removed first, and the open neither follows a link nor blocks.
 pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -148,4 +116,36 @@ pub fn open_lock(path: &Path) -> std::io::Result<File> {
         return Err(not_regular());
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("ng-small-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("nginx.pid");
+        std::fs::write(&file, "1234\n").unwrap();
+        assert_eq!(read(&file, 64).unwrap(), "1234\n");
+        std::fs::write(&file, "x".repeat(65)).unwrap();
+        assert!(matches!(read(&file, 64), Err(SmallFileError::TooLarge(64))));
+
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let refused = read(&fifo, 64).unwrap_err();
+        assert_eq!(refused.to_string(), "it is a FIFO, not a regular file");
+        let refused = read(Path::new("/dev/zero"), 64).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "it is a character device, not a regular file"
+        );
+        assert!(matches!(
+            read(&dir, 64),
+            Err(SmallFileError::NotRegular("a directory"))
+        ));
+        assert!(read(&dir.join("missing"), 64).unwrap_err().is_not_found());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
