@@ -24,6 +24,17 @@ pub fn serving_workers(master: i32) -> Vec<i32> {
     workers
 }
 
+/// Whether a serving worker runs anywhere below `root`: the master, or a wrapper that stays the
+/// master's parent. A master starts its workers only after binding every listening socket.
+pub fn serves_beneath(root: i32) -> bool {
+    ProcessTable::read().is_ok_and(|table| {
+        table
+            .descendants(root)
+            .iter()
+            .any(|s| tree::title(s.pid) == SERVING)
+    })
+}
+
 /// The worker sets each reload retired, so the ones still draining can be counted exactly.
 /// Without that history (`reload` without a supervisor) they are told apart by start time.
 #[derive(Debug, Clone, Default)]

@@ -11,7 +11,6 @@ use tokio::sync::watch;
 use crate::core::phase::Phase;
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::pidfile::FollowedMaster;
-use crate::nginx::tree::ProcessTable;
 use crate::reload::ReloadOutcome;
 use crate::surfaces::metrics::Metrics;
 
@@ -77,14 +76,13 @@ impl Live {
         self.child().is_some()
     }
 
-    /// Ready when no drain has started and nginx serves: the master has started its workers,
-    /// which it does only after it has bound every listening socket.
+    /// Ready when no drain has started and nginx serves: a worker runs below the master (or
+    /// below a wrapper command, whose other children, a `sleep` say, serve nothing).
     pub fn ready(&self) -> bool {
         let Some(master) = self.master() else {
             return false;
         };
-        self.phase() == Phase::Serving
-            && ProcessTable::read().is_ok_and(|table| table.children(master).next().is_some())
+        self.phase() == Phase::Serving && crate::nginx::generations::serves_beneath(master)
     }
 
     /// Records how a reload ended, for `status` and `/metrics`.

@@ -344,6 +344,36 @@ fn a_huge_config_costs_the_supervisor_no_memory_to_speak_of() {
 }
 
 #[test]
+fn a_wrapper_is_ready_only_once_its_nginx_serves() {
+    // Readiness asked whether the child had children: a wrapper's `sleep` was enough for 200
+    // while nothing listened, and the pod joined its Service with no nginx behind it.
+    let site = common::Site::new();
+    let nginx = format!(
+        "sleep 2; {} -e stderr -c {} -g 'daemon off;'; echo done",
+        common::nginx_path().display(),
+        site.config.display()
+    );
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let mut args = site.run_args_with_health(health, &["--grace-period", "10s", "--propagation-delay", "0s"]);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    args.truncate(at);
+    args.extend(["--", "sh", "-c", &nginx].map(String::from));
+    let mut supervisor = common::Supervisor::start_as_pid1(&args);
+    let readiness = || common::http::get(health, "/readyz").map(|r| r.status.as_u16());
+    common::wait_until("the health listener", Duration::from_secs(5), || {
+        readiness().is_ok()
+    });
+    assert!(!site.serves(), "nginx starts only after the wrapper's sleep");
+    assert_eq!(readiness(), Ok(503), "nothing serves yet");
+    supervisor.wait_serving(&site);
+    common::wait_until("readiness once nginx serves", Duration::from_secs(5), || {
+        readiness() == Ok(200)
+    });
+    supervisor.signal(TERM);
+    assert_eq!(common::code(supervisor.wait_exit(Duration::from_secs(10))), 0);
+}
+
+#[test]
 fn a_shell_that_stays_the_parent_of_nginx_does_not_fake_the_drain() {
     // The shell used to get the SIGQUIT and die of it: "drain finished" in milliseconds (exit
     // 131) while nginx served on, or was killed with the download in flight.
