@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::core::plan::DrainSettings;
+use crate::core::plan::{DelaySetting, DrainSettings};
 use crate::duration;
 
 const ABOUT: &str = "Run nginx in Kubernetes so that restarts, rollouts and reloads drop no request.";
@@ -32,7 +32,9 @@ THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
            (needs the snippet nginx-conf/graceful-drain.conf in your config)
   0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
   then     --propagation-delay: nginx keeps serving new connections while the endpoint removal
-           reaches every kube-proxy, ingress and load balancer
+           reaches every kube-proxy, ingress and load balancer; by default until no new
+           connection has arrived for a quiet time scaled to the traffic (at least 1s, at most
+           --max-propagation-delay)
   then     SIGQUIT to the nginx master; requests in flight finish, and the supervisor waits for
            the master and every worker (old generations from reloads too)
   G - M    the budget runs out (G = --grace-period, M = --safety-margin): SIGTERM to the master
@@ -235,9 +237,25 @@ pub struct DrainArgs {
     pub grace_period: Duration,
 
     /// How long nginx keeps accepting new connections after the drain starts, while the endpoint
-    /// removal reaches every kube-proxy, ingress and load balancer.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "5s", value_parser = duration::parse)]
-    pub propagation_delay: Duration,
+    /// removal reaches every kube-proxy, ingress and load balancer. `auto`: until new connections
+    /// have stopped arriving for a quiet time that scales with the traffic seen before (at least
+    /// 300 ms, three times the longest gap between arrivals in the last minute), within
+    /// --min-propagation-delay and --max-propagation-delay. A duration: exactly that long, as
+    /// a fixed sleep would.
+    #[arg(value_name = "auto|DURATION", long, env = "NGINX_GRACEFUL_PROPAGATION_DELAY", default_value = "auto", value_parser = parse_delay)]
+    pub propagation_delay: DelaySetting,
+
+    /// With --propagation-delay auto: nginx keeps serving new connections at least this long,
+    /// however quiet (kube-proxy applies endpoint changes at most once a second).
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_MIN_PROPAGATION_DELAY", default_value = "1s", value_parser = duration::parse)]
+    pub min_propagation_delay: Duration,
+
+    /// With --propagation-delay auto: nginx quits at the latest this long after the delay began,
+    /// even while connections still arrive (a warning then: raise it). Default: two thirds of
+    /// what the grace period leaves after hooks, --safety-margin and a 1 s quit window (18s with
+    /// the defaults).
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_MAX_PROPAGATION_DELAY", value_parser = duration::parse)]
+    pub max_propagation_delay: Option<Duration>,
 
     /// Kept free at the end of the grace period: SIGTERM goes to nginx at grace-period minus this,
     /// SIGKILL at grace-period minus half of it, so the supervisor exits before the kubelet kills it.
@@ -452,6 +470,8 @@ impl DrainArgs {
         DrainSettings {
             grace_period: self.grace_period,
             propagation_delay: self.propagation_delay,
+            min_propagation_delay: self.min_propagation_delay,
+            max_propagation_delay: self.max_propagation_delay,
             safety_margin: self.safety_margin,
             pre_drain_exec: self.pre_drain_exec.clone(),
             pre_drain_timeout: self.pre_drain_timeout,
@@ -468,6 +488,13 @@ fn existing_path(s: &str) -> Result<PathBuf, String> {
             "{s} does not exist, so a watch on it would never fire: give an existing file or directory (a ConfigMap's mount point)"
         )),
         Err(err) => Err(format!("cannot check {s}: {err}")),
+    }
+}
+
+fn parse_delay(s: &str) -> Result<DelaySetting, String> {
+    match s {
+        "auto" => Ok(DelaySetting::UntilQuiet),
+        _ => duration::parse(s).map(DelaySetting::Fixed),
     }
 }
 

@@ -92,6 +92,7 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
         skip_delay: &skip_delay,
         // Set in nginx's config or not, a running nginx does not tell.
         shutdown_timeout: None,
+        arrivals: None,
     };
     let outcome = drain.run(started).await;
     if let Err(err) = flag.lower() {

@@ -5,3 +5,4 @@ pub mod outcome;
 pub mod phase;
 pub mod plan;
 pub mod policy;
+pub mod quiet;

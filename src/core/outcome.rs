@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::core::quiet::DelayEnd;
 use crate::duration::fmt as fmt_duration;
 use crate::error::exit;
 
@@ -75,6 +76,8 @@ pub struct DrainOutcome {
     pub master_died_before_quit: bool,
     /// Whether the drain could see nginx's processes throughout.
     pub observed: Observed,
+    /// How the propagation delay ended; `None` when the drain had none (SIGQUIT).
+    pub delay: Option<DelayEnd>,
 }
 
 impl DrainOutcome {
@@ -87,7 +90,7 @@ impl DrainOutcome {
             elapsed: self.elapsed.max(rest.elapsed),
             master_died_before_quit: self.master_died_before_quit || rest.master_died_before_quit,
             observed: self.observed.worse(rest.observed),
-            // The counts are taken at the drain's SIGQUIT and timeout, not the sweep's.
+            // The counts and the delay are taken at the drain's SIGQUIT and timeout, not the sweep's.
             ..self
         }
     }
@@ -279,6 +282,7 @@ impl Outcome {
             "master_died_before_quit": drain.master_died_before_quit,
             "observed": drain.observed.name(),
             "unobserved": drain.observed.reason(),
+            "propagation": drain.delay.map(|d| d.to_json()),
         });
         if let Some(controller) = &self.controller {
             event["controller_exit"] = controller.status.clone().into();
@@ -305,6 +309,7 @@ impl Outcome {
                     event["observed"].as_str().unwrap_or_default(),
                     event["unobserved"].as_str(),
                 ),
+                delay: DelayEnd::from_json(&event["propagation"]),
             },
             controller: event.get("controller_killed").map(|killed| ControllerEnd {
                 status: event["controller_exit"].as_str().map(str::to_owned),
@@ -326,13 +331,19 @@ impl Outcome {
             master_died_before_quit = drain.master_died_before_quit,
             observed = drain.observed.name(),
             unobserved = drain.observed.reason(),
+            propagation = drain.delay.map(|d| d.how.name()),
+            propagation_ms = drain.delay.map(|d| d.lasted.as_millis() as u64),
+            propagation_arrivals = drain.delay.and_then(|d| d.arrivals),
             // Controller mode: how the controller ended once nginx had.
             controller_exit = self.controller.as_ref().and_then(|c| c.status.as_deref()),
             controller_killed = self.controller.as_ref().map(|c| c.killed),
             exit_code = self.exit_code,
-            "{how}: {} in {},{} {} connections at SIGQUIT,{}{} {} processes killed",
+            "{how}: {} in {},{}{} {} connections at SIGQUIT,{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
+            drain
+                .delay
+                .map_or(String::new(), |d| format!(" propagation delay: {},", d.words())),
             self.early_master_words(),
             // Not counted when nginx was gone before the count was: it held nothing for long.
             drain

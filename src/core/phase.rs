@@ -85,6 +85,8 @@ impl fmt::Display for Phase {
 pub struct Phases {
     tx: watch::Sender<Phase>,
     feed: broadcast::Sender<Value>,
+    /// The propagation delay's state: while it runs, and how it ended.
+    delay: watch::Sender<Option<Value>>,
     started: Instant,
 }
 
@@ -93,6 +95,7 @@ impl Default for Phases {
         Self {
             tx: watch::Sender::new(Phase::Starting),
             feed: broadcast::Sender::new(64),
+            delay: watch::Sender::new(None),
             started: Instant::now(),
         }
     }
@@ -111,6 +114,17 @@ impl Phases {
     /// the events from then on.
     pub fn feed_source(&self) -> broadcast::Sender<Value> {
         self.feed.clone()
+    }
+
+    /// The propagation delay's state, for `status`.
+    pub fn delay_state(&self) -> watch::Receiver<Option<Value>> {
+        self.delay.subscribe()
+    }
+
+    /// Records the propagation delay's state, and sends it to the feed.
+    pub fn report_delay(&self, state: Value) {
+        self.publish(json!({"event": "propagation", "propagation": state.clone()}));
+        self.delay.send_replace(Some(state));
     }
 
     /// Sends an event to the feed only (the caller logs it).

@@ -14,7 +14,10 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::core::outcome::{DrainOutcome, Observed};
 use crate::core::phase::{Phase, Phases};
-use crate::core::plan::DrainPlan;
+use crate::core::plan::{DrainPlan, PropagationDelay};
+use crate::core::quiet::{self, Bounds, DelayEnd, DelayEnded, Verdict};
+use crate::duration::fmt;
+use crate::nginx::arrivals::ArrivalWatch;
 use crate::nginx::connections::{self, Listeners};
 use crate::nginx::pidfd::{self, PidFd};
 use crate::os::drain_flag::DrainFlag;
@@ -56,12 +59,16 @@ pub struct Drain<'a> {
     /// nginx's `worker_shutdown_timeout`, when known: the connections still open when it fires
     /// are the ones nginx closes itself, and the drain reports how many.
     pub shutdown_timeout: Option<Duration>,
+    /// The arrivals watched while nginx served, for an adaptive delay that knows the traffic
+    /// of the minute before; without it, the watch starts with the drain.
+    pub arrivals: Option<ArrivalWatch>,
 }
 
 impl Drain<'_> {
     /// Runs the whole drain; `started` is when the trigger arrived, where the budget starts.
-    pub async fn run(self, started: Instant) -> DrainOutcome {
+    pub async fn run(mut self, started: Instant) -> DrainOutcome {
         let plan = self.plan;
+        let history = self.arrivals.take();
         self.phases
             .enter(Phase::Unready, "drain started: readiness fails from now on");
         // Held from the first instant: workers whose master dies during the hooks or the delay
@@ -82,39 +89,177 @@ impl Drain<'_> {
                 tracing::warn!(flag = %self.flag.path().display(), %err, "cannot create the drain flag: keep-alive clients will not be told to close")
             }
         }
+        // Arrivals are watched from the first instant: those during the hooks tell the
+        // traffic's rate too.
+        let watch = match (plan.propagation_delay, history) {
+            (PropagationDelay::UntilQuiet { .. }, Some(mut watch)) => {
+                Some(watch.resume(&self.masters).map(|()| watch))
+            }
+            (PropagationDelay::UntilQuiet { .. }, None) => Some(ArrivalWatch::start(&self.masters)),
+            (PropagationDelay::Fixed(_), watch) => {
+                if let Some(watch) = watch {
+                    watch.stop().await;
+                }
+                None
+            }
+        };
         if !plan.hooks.is_empty() {
             self.phases.enter(Phase::PreDrainHooks, "running pre-drain hooks");
             hooks::run_all(self.reaper, &plan.hooks, plan.hook_timeout).await;
         }
-        if !plan.propagation_delay.is_zero() {
-            self.phases.enter(
-                Phase::PropagationDelay,
-                "nginx keeps serving while endpoint removal propagates",
-            );
-            self.propagation_delay().await;
-        }
+        let delay = match plan.propagation_delay.is_zero() {
+            true => None,
+            false => {
+                let end = self.propagation_delay(watch).await;
+                self.phases.report_delay(end.to_json());
+                Some(end)
+            }
+        };
         // Workers forked since the snapshot (one the master replaced, say).
         sight.note(processes.find_new());
-        self.quit(&mut processes, &mut sight, started).await
+        let mut outcome = self.quit(&mut processes, &mut sight, started).await;
+        outcome.delay = delay;
+        outcome
     }
 
-    /// The propagation delay, cut short by a second interrupt. A master that dies meanwhile is
-    /// reported at once, but its workers, which still hold the listeners, serve on: load
-    /// balancers still send traffic, and quitting them now would refuse it. They are asked to
-    /// quit at the delay's end, as the master would have been.
-    async fn propagation_delay(&self) {
-        let delay = tokio::time::sleep(self.plan.propagation_delay);
-        tokio::pin!(delay);
+    /// The propagation delay: fixed, or until new connections stop arriving. Cut short by a
+    /// second interrupt. The watch on arrivals, if any, is stopped (its copies of the
+    /// listeners closed) before this returns, so before the SIGQUIT.
+    async fn propagation_delay(&self, watch: Option<Result<ArrivalWatch, String>>) -> DelayEnd {
+        let began = Instant::now();
         let mut master_died = false;
+        let end = |how, arrivals, quiet_for, quiet_needed| DelayEnd {
+            how,
+            lasted: began.elapsed(),
+            arrivals,
+            quiet_for,
+            quiet_needed,
+        };
+        let ceiling = match (self.plan.propagation_delay, watch) {
+            (PropagationDelay::UntilQuiet { floor, ceiling }, Some(Ok(watch))) => {
+                self.phases.enter(
+                    Phase::PropagationDelay,
+                    &format!(
+                        "nginx keeps serving until new connections stop arriving (at least {}, at most {})",
+                        fmt(floor),
+                        fmt(ceiling)
+                    ),
+                );
+                let ended = self
+                    .until_quiet(&watch, began, floor, ceiling, &mut master_died)
+                    .await;
+                watch.stop().await;
+                return ended;
+            }
+            (PropagationDelay::UntilQuiet { ceiling, .. }, watch) => {
+                if let Some(Err(reason)) = watch {
+                    tracing::warn!(
+                        "cannot watch for new connections ({reason}): the propagation delay runs to its ceiling, {}, as a fixed one",
+                        fmt(ceiling)
+                    );
+                }
+                ceiling
+            }
+            (PropagationDelay::Fixed(delay), _) => delay,
+        };
+        let fixed = matches!(self.plan.propagation_delay, PropagationDelay::Fixed(_));
+        self.phases.enter(
+            Phase::PropagationDelay,
+            "nginx keeps serving while endpoint removal propagates",
+        );
+        let cut = self.sleep_in_delay(began + ceiling, &mut master_died).await;
+        let how = match (cut, fixed) {
+            (true, _) => DelayEnded::CutShort,
+            (false, true) => DelayEnded::Fixed,
+            (false, false) => DelayEnded::Unwatched,
+        };
+        end(how, None, None, None)
+    }
+
+    /// Waits until no new connection has arrived for the quiet time the traffic calls for,
+    /// within `floor` and `ceiling` from `began`; looks again only when the quiet time could
+    /// have passed, never on a tick.
+    async fn until_quiet(
+        &self,
+        watch: &ArrivalWatch,
+        began: Instant,
+        floor: Duration,
+        ceiling: Duration,
+        master_died: &mut bool,
+    ) -> DelayEnd {
+        let origin = watch.origin();
+        let start = began.saturating_duration_since(origin);
+        let bounds = Bounds {
+            floor: start + floor,
+            ceiling: start + ceiling,
+        };
+        let before = watch.arrivals().total();
+        loop {
+            let arrivals = watch.arrivals();
+            let now = origin.elapsed();
+            let ended = |how| DelayEnd {
+                how,
+                lasted: began.elapsed(),
+                arrivals: Some(arrivals.total() - before),
+                quiet_for: arrivals.last().map(|last| now.saturating_sub(last)),
+                quiet_needed: arrivals.quiet_needed(),
+            };
+            let end = match quiet::verdict(&arrivals, bounds, now) {
+                Verdict::WaitUntil(at) => {
+                    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+                    self.phases.report_delay(serde_json::json!({
+                        "state": "waiting",
+                        "arrivals": arrivals.total() - before,
+                        "quiet_for_ms": ms(arrivals.last().map(|last| now.saturating_sub(last))),
+                        "quiet_needed_ms": ms(arrivals.quiet_needed()),
+                        "ceiling_in_ms": ms(Some(bounds.ceiling.saturating_sub(now))),
+                    }));
+                    // Until the quiet time is known, each arrival may make it known.
+                    let unknown = arrivals.quiet_needed().is_none();
+                    let until_arrival = async {
+                        match unknown {
+                            true => watch.arrival().await,
+                            false => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        cut = self.sleep_in_delay(origin + at, master_died) => if cut {
+                            return ended(DelayEnded::CutShort);
+                        },
+                        _ = until_arrival => {}
+                    }
+                    continue;
+                }
+                Verdict::Quiet { .. } => ended(DelayEnded::Quiet),
+                Verdict::Ceiling => ended(DelayEnded::Ceiling),
+            };
+            match end.still_arriving() {
+                true => tracing::warn!(
+                    arrivals = end.arrivals,
+                    "the propagation delay reached its ceiling with new connections still arriving: the endpoint removal has not reached every client; raise --max-propagation-delay (and --grace-period)"
+                ),
+                false => tracing::info!(arrivals = end.arrivals, "propagation delay: {}", end.words()),
+            }
+            return end;
+        }
+    }
+
+    /// Sleeps until `until` within the delay; true when it was cut short. A master that dies
+    /// meanwhile is reported at once, but its workers, which still hold the listeners, serve
+    /// on: load balancers still send traffic, and quitting them now would refuse it. They are
+    /// asked to quit at the delay's end, as the master would have been.
+    async fn sleep_in_delay(&self, until: Instant, master_died: &mut bool) -> bool {
+        let delay = sleep_until(until);
+        tokio::pin!(delay);
         loop {
             tokio::select! {
-                _ = &mut delay => return,
+                _ = &mut delay => return false,
                 _ = self.skip_delay.notified() => {
                     tracing::info!("propagation delay cut short");
-                    return;
+                    return true;
                 }
-                at = pidfd::first_exit(&self.masters), if !master_died && !self.masters.is_empty() => {
-                    master_died = true;
+                at = pidfd::first_exit(&self.masters), if !*master_died && !self.masters.is_empty() => {
+                    *master_died = true;
                     tracing::warn!(
                         pid = self.masters[at].pid(),
                         "the nginx master has died: its workers serve on until the propagation delay ends, then get SIGQUIT"
@@ -244,6 +389,7 @@ impl Drain<'_> {
             elapsed: started.elapsed(),
             master_died_before_quit: false,
             observed,
+            delay: None,
         }
     }
 

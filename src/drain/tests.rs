@@ -13,7 +13,7 @@ use super::fake::{FakeNginx, Script};
 use super::{Drain, NginxProcesses, NginxTree, Sight};
 use crate::core::outcome::{DrainOutcome, Observed, Outcome};
 use crate::core::phase::Phases;
-use crate::core::plan::{DrainPlan, DrainSettings};
+use crate::core::plan::{DelaySetting, DrainPlan, DrainSettings};
 use crate::os::drain_flag::DrainFlag;
 use crate::os::reaper::Reaper;
 
@@ -58,7 +58,9 @@ impl Parts {
     fn new() -> Self {
         let plan = DrainPlan::new(&DrainSettings {
             grace_period: ms(GRACE_PERIOD),
-            propagation_delay: Duration::ZERO,
+            propagation_delay: DelaySetting::Fixed(Duration::ZERO),
+            min_propagation_delay: Duration::ZERO,
+            max_propagation_delay: None,
             safety_margin: ms(2_000),
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: ms(5_000),
@@ -91,6 +93,7 @@ impl Parts {
             },
             skip_delay: &self.skip_delay,
             shutdown_timeout: None,
+            arrivals: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! nginx itself: the command that starts the master, the process tree below it, and the
 //! connections its workers hold.
 
+pub mod arrivals;
 pub mod command;
 pub mod config;
 pub mod connections;

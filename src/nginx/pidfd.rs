@@ -57,6 +57,11 @@ impl PidFd {
         self.pid
     }
 
+    /// The pidfd itself, for calls that take one (pidfd_getfd).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+
     /// Sends `signal`; false if the process had already exited.
     pub fn signal(&self, signal: Signal) -> bool {
         let sig = rustix::process::Signal::from_named_raw(signal as i32).expect("a named signal");

@@ -15,10 +15,11 @@ use tokio::time::Instant;
 use crate::cli::{HealthListen, RunArgs};
 use crate::core::outcome::{DrainOutcome, Exit, Outcome, Verdict};
 use crate::core::phase::{Phase, Phases};
-use crate::core::plan::DrainPlan;
+use crate::core::plan::{DrainPlan, PropagationDelay};
 use crate::core::policy::{Action, Cause, Input, Note, Stage, State, Waiter, decide};
 use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
+use crate::nginx::arrivals::ArrivalWatch;
 use crate::nginx::command::NginxCommand;
 use crate::nginx::log::NginxErrors;
 use crate::nginx::pidfd::PidFd;
@@ -64,6 +65,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let generations = reload::Generations::default();
     let live = Live::new(
         phases.subscribe(),
+        phases.delay_state(),
         child.followed_master(),
         generations.clone(),
         Metrics::new(nginx_errors.worker_crashes.clone()),
@@ -95,6 +97,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
         tokio::spawn(health::serve(listener, live.clone()));
     }
     phases.enter(Phase::Serving, &child.started(master_pid));
+    let mut arrivals = ServingArrivals::new(&plan, child.is_nginx());
 
     // What the drain and the reloads borrow for as long as they run.
     let skip_delay = Notify::new();
@@ -156,8 +159,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 tracing::info!("the nginx config changed on disk");
                 Input::ConfigChanged
             }
+            _ = arrivals.due(), if arrivals.is_due() => {
+                arrivals.resume(child_pidfd);
+                continue;
+            }
             (outcome, took) = async { reloading.as_mut().expect("guarded").await }, if reloading.is_some() => {
                 reloading = None;
+                arrivals.resume(child_pidfd);
                 live.reload_finished(&outcome, took);
                 last_reload = Some(outcome);
                 Input::ReloadFinished
@@ -175,6 +183,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     let comm = child.nginx_comm(master_pid, &targets);
                     let drains = &drains;
                     let started = Instant::now();
+                    let history = arrivals.take();
                     draining = Some(Box::pin(async move {
                         let masters = match &targets {
                             DrainTargets::Child => vec![child_pidfd],
@@ -182,7 +191,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                             DrainTargets::Beneath(beneath) => vec![&beneath.pidfd],
                             DrainTargets::None => Vec::new(),
                         };
-                        let outcome = drains.below_us(&plan, masters, comm.clone()).run(started).await;
+                        let mut drain = drains.below_us(&plan, masters, comm.clone());
+                        drain.arrivals = history;
+                        let outcome = drain.run(started).await;
                         Drained {
                             outcome,
                             plan,
@@ -196,7 +207,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                     tracing::info!(phase = %phases.current(), "second interrupt: skipping what is left of the propagation delay");
                     skip_delay.notify_one();
                 }
-                Action::StartReload => reloading = Some(Box::pin(start_reload())),
+                Action::StartReload => {
+                    // A reload may close a listener: no copy of it may keep it open.
+                    arrivals.pause().await;
+                    reloading = Some(Box::pin(start_reload()));
+                }
                 Action::AbandonReload => {
                     reloading = None;
                     tracing::warn!("the reload under way is abandoned: a drain has begun");
@@ -217,6 +232,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
                 }
                 Action::Forward(signal) => child.forward(child_pidfd, signal),
                 Action::EndWithoutDrain => {
+                    // The master's listeners are closed: no copy of them may stay open.
+                    if let Some(watch) = arrivals.take() {
+                        watch.stop().await;
+                    }
                     let status = child_status.unwrap_or(Exit::Code(exit::INTERNAL));
                     tracing::error!(pid = master_pid, %status, "{} exited on its own", child.what());
                     if child.is_nginx() {
@@ -309,6 +328,72 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     Ok(code)
 }
 
+/// The arrivals of new connections while nginx serves, so that a drain's adaptive delay knows
+/// the traffic of the minute before it. Only where the supervisor runs every reload (nginx is
+/// its child): a reload may close a listener, and the watch must let go of it first. Started
+/// a second after nginx (its listeners are not open at once), tried again each second for a
+/// while, and again after each reload.
+struct ServingArrivals {
+    watch: Option<ArrivalWatch>,
+    due: Option<Instant>,
+    tries_left: u32,
+}
+
+impl ServingArrivals {
+    const FIRST_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+    const TRIES: u32 = 30;
+
+    fn new(plan: &DrainPlan, nginx_is_our_child: bool) -> Self {
+        let adaptive = matches!(plan.propagation_delay, PropagationDelay::UntilQuiet { .. });
+        let wanted = adaptive && nginx_is_our_child;
+        Self {
+            watch: wanted.then(ArrivalWatch::paused),
+            due: wanted.then(|| Instant::now() + Self::FIRST_AFTER),
+            tries_left: Self::TRIES,
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        self.due.is_some()
+    }
+
+    async fn due(&self) {
+        if let Some(due) = self.due {
+            tokio::time::sleep_until(due).await
+        }
+    }
+
+    fn resume(&mut self, master: &PidFd) {
+        let Some(watch) = &mut self.watch else {
+            return;
+        };
+        self.due = None;
+        match watch.resume(&[master]) {
+            Ok(()) => self.tries_left = Self::TRIES,
+            Err(reason) if self.tries_left > 0 => {
+                self.tries_left -= 1;
+                tracing::debug!(%reason, "new connections are not watched yet");
+                self.due = Some(Instant::now() + Self::FIRST_AFTER);
+            }
+            Err(reason) => tracing::info!(
+                %reason,
+                "new connections are not watched while nginx serves: a drain watches them from its start"
+            ),
+        }
+    }
+
+    async fn pause(&mut self) {
+        if let Some(watch) = &mut self.watch {
+            watch.pause().await;
+        }
+    }
+
+    fn take(&mut self) -> Option<ArrivalWatch> {
+        self.due = None;
+        self.watch.take()
+    }
+}
+
 /// What every drain of this supervisor shares. The nginx processes are found below us: the
 /// master's children, and workers orphaned to us as reaper.
 struct Drains<'a> {
@@ -334,6 +419,7 @@ impl Drains<'_> {
             },
             skip_delay: self.skip_delay,
             shutdown_timeout: self.shutdown_timeout,
+            arrivals: None,
         }
     }
 }

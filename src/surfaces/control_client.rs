@@ -275,19 +275,20 @@ pub async fn request_drain(
 
 /// The supervisor drains by its own plan: said when this hook's flags differ from it.
 fn say_whose_plan(accepted: &Value, hook: &DrainPlan) {
-    let ms = |field: &str| accepted[field].as_u64().map(Duration::from_millis);
-    let (Some(grace), Some(delay)) = (ms("grace_period_ms"), ms("propagation_delay_ms")) else {
+    let grace = accepted["grace_period_ms"].as_u64().map(Duration::from_millis);
+    let (Some(grace), Some(delay)) = (grace, accepted["propagation_delay"].as_str()) else {
         return;
     };
-    if (grace, delay) == (hook.grace_period, hook.propagation_delay) {
+    let own_delay = hook.propagation_delay.to_string();
+    if (grace, delay) == (hook.grace_period, own_delay.as_str()) {
         return;
     }
     let message = format!(
         "the supervisor drains by its own plan (grace period {}, propagation delay {}), not this hook's --grace-period {} and --propagation-delay {}, which apply only without a supervisor",
         fmt(grace),
-        fmt(delay),
+        delay,
         fmt(hook.grace_period),
-        fmt(hook.propagation_delay)
+        own_delay
     );
     if grace > hook.grace_period {
         // This hook stops following at its own grace period, before the supervisor's ends.

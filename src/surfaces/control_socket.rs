@@ -102,7 +102,7 @@ impl ControlServer {
         let feed = phases.feed_source();
         let plan = json!({
             "grace_period_ms": plan.grace_period.as_millis() as u64,
-            "propagation_delay_ms": plan.propagation_delay.as_millis() as u64,
+            "propagation_delay": plan.propagation_delay.to_string(),
         });
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
@@ -340,7 +340,7 @@ mod tests {
     use crate::cli::{DEFAULT_PID_FILE, NginxTarget};
     use crate::core::outcome::DrainOutcome;
     use crate::core::phase::Phase;
-    use crate::core::plan::DrainSettings;
+    use crate::core::plan::{DelaySetting, DrainSettings};
     use crate::core::policy::Refusal;
     use crate::nginx::generations::Generations;
     use crate::surfaces::control_client::{Bound, request_drain, request_reload, request_status};
@@ -350,7 +350,9 @@ mod tests {
     fn plan() -> DrainPlan {
         DrainPlan::new(&DrainSettings {
             grace_period: Duration::from_secs(30),
-            propagation_delay: Duration::from_secs(5),
+            propagation_delay: DelaySetting::Fixed(Duration::from_secs(5)),
+            min_propagation_delay: Duration::from_secs(1),
+            max_propagation_delay: None,
             safety_margin: Duration::from_secs(2),
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: Duration::from_secs(5),
@@ -366,6 +368,7 @@ mod tests {
     fn server_of(dir: &Dir, phases: &Phases, master: i32) -> ControlServer {
         let live = Live::new(
             phases.subscribe(),
+            phases.delay_state(),
             None,
             Generations::default(),
             Metrics::new(Default::default()),

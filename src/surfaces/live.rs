@@ -17,6 +17,8 @@ use crate::surfaces::metrics::Metrics;
 #[derive(Debug)]
 pub struct Live {
     phase: watch::Receiver<Phase>,
+    /// The propagation delay's state once a drain has one.
+    delay: watch::Receiver<Option<Value>>,
     /// The command's pid (the nginx master, or the controller), 0 once it has exited.
     child: AtomicI32,
     /// In controller mode, the nginx master the pid file names.
@@ -29,12 +31,14 @@ pub struct Live {
 impl Live {
     pub fn new(
         phase: watch::Receiver<Phase>,
+        delay: watch::Receiver<Option<Value>>,
         controller_master: Option<Arc<FollowedMaster>>,
         generations: Generations,
         metrics: Metrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             phase,
+            delay,
             child: AtomicI32::new(0),
             controller_master,
             generations,
@@ -69,6 +73,11 @@ impl Live {
 
     pub fn phase(&self) -> Phase {
         *self.phase.borrow()
+    }
+
+    /// The propagation delay: while it runs, and how it ended.
+    pub fn propagation(&self) -> Option<Value> {
+        self.delay.borrow().clone()
     }
 
     /// Liveness: the command runs (the controller restarts an nginx that dies).

@@ -22,6 +22,11 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DelayEndLabel {
+    ended: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -38,6 +43,9 @@ pub struct Metrics {
     drain_seconds: Histogram,
     connections_at_quit: Gauge,
     killed: Counter,
+    delays: Family<DelayEndLabel, Counter>,
+    delay_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    delay_arrivals: Gauge,
     reloads: Family<Outcome, Counter>,
     reload_seconds: Histogram,
     generations: Family<GenerationState, Gauge>,
@@ -73,6 +81,24 @@ impl Metrics {
             "escalation_killed_processes",
             "nginx processes killed with SIGKILL when a drain's budget ran out",
             killed.clone(),
+        );
+        let delays = Family::<DelayEndLabel, Counter>::default();
+        registry.register(
+            "propagation_delays",
+            "Propagation delays by how they ended: quiet (new connections had stopped), ceiling (--max-propagation-delay reached), fixed, cut_short, unwatched (arrivals could not be watched: ran to the ceiling)",
+            delays.clone(),
+        );
+        let delay_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "propagation_delay_seconds",
+            "How long the last drain's propagation delay lasted",
+            delay_seconds.clone(),
+        );
+        let delay_arrivals = Gauge::default();
+        registry.register(
+            "propagation_delay_arrivals",
+            "New connections to nginx during the last drain's propagation delay",
+            delay_arrivals.clone(),
         );
         let reloads = Family::<Outcome, Counter>::default();
         registry.register(
@@ -121,6 +147,9 @@ impl Metrics {
             drain_seconds,
             connections_at_quit,
             killed,
+            delays,
+            delay_seconds,
+            delay_arrivals,
             reloads,
             reload_seconds,
             generations,
@@ -139,6 +168,14 @@ impl Metrics {
             self.connections_at_quit.set(n as i64);
         }
         self.killed.inc_by(outcome.drain.killed as u64);
+        if let Some(delay) = outcome.drain.delay {
+            let ended = delay.how.name().to_owned();
+            self.delays.get_or_create(&DelayEndLabel { ended }).inc();
+            self.delay_seconds.set(delay.lasted.as_secs_f64());
+            if let Some(arrivals) = delay.arrivals {
+                self.delay_arrivals.set(arrivals as i64);
+            }
+        }
     }
 
     /// How a reload ended, and how long it took.
@@ -189,6 +226,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::core::outcome::{DrainOutcome, Outcome};
+    use crate::core::quiet::{DelayEnd, DelayEnded};
     use crate::reload::ReloadOutcome;
     use std::time::Duration;
 
@@ -215,6 +253,13 @@ mod tests {
             closed_by_shutdown_timeout: None,
             killed: 3,
             elapsed: Duration::from_secs(28),
+            delay: Some(DelayEnd {
+                how: DelayEnded::Ceiling,
+                lasted: Duration::from_millis(18_000),
+                arrivals: Some(917),
+                quiet_for: Some(Duration::from_millis(12)),
+                quiet_needed: Some(Duration::from_millis(300)),
+            }),
             ..Default::default()
         }));
         metrics.master_exited_unexpectedly();
@@ -228,6 +273,9 @@ mod tests {
             ("nginx_graceful_drains_total{outcome=\"escalated\"}", 1.0),
             ("nginx_graceful_drain_duration_seconds_sum", 28.0),
             ("nginx_graceful_connections_at_quit", 42.0),
+            ("nginx_graceful_propagation_delays_total{ended=\"ceiling\"}", 1.0),
+            ("nginx_graceful_propagation_delay_seconds", 18.0),
+            ("nginx_graceful_propagation_delay_arrivals", 917.0),
             ("nginx_graceful_escalation_killed_processes_total", 3.0),
             ("nginx_graceful_nginx_master_unexpected_exits_total", 1.0),
             ("nginx_graceful_nginx_worker_crashes_total", 0.0),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::StatusArgs;
+use crate::core::quiet::DelayEnd;
 use crate::duration::fmt;
 use crate::error::{Error, exit};
 use crate::nginx::connections;
@@ -53,6 +54,9 @@ pub fn of_supervisor(live: &Live) -> Value {
         status["controller_pid"] = controller.into();
     }
     status["phase"] = live.phase().name().into();
+    if let Some(delay) = live.propagation() {
+        status["propagation"] = delay;
+    }
     status["last_reload"] = live.last_reload().map_or(Value::Null, |last| last.to_json());
     status
 }
@@ -150,6 +154,9 @@ pub fn table(status: &Value) -> String {
     if let Some(phase) = status["phase"].as_str() {
         out.push_str(&format!("{:<13}{phase}\n", "phase"));
     }
+    if let Some(delay) = propagation(&status["propagation"]) {
+        out.push_str(&format!("{:<13}{delay}\n", "propagation"));
+    }
     match status["master"]["pid"].as_i64() {
         Some(pid) => out.push_str(&format!(
             "{:<13}pid {pid}, up {}\n",
@@ -193,6 +200,24 @@ pub fn table(status: &Value) -> String {
         }
     }
     out
+}
+
+/// The propagation delay's state as words: how it ended, or where it stands.
+fn propagation(state: &Value) -> Option<String> {
+    if let Some(end) = DelayEnd::from_json(state) {
+        return Some(format!("ended: {}", end.words()));
+    }
+    let ms = |field: &str| state[field].as_u64().map(|n| fmt(Duration::from_millis(n)));
+    let arrivals = state["arrivals"].as_u64()?;
+    let quiet = match (ms("quiet_for_ms"), ms("quiet_needed_ms")) {
+        (Some(quiet), Some(needed)) => format!("none for {quiet} of the {needed} needed"),
+        (Some(quiet), None) => format!("none for {quiet}, too few to know how long is quiet"),
+        (None, _) => "too few to know how long is quiet".to_owned(),
+    };
+    let ceiling = ms("ceiling_in_ms").unwrap_or_else(|| "?".into());
+    Some(format!(
+        "waiting for new connections to stop: {arrivals} so far, {quiet}; the ceiling in {ceiling}"
+    ))
 }
 
 fn age(ms: &Value) -> String {

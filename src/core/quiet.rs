@@ -1,0 +1,320 @@
+//! When the propagation delay may end: once new connections have stopped arriving for long
+//! enough, given how often they arrived before. Pure: the times are offsets from one origin,
+//! the clock is the caller's.
+//!
+//! "Long enough" is [`QUIET_PER_GAP`] times the longest gap between arrivals seen in the last
+//! [`WINDOW`], and never less than [`QUIET_AT_LEAST`]: a service that gets a connection every
+//! 2 s is not quiet after 1 s, one that gets 200 a second is after 300 ms. Until
+//! [`GAPS_NEEDED`] gaps have been seen, the rate is unknown (rare traffic looks the same as
+//! none), and the delay runs to its ceiling.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::duration::fmt;
+
+/// How far back arrivals count.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Gaps between arrivals needed before the quiet time can be known.
+pub const GAPS_NEEDED: usize = 4;
+/// Quiet time, as a multiple of the longest gap seen.
+pub const QUIET_PER_GAP: u32 = 3;
+/// The shortest quiet time, however busy the service.
+pub const QUIET_AT_LEAST: Duration = Duration::from_millis(300);
+
+/// Arrivals of new connections, as offsets from the watch's origin, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Arrivals {
+    /// Each arrival, and whether the watch was interrupted just before it (then the time
+    /// since the one before is no gap: arrivals in between were not seen).
+    times: VecDeque<(Duration, bool)>,
+    /// Every arrival recorded, including those that left the window.
+    total: u64,
+    interrupted: bool,
+}
+
+impl Arrivals {
+    /// An arrival at `at`; times must not go backwards.
+    pub fn record(&mut self, at: Duration) {
+        self.total += 1;
+        self.times.push_back((at, std::mem::take(&mut self.interrupted)));
+        while self
+            .times
+            .front()
+            .is_some_and(|(first, _)| at.saturating_sub(*first) > WINDOW)
+        {
+            self.times.pop_front();
+        }
+    }
+
+    /// The watch stopped for a while (a reload): the next arrival starts afresh.
+    pub fn interrupted(&mut self) {
+        self.interrupted = true;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn last(&self) -> Option<Duration> {
+        self.times.back().map(|(at, _)| *at)
+    }
+
+    /// Arrivals since `since`.
+    pub fn since(&self, since: Duration) -> usize {
+        self.times.iter().rev().take_while(|(at, _)| *at >= since).count()
+    }
+
+    /// How long without an arrival means the traffic has stopped; `None` while too few
+    /// arrivals have been seen to tell.
+    pub fn quiet_needed(&self) -> Option<Duration> {
+        let gaps: Vec<Duration> = self
+            .times
+            .iter()
+            .zip(self.times.iter().skip(1))
+            .filter(|(_, (_, after_interruption))| !after_interruption)
+            .map(|((a, _), (b, _))| b.saturating_sub(*a))
+            .collect();
+        if gaps.len() < GAPS_NEEDED {
+            return None;
+        }
+        let longest = gaps.into_iter().max().unwrap_or_default();
+        Some((longest * QUIET_PER_GAP).max(QUIET_AT_LEAST))
+    }
+}
+
+/// The bounds of an adaptive delay, as offsets from the same origin as the arrivals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The delay lasts at least until here.
+    pub floor: Duration,
+    /// And ends here at the latest.
+    pub ceiling: Duration,
+}
+
+/// What the delay does at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Look again at this time (sooner if something else happens).
+    WaitUntil(Duration),
+    /// No arrival for the quiet time, and past the floor: the removal has propagated.
+    Quiet { quiet_needed: Duration },
+    /// The ceiling is reached.
+    Ceiling,
+}
+
+/// Whether the delay ends at `now`.
+pub fn verdict(arrivals: &Arrivals, bounds: Bounds, now: Duration) -> Verdict {
+    if now >= bounds.ceiling {
+        return Verdict::Ceiling;
+    }
+    let Some(quiet_needed) = arrivals.quiet_needed() else {
+        return Verdict::WaitUntil(bounds.ceiling);
+    };
+    // quiet_needed() is Some only once arrivals exist.
+    let last = arrivals.last().unwrap_or_default();
+    let quiet_at = (last + quiet_needed).max(bounds.floor);
+    if now >= quiet_at {
+        Verdict::Quiet { quiet_needed }
+    } else {
+        Verdict::WaitUntil(quiet_at.min(bounds.ceiling))
+    }
+}
+
+/// How a drain's propagation delay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DelayEnded {
+    /// `--propagation-delay DURATION`: it ran its fixed time.
+    Fixed,
+    /// New connections had stopped arriving.
+    Quiet,
+    /// The ceiling came first.
+    Ceiling,
+    /// A second SIGINT or a SIGQUIT skipped the rest.
+    CutShort,
+    /// Arrivals could not be watched: the delay ran to its ceiling, as a fixed one.
+    Unwatched,
+}
+
+impl DelayEnded {
+    pub const ALL: [DelayEnded; 5] = [
+        DelayEnded::Fixed,
+        DelayEnded::Quiet,
+        DelayEnded::Ceiling,
+        DelayEnded::CutShort,
+        DelayEnded::Unwatched,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DelayEnded::Fixed => "fixed",
+            DelayEnded::Quiet => "quiet",
+            DelayEnded::Ceiling => "ceiling",
+            DelayEnded::CutShort => "cut_short",
+            DelayEnded::Unwatched => "unwatched",
+        }
+    }
+}
+
+/// What a drain's propagation delay did, for the outcome, `/metrics` and the summary line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DelayEnd {
+    pub how: DelayEnded,
+    pub lasted: Duration,
+    /// New connections that arrived during the delay; `None` when not watched.
+    pub arrivals: Option<u64>,
+    /// From the last arrival seen (in the last minute) to the end of the delay.
+    pub quiet_for: Option<Duration>,
+    /// The quiet time the traffic called for, once known.
+    pub quiet_needed: Option<Duration>,
+}
+
+impl DelayEnd {
+    /// The ceiling came while the traffic had not stopped: the endpoint removal had not
+    /// reached every client yet, and connections after the quit were refused.
+    pub fn still_arriving(&self) -> bool {
+        self.how == DelayEnded::Ceiling
+            && match (self.quiet_for, self.quiet_needed) {
+                (Some(quiet), Some(needed)) => quiet < needed,
+                (Some(quiet), None) => quiet < Duration::from_secs(1),
+                (None, _) => false,
+            }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        serde_json::json!({
+            "state": "ended",
+            "ended": self.how.name(),
+            "lasted_ms": self.lasted.as_millis() as u64,
+            "arrivals": self.arrivals,
+            "quiet_for_ms": ms(self.quiet_for),
+            "quiet_needed_ms": ms(self.quiet_needed),
+        })
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        let ms = |field: &str| value[field].as_u64().map(Duration::from_millis);
+        let name = value["ended"].as_str()?;
+        Some(Self {
+            how: DelayEnded::ALL.into_iter().find(|h| h.name() == name)?,
+            lasted: ms("lasted_ms")?,
+            arrivals: value["arrivals"].as_u64(),
+            quiet_for: ms("quiet_for_ms"),
+            quiet_needed: ms("quiet_needed_ms"),
+        })
+    }
+
+    /// For the summary line.
+    pub fn words(&self) -> String {
+        let lasted = fmt(self.lasted);
+        let arrivals = self.arrivals.unwrap_or(0);
+        let last = self
+            .quiet_for
+            .map_or(String::new(), |q| format!(", the last {} before", fmt(q)));
+        match self.how {
+            DelayEnded::Fixed => format!("a fixed {lasted}"),
+            DelayEnded::Quiet => format!("quiet after {lasted} ({arrivals} bursts of new connections{last})"),
+            DelayEnded::Ceiling if self.still_arriving() => {
+                format!("its ceiling, {lasted}, with connections still arriving ({arrivals}{last})")
+            }
+            DelayEnded::Ceiling => format!(
+                "its ceiling, {lasted}: too few new connections to tell when they stopped ({arrivals})"
+            ),
+            DelayEnded::CutShort => format!("cut short after {lasted}"),
+            DelayEnded::Unwatched => format!("its ceiling, {lasted}: new connections could not be watched"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn arrivals(every_ms: u64, count: u64) -> Arrivals {
+        let mut a = Arrivals::default();
+        for i in 0..count {
+            a.record(ms(i * every_ms));
+        }
+        a
+    }
+
+    #[test]
+    fn the_quiet_time_scales_with_the_longest_gap() {
+        // (arrival every ms, count, quiet needed)
+        let table = [
+            (5, 1000, Some(ms(300))), // busy: the floor of the quiet time
+            (500, 20, Some(ms(1500))),
+            (2000, 10, Some(ms(6000))), // a connection every 2 s is not quiet after 1 s
+            (100, 4, None),             // 3 gaps: too few to tell
+            (100, 5, Some(ms(300))),
+        ];
+        for (every, count, quiet) in table {
+            assert_eq!(
+                arrivals(every, count).quiet_needed(),
+                quiet,
+                "every {every} ms, {count}"
+            );
+        }
+        assert_eq!(Arrivals::default().quiet_needed(), None);
+    }
+
+    #[test]
+    fn arrivals_older_than_the_window_are_forgotten() {
+        let mut a = arrivals(100, 10);
+        a.record(ms(10_000)); // a 9.1 s gap
+        assert_eq!(a.quiet_needed(), Some(ms(27_300)));
+        for i in 0..10 {
+            a.record(ms(71_000 + i * 100)); // more than 60 s after the gap began
+        }
+        assert_eq!(a.quiet_needed(), Some(ms(300)), "{a:?}");
+        assert_eq!(a.total(), 21);
+        assert_eq!(a.since(ms(71_000)), 10);
+    }
+
+    #[test]
+    fn time_the_watch_was_stopped_is_no_gap() {
+        let mut a = arrivals(100, 3); // two gaps
+        a.interrupted();
+        a.record(ms(5_000)); // 4.8 s later, but unseen in between
+        assert_eq!(a.quiet_needed(), None, "two gaps only");
+        a.record(ms(5_100));
+        a.record(ms(5_200));
+        assert_eq!(a.quiet_needed(), Some(ms(300)), "{a:?}");
+    }
+
+    #[test]
+    fn the_delay_ends_when_quiet_after_the_floor_or_at_the_ceiling() {
+        let bounds = Bounds {
+            floor: ms(1000),
+            ceiling: ms(20_000),
+        };
+        let busy = arrivals(10, 100); // last at 990 ms, quiet needed 300 ms
+        let quiet = Verdict::Quiet {
+            quiet_needed: ms(300),
+        };
+        let table = [
+            (&busy, 500, Verdict::WaitUntil(ms(1290))),
+            (&busy, 1289, Verdict::WaitUntil(ms(1290))),
+            (&busy, 1290, quiet),
+            (&busy, 20_000, Verdict::Ceiling),
+            // Never a connection: rare traffic and none look alike, so the ceiling.
+            (&Arrivals::default(), 1000, Verdict::WaitUntil(ms(20_000))),
+            (&Arrivals::default(), 20_001, Verdict::Ceiling),
+        ];
+        for (arrivals, now, expected) in table {
+            assert_eq!(verdict(arrivals, bounds, ms(now)), expected, "at {now} ms");
+        }
+        // Quiet early still waits for the floor.
+        let early = arrivals(10, 10); // last at 90 ms
+        assert_eq!(verdict(&early, bounds, ms(500)), Verdict::WaitUntil(ms(1000)));
+        assert_eq!(verdict(&early, bounds, ms(1000)), quiet);
+        // A quiet time past the ceiling is cut to it.
+        let slow = arrivals(4000, 5); // last at 16 s, quiet needed 12 s
+        assert_eq!(verdict(&slow, bounds, ms(17_000)), Verdict::WaitUntil(ms(20_000)));
+    }
+}

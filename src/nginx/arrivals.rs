@@ -1,0 +1,272 @@
+//! New connections to nginx's listeners, seen as they arrive: the evidence that the endpoint
+//! removal has reached every client, for the adaptive propagation delay ([`crate::core::quiet`]).
+//!
+//! The master's listening sockets are duplicated into this process (pidfd_getfd, Linux 5.6):
+//! the same sockets, not new ones, so nothing changes for nginx, which still accepts every
+//! connection. Each new connection in a socket's accept queue wakes its waiters, this process
+//! among them (edge-triggered epoll, so nothing is read or accepted here). After a wake the
+//! watch rests [`REST`] before it listens again: under heavy traffic a listener wakes the
+//! supervisor at most 20 times a second, and arrivals in the rest are seen at its end.
+//!
+//! The copies keep the sockets open, and a listening socket that nginx closes but this process
+//! still holds would take connections that nobody accepts. So the watch lives only while the
+//! master holds its listeners too: it is stopped, and its copies closed, before the SIGQUIT
+//! that makes the master close them.
+
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use procfs::process::{FDTarget, Process};
+use rustix::process::{PidfdGetfdFlags, pidfd_getfd};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::pidfd::PidFd;
+use super::sock_diag::{self, Family, states};
+use crate::core::quiet::Arrivals;
+
+/// How long a listener's watch rests after a wake.
+pub const REST: Duration = Duration::from_millis(50);
+
+/// The watch on every listening socket of the masters, and what it has seen. It can be paused
+/// (its copies closed) and resumed, keeping what it saw.
+#[derive(Debug)]
+pub struct ArrivalWatch {
+    origin: Instant,
+    arrivals: Arc<Mutex<Arrivals>>,
+    arrived: Arc<Notify>,
+    /// One per listener; none while paused.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ArrivalWatch {
+    /// A watch that has seen nothing and watches nothing yet.
+    pub fn paused() -> Self {
+        Self {
+            origin: Instant::now(),
+            arrivals: Arc::default(),
+            arrived: Arc::default(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Starts watching the listening sockets of `masters`.
+    pub fn start(masters: &[&PidFd]) -> Result<Self, String> {
+        let mut watch = Self::paused();
+        watch.resume(masters)?;
+        Ok(watch)
+    }
+
+    /// Watches the listening sockets of `masters` (again). Fails with the reason when there
+    /// are none to watch or they cannot be copied (no ptrace access to the master: another
+    /// user, or a Yama policy for a process that is not our descendant).
+    pub fn resume(&mut self, masters: &[&PidFd]) -> Result<(), String> {
+        if self.is_watching() {
+            return Ok(());
+        }
+        let mut sockets = Vec::new();
+        let mut seen = HashSet::new();
+        for master in masters {
+            for (fd, inode) in listening_fds(master.pid())? {
+                if !seen.insert(inode) {
+                    continue; // a binary upgrade's two masters share their listeners
+                }
+                sockets.push(copy(master, fd, inode)?);
+            }
+        }
+        if sockets.is_empty() {
+            return Err("the nginx master holds no listening TCP socket".into());
+        }
+        self.tasks = sockets
+            .into_iter()
+            .map(|socket| {
+                let (arrivals, arrived) = (self.arrivals.clone(), self.arrived.clone());
+                tokio::spawn(watch(socket, arrivals, arrived, self.origin))
+            })
+            .collect();
+        Ok(())
+    }
+
+    pub fn is_watching(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
+    /// When the watch began: arrivals are offsets from it.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// The arrivals so far.
+    pub fn arrivals(&self) -> Arrivals {
+        self.arrivals.lock().expect("not poisoned").clone()
+    }
+
+    /// Resolves at the next arrival (or at once if one came since the last call).
+    pub async fn arrival(&self) {
+        self.arrived.notified().await
+    }
+
+    /// Stops watching and closes the copies of the listeners before it returns: the tasks are
+    /// awaited, not only aborted, so no copy outlives this call. What was seen is kept.
+    pub async fn pause(&mut self) {
+        if !self.is_watching() {
+            return;
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        self.arrivals.lock().expect("not poisoned").interrupted();
+    }
+
+    /// [`ArrivalWatch::pause`], for good.
+    pub async fn stop(mut self) {
+        self.pause().await
+    }
+}
+
+/// Records a wake of `socket` for each burst of arrivals, with a rest between.
+async fn watch(
+    socket: AsyncFd<OwnedFd>,
+    arrivals: Arc<Mutex<Arrivals>>,
+    arrived: Arc<Notify>,
+    origin: Instant,
+) {
+    loop {
+        let Ok(mut ready) = socket.readable().await else {
+            return;
+        };
+        // Cleared before the record: an arrival from here on wakes the next readable().
+        ready.clear_ready();
+        arrivals.lock().expect("not poisoned").record(origin.elapsed());
+        arrived.notify_one();
+        tokio::time::sleep(REST).await;
+    }
+}
+
+/// The master's file descriptors that are listening TCP sockets, with their inodes.
+fn listening_fds(pid: i32) -> Result<Vec<(i32, u64)>, String> {
+    let fds = Process::new(pid)
+        .and_then(|p| p.fd())
+        .map_err(|e| format!("cannot read the file descriptors of the nginx master {pid}: {e}"))?;
+    let sockets: Vec<(i32, u64)> = fds
+        .filter_map(|fd| {
+            let fd = fd.ok()?;
+            match fd.target {
+                FDTarget::Socket(inode) => Some((fd.fd, inode)),
+                _ => None,
+            }
+        })
+        .collect();
+    let mut listening = HashSet::new();
+    for family in [Family::V4, Family::V6] {
+        let found = sock_diag::tcp_sockets(family, states::LISTEN, &[])
+            .map_err(|e| format!("cannot read the kernel's socket table: {e}"))?;
+        listening.extend(found.into_iter().map(|s| s.inode));
+    }
+    Ok(sockets
+        .into_iter()
+        .filter(|(_, inode)| listening.contains(inode))
+        .collect())
+}
+
+/// A copy of the master's descriptor `fd`, checked to be the socket `inode` (the number may
+/// have been closed and reused since it was read).
+fn copy(master: &PidFd, fd: i32, inode: u64) -> Result<AsyncFd<OwnedFd>, String> {
+    let copied = pidfd_getfd(master.as_fd(), fd, PidfdGetfdFlags::empty()).map_err(|e| {
+        format!(
+            "cannot copy the listening sockets of the nginx master {} (pidfd_getfd: {e})",
+            master.pid()
+        )
+    })?;
+    let stat = rustix::fs::fstat(&copied).map_err(|e| format!("cannot stat a copied socket: {e}"))?;
+    if stat.st_ino != inode {
+        return Err(format!(
+            "the nginx master's descriptor {fd} changed while it was copied"
+        ));
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for as
+    // long as it is registered.
+    unsafe { AsyncFd::register_with_interest(copied, Interest::READABLE) }
+        .map_err(|e| format!("cannot watch a copied socket: {}", e.into_parts().1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Command, Stdio};
+
+    /// A child process that holds a listening socket, as an nginx master does.
+    struct Holder {
+        child: std::process::Child,
+        addr: std::net::SocketAddr,
+    }
+
+    impl Holder {
+        fn start() -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let fd: OwnedFd = listener.into();
+            let child = Command::new("sleep")
+                .arg("30")
+                .stdin(Stdio::from(fd))
+                .spawn()
+                .unwrap();
+            Self { child, addr }
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn sees_each_burst_of_new_connections_without_accepting_them() {
+        let holder = Holder::start();
+        let master = PidFd::open(holder.child.id() as i32).unwrap();
+        let watch = ArrivalWatch::start(&[&master]).unwrap();
+        assert_eq!(watch.arrivals().total(), 0);
+        let first = TcpStream::connect(holder.addr).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(watch.arrivals().total(), 1);
+        // Within the rest: seen once, at its end.
+        let more: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(holder.addr).unwrap()).collect();
+        tokio::time::sleep(REST * 2).await;
+        assert_eq!(watch.arrivals().total(), 2);
+        watch.stop().await;
+        drop((first, more));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_watch_holds_no_copy_of_the_listener() {
+        let holder = Holder::start();
+        let master = PidFd::open(holder.child.id() as i32).unwrap();
+        let watch = ArrivalWatch::start(&[&master]).unwrap();
+        watch.stop().await;
+        let mut holder = holder;
+        let _ = holder.child.kill();
+        let _ = holder.child.wait();
+        // The only holder is gone: the port refuses, nobody queues the connection.
+        let refused = TcpStream::connect(holder.addr).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn a_master_without_listeners_is_an_error() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let master = PidFd::open(child.id() as i32).unwrap();
+        let err = ArrivalWatch::start(&[&master]).unwrap_err();
+        assert!(err.contains("no listening TCP socket"), "{err}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,150 @@
+//! The adaptive propagation delay against a real nginx: nginx keeps serving until new
+//! connections stop arriving, for as long as the traffic calls for, within its floor and
+//! ceiling; and says how the delay ended.
+
+use test_support as common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Site, Supervisor, Traffic, code, http};
+
+const SIGTERM: i32 = 15;
+const SECONDS: Duration = Duration::from_secs(1);
+
+#[test]
+fn the_delay_ends_soon_after_new_connections_stop() {
+    let site = Site::new();
+    // The defaults: until quiet, at least 1 s, at most 18 s.
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
+    let traffic = Traffic::to(site.addr()).keepalive(4).one_shot().start();
+    traffic.wait_served(200);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    // The endpoint removal takes 2.5 s to reach the clients: longer than the old fixed 5 s
+    // would leave room for in a slower cluster, and longer than the floor.
+    std::thread::sleep(Duration::from_millis(2500));
+    let removed = Instant::now();
+    traffic.remove_endpoint();
+    let (_, quit_seen) = supervisor.log.wait_phase_arrival("quitting", 20 * SECONDS);
+    traffic.finish().assert_no_failures();
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+
+    assert!(
+        quit_seen > removed,
+        "SIGQUIT before the removal reached the clients"
+    );
+    let after = quit_seen - removed;
+    assert!(
+        after < Duration::from_millis(1500),
+        "nginx served on {after:?} after the last new connection: the delay did not see them stop"
+    );
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["propagation"], "quiet", "{summary}");
+    assert!(summary["propagation_arrivals"].as_u64() > Some(10), "{summary}");
+}
+
+#[test]
+fn a_slow_trickle_of_connections_is_not_taken_for_quiet() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
+    // One new connection every 400 ms, from before the drain to 3 s into it: a quiet time
+    // that did not scale with the traffic (300 ms, say) would quit between two of them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = {
+        let (stop, addr) = (stop.clone(), site.addr());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            for _ in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(err) = http::get(addr, "/") {
+                    failures.push(err);
+                }
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            failures
+        })
+    };
+    std::thread::sleep(3 * SECONDS);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    std::thread::sleep(3 * SECONDS);
+    stop.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    let failures = trickle.join().unwrap();
+    let (_, quit_seen) = supervisor.log.wait_phase_arrival("quitting", 20 * SECONDS);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(quit_seen > stopped, "SIGQUIT while the trickle still came");
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["propagation"], "quiet", "{summary}");
+}
+
+#[test]
+fn the_ceiling_ends_the_delay_with_a_warning_while_connections_still_arrive() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start_serving(&site, &["--max-propagation-delay", "2s"]);
+    let traffic = Traffic::to(site.addr()).one_shot().start();
+    traffic.wait_served(50);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("quitting", 10 * SECONDS);
+    traffic.remove_endpoint();
+    // Connections refused after the quit are what the warning is about: not asserted here.
+    drop(traffic.finish());
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+
+    let quit = supervisor.log.drain_offset("quitting").unwrap();
+    assert!(
+        quit >= 2 * SECONDS && quit < Duration::from_millis(2500),
+        "SIGQUIT {quit:?} into the drain, for a ceiling of 2 s"
+    );
+    supervisor.log.wait_for("the ceiling's warning", SECONDS, |line| {
+        line.contains("\"WARN\"") && line.contains("raise --max-propagation-delay")
+    });
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["propagation"], "ceiling", "{summary}");
+}
+
+#[test]
+fn without_new_connections_the_delay_runs_to_its_ceiling_and_says_why() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start_serving(&site, &["--max-propagation-delay", "1500ms"]);
+    supervisor.signal(SIGTERM);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let quit = supervisor.log.drain_offset("quitting").unwrap();
+    assert!(
+        quit >= Duration::from_millis(1500),
+        "SIGQUIT {quit:?} into the drain"
+    );
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["propagation"], "ceiling", "{summary}");
+    assert_eq!(summary["propagation_arrivals"], 0, "{summary}");
+    let text = summary["message"].as_str().unwrap_or_default();
+    assert!(text.contains("too few new connections"), "{summary}");
+    assert!(
+        supervisor.log.count("raise --max-propagation-delay") == 0,
+        "no traffic is no reason to warn"
+    );
+}
+
+#[test]
+fn a_fixed_delay_is_the_old_sleep() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", "700ms"]);
+    let traffic = Traffic::to(site.addr()).one_shot().start();
+    traffic.wait_served(20);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("quitting", 5 * SECONDS);
+    traffic.remove_endpoint();
+    drop(traffic.finish());
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let quit = supervisor.log.drain_offset("quitting").unwrap();
+    assert!(
+        quit >= Duration::from_millis(700) && quit < Duration::from_millis(1200),
+        "SIGQUIT {quit:?} into the drain"
+    );
+    assert_eq!(supervisor.log.drain_summary()["propagation"], "fixed");
+}
