@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::core::phase::UnreadyAt;
 use crate::core::plan::{DelaySetting, DrainSettings};
 use crate::duration;
 
@@ -27,7 +28,7 @@ terminationGracePeriodSeconds. None is longer than a day.";
 
 const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
-  0s       readiness fails: GET /readyz answers 503
+  0s       the drain starts (readiness fails now with --unready-at start)
   0s       keep-alive clients are told to close: every response carries `Connection: close`
            (needs the snippet nginx-conf/graceful-drain.conf in your config)
   0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
@@ -35,8 +36,9 @@ THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
            reaches every kube-proxy, ingress and load balancer; by default until no new
            connection has arrived for a quiet time scaled to the traffic (at least 1s, at most
            --max-propagation-delay)
-  then     SIGQUIT to the nginx master; requests in flight finish, and the supervisor waits for
-           the master and every worker (old generations from reloads too)
+  then     SIGQUIT to the nginx master, readiness fails (GET /readyz answers 503); requests in
+           flight finish, and the supervisor waits for the master and every worker (old
+           generations from reloads too)
   G - M    the budget runs out (G = --grace-period, M = --safety-margin): SIGTERM to the master
   G - M/2  SIGKILL to every nginx process left; the supervisor exits before the kubelet's SIGKILL
 
@@ -312,6 +314,14 @@ pub struct RunArgs {
     )]
     pub health_listen: HealthListen,
 
+    /// When GET /readyz starts answering 503 in a drain: `quit` (when SIGQUIT goes to nginx and
+    /// its listeners close), `start` (the drain's first instant), or a duration after the
+    /// start (or at SIGQUIT, if sooner). Until then a terminating pod's endpoint is `serving`,
+    /// and kube-proxy still sends it traffic when no ready endpoint is left (a Service down to
+    /// its last pod, externalTrafficPolicy: Local while the load balancer's health check lags).
+    #[arg(long, value_name = "quit|start|DURATION", env = "NGINX_GRACEFUL_UNREADY_AT", default_value = "quit", value_parser = parse_unready_at)]
+    pub unready_at: UnreadyAt,
+
     /// Directory for what the supervisor creates at run time: the drain flag, the bundled config,
     /// a lock. Two supervisors on one host need two directories.
     #[arg(
@@ -488,6 +498,16 @@ fn existing_path(s: &str) -> Result<PathBuf, String> {
             "{s} does not exist, so a watch on it would never fire: give an existing file or directory (a ConfigMap's mount point)"
         )),
         Err(err) => Err(format!("cannot check {s}: {err}")),
+    }
+}
+
+fn parse_unready_at(s: &str) -> Result<UnreadyAt, String> {
+    match s {
+        "quit" => Ok(UnreadyAt::Quit),
+        "start" => Ok(UnreadyAt::Start),
+        _ => duration::parse(s)
+            .map(UnreadyAt::After)
+            .map_err(|e| format!("{e}; or `quit`, or `start`")),
     }
 }
 

@@ -9,11 +9,12 @@ use common::{Site, Supervisor, code, http};
 const SECONDS: Duration = Duration::from_secs(1);
 
 #[test]
-fn readiness_fails_from_the_first_instant_of_a_drain() {
+fn with_unready_at_start_readiness_fails_from_the_first_instant_of_a_drain() {
     let site = Site::new();
     let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let mut supervisor =
-        Supervisor::start(&site.run_args_with_health(health, &["--propagation-delay", "2s"]));
+    let mut supervisor = Supervisor::start(
+        &site.run_args_with_health(health, &["--propagation-delay", "2s", "--unready-at", "start"]),
+    );
     supervisor.wait_serving(&site);
 
     common::wait_until("readiness", 5 * SECONDS, || {
@@ -45,6 +46,59 @@ fn readiness_fails_from_the_first_instant_of_a_drain() {
         http::get(site.addr(), "/").unwrap().status,
         200,
         "nginx still serves during the delay"
+    );
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn by_default_readiness_holds_until_nginx_quits() {
+    let site = Site::new();
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let mut supervisor =
+        Supervisor::start(&site.run_args_with_health(health, &["--propagation-delay", "1500ms"]));
+    supervisor.wait_serving(&site);
+    let ready = || http::get(health, "/readyz").unwrap().status;
+    common::wait_until("readiness", 5 * SECONDS, || ready() == 200);
+    // A download keeps nginx in its quit long enough to look.
+    let slow = site.slow_path(3);
+    let download = std::thread::spawn({
+        let addr = site.addr();
+        move || http::get(addr, &slow)
+    });
+    supervisor.wait_for_connections(1);
+
+    supervisor.signal(15);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    assert_eq!(ready(), 200, "terminating but serving during the delay");
+    supervisor.log.wait_phase("quitting", 5 * SECONDS);
+    assert_eq!(ready(), 503, "unready once nginx has closed its listeners");
+    assert_eq!(download.join().unwrap().unwrap().status, 200);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+#[test]
+fn with_unready_at_a_duration_readiness_fails_then() {
+    let site = Site::new();
+    let health = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let mut supervisor = Supervisor::start(
+        &site.run_args_with_health(health, &["--propagation-delay", "3s", "--unready-at", "1s"]),
+    );
+    supervisor.wait_serving(&site);
+    let ready = || http::get(health, "/readyz").unwrap().status;
+    common::wait_until("readiness", 5 * SECONDS, || ready() == 200);
+    supervisor.signal(15);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    let began = std::time::Instant::now();
+    assert_eq!(ready(), 200);
+    common::wait_until("readiness to fail", 3 * SECONDS, || ready() == 503);
+    let after = began.elapsed();
+    assert!(
+        after > Duration::from_millis(800) && after < Duration::from_millis(2000),
+        "unready {after:?} after the drain began, for --unready-at 1s"
+    );
+    assert_eq!(
+        supervisor.log.phases().last().map(String::as_str),
+        Some("propagation_delay")
     );
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
 }

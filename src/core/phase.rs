@@ -73,6 +73,33 @@ impl Phase {
     }
 }
 
+/// When `/readyz` starts failing in a drain (`--unready-at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnreadyAt {
+    /// At the drain's first instant.
+    Start,
+    /// At SIGQUIT, when nginx closes its listeners: until then the endpoint is terminating but
+    /// serving, and a kube-proxy with no ready endpoint left still sends it traffic.
+    Quit,
+    /// This long after the drain began, or at SIGQUIT if that comes first.
+    After(std::time::Duration),
+}
+
+impl UnreadyAt {
+    /// Whether readiness holds in `phase`, `since_drain` after the drain began.
+    pub fn ready_in(self, phase: Phase, since_drain: std::time::Duration) -> bool {
+        match phase {
+            Phase::Serving => true,
+            phase if phase.is_draining() && phase < Phase::Quitting => match self {
+                UnreadyAt::Start => false,
+                UnreadyAt::Quit => true,
+                UnreadyAt::After(after) => since_drain < after,
+            },
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -87,6 +114,7 @@ pub struct Phases {
     feed: broadcast::Sender<Value>,
     /// The propagation delay's state: while it runs, and how it ended.
     delay: watch::Sender<Option<Value>>,
+    drain_started: watch::Sender<Option<Instant>>,
     started: Instant,
 }
 
@@ -96,6 +124,7 @@ impl Default for Phases {
             tx: watch::Sender::new(Phase::Starting),
             feed: broadcast::Sender::new(64),
             delay: watch::Sender::new(None),
+            drain_started: watch::Sender::new(None),
             started: Instant::now(),
         }
     }
@@ -114,6 +143,11 @@ impl Phases {
     /// the events from then on.
     pub fn feed_source(&self) -> broadcast::Sender<Value> {
         self.feed.clone()
+    }
+
+    /// When the drain began, once it has.
+    pub fn drain_start(&self) -> watch::Receiver<Option<Instant>> {
+        self.drain_started.subscribe()
     }
 
     /// The propagation delay's state, for `status`.
@@ -138,6 +172,9 @@ impl Phases {
         if !next.may_follow(previous) {
             tracing::debug!(phase = %previous, refused = %next, "phase change refused");
             return;
+        }
+        if next.is_draining() && !previous.is_draining() {
+            self.drain_started.send_replace(Some(Instant::now()));
         }
         self.tx.send_replace(next);
         let since_start_ms = self.started.elapsed().as_millis() as u64;
@@ -195,6 +232,27 @@ mod tests {
             (Stopped, false),
         ] {
             assert_eq!(phase.is_draining(), draining, "{phase}");
+        }
+    }
+
+    #[test]
+    fn readiness_fails_when_the_setting_says() {
+        use Phase::*;
+        let secs = std::time::Duration::from_secs;
+        // (setting, phase, seconds into the drain, ready)
+        let table = [
+            (UnreadyAt::Start, Serving, 0, true),
+            (UnreadyAt::Start, Unready, 0, false),
+            (UnreadyAt::Quit, PropagationDelay, 10, true),
+            (UnreadyAt::Quit, Quitting, 10, false),
+            (UnreadyAt::After(secs(3)), PropagationDelay, 2, true),
+            (UnreadyAt::After(secs(3)), PropagationDelay, 3, false),
+            (UnreadyAt::After(secs(3)), Quitting, 1, false),
+            (UnreadyAt::Quit, Starting, 0, false),
+            (UnreadyAt::Quit, Stopped, 0, false),
+        ];
+        for (at, phase, since, ready) in table {
+            assert_eq!(at.ready_in(phase, secs(since)), ready, "{at:?} {phase} {since}s");
         }
     }
 

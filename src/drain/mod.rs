@@ -69,8 +69,7 @@ impl Drain<'_> {
     pub async fn run(mut self, started: Instant) -> DrainOutcome {
         let plan = self.plan;
         let history = self.arrivals.take();
-        self.phases
-            .enter(Phase::Unready, "drain started: readiness fails from now on");
+        self.phases.enter(Phase::Unready, "drain started");
         // Held from the first instant: workers whose master dies during the hooks or the delay
         // are still known, and quit at its end like the rest.
         let mut sight = Sight::default();

@@ -66,6 +66,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Error> {
     let live = Live::new(
         phases.subscribe(),
         phases.delay_state(),
+        phases.drain_start(),
+        args.unready_at,
         child.followed_master(),
         generations.clone(),
         Metrics::new(nginx_errors.worker_crashes.clone()),

@@ -369,6 +369,8 @@ mod tests {
         let live = Live::new(
             phases.subscribe(),
             phases.delay_state(),
+            phases.drain_start(),
+            crate::core::phase::UnreadyAt::Start,
             None,
             Generations::default(),
             Metrics::new(Default::default()),

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::core::phase::Phase;
+use crate::core::phase::{Phase, UnreadyAt};
 use crate::nginx::generations::{Generations, serving_workers};
 use crate::nginx::pidfile::FollowedMaster;
 use crate::reload::ReloadOutcome;
@@ -19,6 +19,9 @@ pub struct Live {
     phase: watch::Receiver<Phase>,
     /// The propagation delay's state once a drain has one.
     delay: watch::Receiver<Option<Value>>,
+    /// When the drain began, and when readiness fails in it.
+    drain_start: watch::Receiver<Option<std::time::Instant>>,
+    unready_at: UnreadyAt,
     /// The command's pid (the nginx master, or the controller), 0 once it has exited.
     child: AtomicI32,
     /// In controller mode, the nginx master the pid file names.
@@ -32,6 +35,8 @@ impl Live {
     pub fn new(
         phase: watch::Receiver<Phase>,
         delay: watch::Receiver<Option<Value>>,
+        drain_start: watch::Receiver<Option<std::time::Instant>>,
+        unready_at: UnreadyAt,
         controller_master: Option<Arc<FollowedMaster>>,
         generations: Generations,
         metrics: Metrics,
@@ -39,6 +44,8 @@ impl Live {
         Arc::new(Self {
             phase,
             delay,
+            drain_start,
+            unready_at,
             child: AtomicI32::new(0),
             controller_master,
             generations,
@@ -85,13 +92,18 @@ impl Live {
         self.child().is_some()
     }
 
-    /// Ready when no drain has started and nginx serves: a worker runs below the master (or
-    /// below a wrapper command, whose other children, a `sleep` say, serve nothing).
+    /// Ready while nginx serves, until `--unready-at` in a drain: a worker runs below the
+    /// master (or below a wrapper command, whose other children, a `sleep` say, serve nothing).
     pub fn ready(&self) -> bool {
         let Some(master) = self.master() else {
             return false;
         };
-        self.phase() == Phase::Serving && crate::nginx::generations::serves_beneath(master)
+        let since_drain = self
+            .drain_start
+            .borrow()
+            .map_or(Duration::ZERO, |at| at.elapsed());
+        self.unready_at.ready_in(self.phase(), since_drain)
+            && crate::nginx::generations::serves_beneath(master)
     }
 
     /// Records how a reload ended, for `status` and `/metrics`.
