@@ -289,6 +289,22 @@ mod tests {
     }
 
     #[test]
+    fn rehearse_takes_the_first_field_mode_beside_the_default_two() {
+        let modes =
+            |args: &[&str]| match Cli::parse_from([&["nginx-graceful-tools", "rehearse"], args].concat())
+                .command
+            {
+                Command::Rehearse(args) => args.modes,
+                Command::Soak(_) => unreachable!(),
+            };
+        assert_eq!(modes(&[]), [Mode::Close, Mode::Keepalive]);
+        assert_eq!(
+            modes(&["--modes", "close,keepalive,first-field"]),
+            [Mode::Close, Mode::Keepalive, Mode::FirstField]
+        );
+    }
+
+    #[test]
     fn tools_take_flags_only() {
         // NGINX_GRACEFUL_* variables are meant for a supervisor: they must never change a
         // tool's own settings (the nginx-graceful pods of a rehearsal do read them).
