@@ -46,6 +46,7 @@ EXIT CODES:
 EXAMPLES:
   nginx-graceful-tools soak --url http://127.0.0.1:8080/ -c 32 --duration 30s
   nginx-graceful-tools soak --url http://127.0.0.1:8080/ --no-keepalive --rate 200 --json
+  nginx-graceful-tools soak --url http://127.0.0.1:8080/ --first-field -c 8 --duration 30s
   nginx-graceful-tools soak --url https://my-ingress.example/ --cacert ca.pem -c 8";
 
 const REHEARSE_ABOUT: &str = "\
@@ -111,6 +112,13 @@ pub struct SoakArgs {
     /// A new connection for every request, which asks `Connection: close`.
     #[arg(long, overrides_with = "keepalive")]
     pub no_keepalive: bool,
+
+    /// Keep-alive as Python's http.client (urllib3, requests) does it: only the first
+    /// `Connection` field of a response counts, so `Connection: keep-alive` followed by
+    /// `Connection: close` (nginx's own field, then an add_header) keeps the connection. Plain
+    /// keep-alive honours a `close` in any field.
+    #[arg(long, conflicts_with = "no_keepalive")]
+    pub first_field: bool,
 
     /// Requests per second over all connections [default: as fast as the server answers].
     #[arg(long, value_name = "R")]
@@ -196,7 +204,9 @@ pub struct RehearseArgs {
     #[arg(long, value_name = "PATH")]
     pub supervisor: Option<PathBuf>,
 
-    /// Client modes, each its own load through the Service at the same time.
+    /// Client modes, each its own load through the Service at the same time: close (a new
+    /// connection per request), keepalive, first-field (keep-alive reading only the first
+    /// `Connection` field, as Python's http.client does).
     #[arg(
         long,
         value_enum,
@@ -276,6 +286,22 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rehearse_takes_the_first_field_mode_beside_the_default_two() {
+        let modes =
+            |args: &[&str]| match Cli::parse_from([&["nginx-graceful-tools", "rehearse"], args].concat())
+                .command
+            {
+                Command::Rehearse(args) => args.modes,
+                Command::Soak(_) => unreachable!(),
+            };
+        assert_eq!(modes(&[]), [Mode::Close, Mode::Keepalive]);
+        assert_eq!(
+            modes(&["--modes", "close,keepalive,first-field"]),
+            [Mode::Close, Mode::Keepalive, Mode::FirstField]
+        );
     }
 
     #[test]

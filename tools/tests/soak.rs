@@ -53,6 +53,21 @@ fn serve(mut stream: TcpStream) {
                 std::thread::sleep(Duration::from_millis(200));
                 return;
             }
+            // nginx while draining: its own field, then the snippet's; the connection stays
+            // open, as nginx keeps it until SIGQUIT.
+            "/two-fields" => write(
+                &mut stream,
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nContent-Length: 3\r\n\r\nok\n",
+            ),
+            // A close between two keep-alives.
+            "/close-between" => write(
+                &mut stream,
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\nok\n",
+            ),
+            "/chunked" => write(
+                &mut stream,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nok\n\r\n0\r\n\r\n",
+            ),
             "/reset" => return reset(stream),
             "/reset-second" if served == 1 => write(&mut stream, ok),
             "/reset-second" => return reset(stream),
@@ -137,11 +152,18 @@ fn every_failure_lands_in_its_own_class() {
         ("/503", "http-5xx"),
         ("/garbage", "malformed"),
     ];
-    for (path, class) in cases {
-        let (code, report) = soak(&format!("http://{server}{path}"), &["-c", "1", "-n", "2"]);
-        assert_eq!(failures(&report), [(class.to_owned(), 2)], "{path}: {report}");
-        assert_eq!(report["requests"], 2, "{path}: {report}");
-        assert_eq!(code, 1, "{path}: any failure fails the run");
+    // The first-field mode reads responses itself: it must name failures the same way.
+    for mode in ["--keepalive", "--first-field"] {
+        for (path, class) in cases {
+            let (code, report) = soak(&format!("http://{server}{path}"), &["-c", "1", "-n", "2", mode]);
+            assert_eq!(
+                failures(&report),
+                [(class.to_owned(), 2)],
+                "{mode} {path}: {report}"
+            );
+            assert_eq!(report["requests"], 2, "{mode} {path}: {report}");
+            assert_eq!(code, 1, "{mode} {path}: any failure fails the run");
+        }
     }
 }
 
@@ -157,21 +179,71 @@ fn a_refused_connect_is_refused() {
 fn a_reset_on_a_reused_connection_is_counted_apart() {
     let server = misbehaving_server();
     // Each connection: the first request is answered, the second is reset.
-    let (_, report) = soak(&format!("http://{server}/reset-second"), &["-c", "1", "-n", "4"]);
-    assert_eq!(report["ok"], 2, "{report}");
-    assert_eq!(failures(&report), [("reset-reused".to_owned(), 2)], "{report}");
+    for mode in ["--keepalive", "--first-field"] {
+        let (_, report) = soak(
+            &format!("http://{server}/reset-second"),
+            &["-c", "1", "-n", "4", mode],
+        );
+        assert_eq!(report["ok"], 2, "{mode}: {report}");
+        assert_eq!(
+            failures(&report),
+            [("reset-reused".to_owned(), 2)],
+            "{mode}: {report}"
+        );
+    }
 }
 
 #[test]
 fn closing_connections_cleanly_is_not_a_failure() {
     let server = misbehaving_server();
-    let (code, report) = soak(&format!("http://{server}/close"), &["-c", "2", "-n", "50"]);
-    assert_eq!((code, &report["ok"]), (0, &Value::from(50)), "{report}");
-    // Idle connections closed by the server between requests (here 50 ms apart): the client
-    // sees the close and reconnects.
-    let url = format!("http://{server}/idle-close");
-    let (code, report) = soak(&url, &["-c", "1", "-n", "10", "--rate", "20"]);
-    assert_eq!((code, &report["ok"]), (0, &Value::from(10)), "{report}");
+    for mode in ["--keepalive", "--first-field"] {
+        let (code, report) = soak(&format!("http://{server}/close"), &["-c", "2", "-n", "50", mode]);
+        assert_eq!((code, &report["ok"]), (0, &Value::from(50)), "{mode}: {report}");
+        // Idle connections closed by the server between requests (here 50 ms apart): the
+        // client sees the close and reconnects.
+        let url = format!("http://{server}/idle-close");
+        let (code, report) = soak(&url, &["-c", "1", "-n", "10", "--rate", "20", mode]);
+        assert_eq!((code, &report["ok"]), (0, &Value::from(10)), "{mode}: {report}");
+    }
+}
+
+/// The requests of a timeline that went out on a reused connection.
+fn on_reused(timeline: &std::path::Path) -> usize {
+    let csv = std::fs::read_to_string(timeline).unwrap();
+    csv.lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(3) == Some("true"))
+        .count()
+}
+
+#[test]
+fn keepalive_leaves_on_a_close_in_any_connection_field_and_first_field_only_on_the_first() {
+    let server = misbehaving_server();
+    let dir = common::TempDir::new("soak-first-field");
+    let timeline = dir.0.join("timeline.csv");
+    let timeline_arg = timeline.to_str().unwrap();
+    // (mode, path, requests on a reused connection out of 50 on one connection at a time).
+    let cases = [
+        ("--keepalive", "/two-fields", 0..=0),
+        ("--keepalive", "/close-between", 0..=0),
+        ("--first-field", "/two-fields", 49..=49),
+        ("--first-field", "/close", 0..=0),
+        ("--first-field", "/chunked", 49..=49),
+    ];
+    for (mode, path, reused) in cases {
+        let args = ["-c", "1", "-n", "50", mode, "--timeline", timeline_arg];
+        let (code, report) = soak(&format!("http://{server}{path}"), &args);
+        assert_eq!(
+            (code, &report["ok"]),
+            (0, &Value::from(50)),
+            "{mode} {path}: {report}"
+        );
+        let on_reused = on_reused(&timeline);
+        assert!(
+            reused.contains(&on_reused),
+            "{mode} {path}: {on_reused} requests on a reused connection"
+        );
+    }
 }
 
 #[test]
@@ -274,6 +346,7 @@ fn https_is_loaded_over_tls_and_an_untrusted_certificate_is_a_tls_failure() {
     for (trust, keepalive) in [
         (["--cacert", ca.as_str()], "--keepalive"),
         (["--insecure", "--keepalive"], "--no-keepalive"),
+        (["--insecure", "--keepalive"], "--first-field"),
     ] {
         let (code, report) = soak(&url, &[&trust[..], &[keepalive, "-c", "4", "-n", "200"]].concat());
         assert_eq!(code, 0, "{trust:?} {keepalive}: {report}");

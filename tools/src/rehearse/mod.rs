@@ -1,6 +1,6 @@
 //! `rehearse`: a Kubernetes rolling termination on one machine. Two pods ([`pod`]) run the
 //! chosen [`strategy`] behind a Service imitation ([`service`]); `soak` load goes through it in
-//! close and keep-alive modes while one pod is terminated in the kubelet's order; every failed
+//! close and keep-alive modes (and first-field, on request) while one pod is terminated in the kubelet's order; every failed
 //! request is reported with its class and its time relative to the termination ([`report`],
 //! [`plot`]).
 
@@ -20,7 +20,7 @@ use clap::ValueEnum;
 
 use crate::cli::RehearseArgs;
 use crate::error::{Error, exit};
-use crate::soak::client::{self, Load, Progress};
+use crate::soak::client::{self, Load, Progress, Reuse};
 use crate::soak::report::summarize;
 use crate::soak::tls::{Tls, Trust};
 use nginx_graceful::os::reaper::Exit;
@@ -36,6 +36,8 @@ pub enum Mode {
     Close,
     /// Connections reused for many requests.
     Keepalive,
+    /// Keep-alive reading only the first `Connection` field, as Python's http.client.
+    FirstField,
 }
 
 impl Mode {
@@ -43,6 +45,15 @@ impl Mode {
         match self {
             Mode::Close => "close",
             Mode::Keepalive => "keep-alive",
+            Mode::FirstField => "first-field",
+        }
+    }
+
+    fn reuse(self) -> Reuse {
+        match self {
+            Mode::Close => Reuse::Never,
+            Mode::Keepalive => Reuse::KeepAlive,
+            Mode::FirstField => Reuse::FirstField,
         }
     }
 }
@@ -252,7 +263,7 @@ async fn rehearse(
             host: format!("rehearsal.local:{}", service.addr().port()),
             paths: args.path_mix.clone(),
             concurrency: args.concurrency.max(1),
-            keepalive: mode == Mode::Keepalive,
+            reuse: mode.reuse(),
             rate: Some(args.rate).filter(|r| *r > 0.0),
             requests: None,
             duration: bound,

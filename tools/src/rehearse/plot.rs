@@ -86,6 +86,7 @@ fn draw_panels(path: &Path, shown: &[&Rehearsal]) -> Result<(), Box<dyn std::err
             let color = match mode.mode {
                 Mode::Close => BLUE,
                 Mode::Keepalive => GREEN,
+                Mode::FirstField => RGBColor(140, 60, 170),
             };
             let line = mode
                 .series
@@ -102,6 +103,7 @@ fn draw_panels(path: &Path, shown: &[&Rehearsal]) -> Result<(), Box<dyn std::err
             let color = match mode.mode {
                 Mode::Close => RED,
                 Mode::Keepalive => RGBColor(255, 150, 0),
+                Mode::FirstField => RGBColor(120, 40, 0),
             };
             let mut bars = Vec::new();
             for p in mode.series.iter().filter(|p| p.failed > 0) {

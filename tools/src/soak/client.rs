@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::classify::{Failure, Seen, connect_failure, request_failure};
+use super::first_field;
 use super::mix::PathMix;
 
 /// Where the load goes and how.
@@ -31,8 +32,7 @@ pub struct Load {
     pub host: String,
     pub paths: PathMix,
     pub concurrency: usize,
-    /// Reuse connections (HTTP/1.1 keep-alive); otherwise every request asks `Connection: close`.
-    pub keepalive: bool,
+    pub reuse: Reuse,
     /// Requests per second over all workers; as fast as the server answers when unset.
     pub rate: Option<f64>,
     /// Stop after this many requests.
@@ -43,6 +43,30 @@ pub struct Load {
     pub response_timeout: Duration,
     /// HTTPS: the TLS client and the server's name; plain HTTP when `None`.
     pub tls: Option<super::tls::Tls>,
+}
+
+/// How the load uses connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// A new connection for every request, which asks `Connection: close`.
+    Never,
+    /// HTTP/1.1 keep-alive; a `close` in any `Connection` field of a response ends the
+    /// connection after it, as hyper, curl and browsers read it.
+    KeepAlive,
+    /// Keep-alive where only the first `Connection` field counts, as in Python's http.client
+    /// (urllib3, requests): see [`super::first_field`].
+    FirstField,
+}
+
+impl Reuse {
+    /// How reports name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reuse::Never => "a new connection per request",
+            Reuse::KeepAlive => "keep-alive",
+            Reuse::FirstField => "keep-alive, first Connection field only",
+        }
+    }
 }
 
 /// One request as the client saw it.
@@ -144,6 +168,7 @@ pub async fn run(load: Arc<Load>, start: Instant, progress: Arc<Progress>) -> Ve
 async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress>) -> Vec<Record> {
     let mut records = Vec::new();
     let mut connection: Option<Connection> = None;
+    let mut first_field_connection: Option<first_field::Connection> = None;
     let mut pick = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let end = start + load.duration;
     let prepared = Prepared::new(&load);
@@ -178,7 +203,14 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
         let path = load.paths.pick(&mut pick);
         let began = if load.rate.is_some() { Instant::now() } else { now };
         let deadline = (began + load.response_timeout).into();
-        let (outcome, reused) = request(&load, &prepared, &mut connection, path, deadline).await;
+        let (outcome, reused) = match load.reuse {
+            Reuse::FirstField => {
+                first_field::request(&load, &prepared.raw[path], &mut first_field_connection, deadline).await
+            }
+            Reuse::Never | Reuse::KeepAlive => {
+                request(&load, &prepared, &mut connection, path, deadline).await
+            }
+        };
         let (status, failure) = match outcome {
             Ok(status) if status >= 500 => (status, Some(Failure::Http5xx)),
             Ok(status) => (status, None),
@@ -217,7 +249,7 @@ pub async fn probe(
         host: addr.to_string(),
         paths: PathMix::single(path),
         concurrency: 1,
-        keepalive: false,
+        reuse: Reuse::Never,
         rate: None,
         requests: Some(1),
         duration: timeout,
@@ -262,7 +294,8 @@ async fn request(
         }
         let open = connection.as_mut().expect("opened above");
         let received_before = open.received.load(Ordering::Relaxed);
-        let request = prepared.request(path, load.keepalive);
+        let keepalive = load.reuse != Reuse::Never;
+        let request = prepared.request(path, keepalive);
         let sender = &mut open.sender;
         let exchange = async move {
             let response = sender
@@ -273,17 +306,14 @@ async fn request(
                     error: e.into_error(),
                 })?;
             let status = response.status().as_u16();
-            let server_closes = response
-                .headers()
-                .get(header::CONNECTION)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            let server_closes = says_close(response.headers());
             read_body(response.into_body()).await.map_err(Exchange::Body)?;
             Ok((status, server_closes))
         };
         let done = tokio::time::timeout_at(deadline, driven(&mut open.driver, exchange)).await;
         let outcome = match done {
             Ok(Ok((status, server_closes))) => {
-                if server_closes || !load.keepalive {
+                if server_closes || !keepalive {
                     *connection = None;
                 }
                 return (Ok(status), reused);
@@ -305,10 +335,24 @@ async fn request(
     unreachable!("the second attempt is on a new connection, which never hands a request back unsent")
 }
 
+/// A `close` token in any `Connection` field. nginx sends its own `keep-alive` field first
+/// and a config's `add_header Connection close` after it: the first value alone would miss it.
+/// hyper (1.12) closes on such a response too; this keeps the decision ours whatever its version.
+fn says_close(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
 /// What every request shares, parsed once per worker instead of once per request.
 struct Prepared {
     uris: Vec<Uri>,
     host: HeaderValue,
+    /// The requests as bytes, for the first-field mode, which writes them itself.
+    raw: Vec<Vec<u8>>,
 }
 
 impl Prepared {
@@ -323,6 +367,16 @@ impl Prepared {
                 })
                 .collect(),
             host: HeaderValue::from_str(&load.host).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            raw: (0..load.paths.len())
+                .map(|i| {
+                    format!(
+                        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                        load.paths.path(i),
+                        load.host
+                    )
+                    .into_bytes()
+                })
+                .collect(),
         }
     }
 
@@ -410,29 +464,7 @@ struct Connection {
 
 impl Connection {
     async fn open(load: &Load) -> Result<Self, Failure> {
-        let stream = match tokio::time::timeout(load.connect_timeout, TcpStream::connect(load.addr)).await {
-            Err(_) => return Err(Failure::ConnectTimeout),
-            Ok(Err(e)) => return Err(connect_failure(e.kind())),
-            Ok(Ok(stream)) => stream,
-        };
-        let _ = stream.set_nodelay(true);
-        let stream = match &load.tls {
-            None => Stream::Plain(stream),
-            Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let handshake = connector.connect(tls.server_name.clone(), stream);
-                match tokio::time::timeout(load.connect_timeout, handshake).await {
-                    Err(_) => return Err(Failure::ConnectTimeout),
-                    Ok(Err(e)) => return Err(tls_failure(&e)),
-                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
-                }
-            }
-        };
-        let received = Arc::new(AtomicU64::new(0));
-        let metered = Metered {
-            stream,
-            received: received.clone(),
-        };
+        let (metered, received) = Metered::open(load).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(metered))
             .await
             .map_err(|_| Failure::ConnectError)?;
@@ -459,6 +491,45 @@ fn tls_failure(error: &io::Error) -> Failure {
     }
 }
 
+impl Metered {
+    /// Connects (and for https shakes hands) within the connect timeout. Returns the stream
+    /// and its count of bytes read.
+    pub(super) async fn open(load: &Load) -> Result<(Self, Arc<AtomicU64>), Failure> {
+        let stream = match tokio::time::timeout(load.connect_timeout, TcpStream::connect(load.addr)).await {
+            Err(_) => return Err(Failure::ConnectTimeout),
+            Ok(Err(e)) => return Err(connect_failure(e.kind())),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let stream = match &load.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(tls.server_name.clone(), stream);
+                match tokio::time::timeout(load.connect_timeout, handshake).await {
+                    Err(_) => return Err(Failure::ConnectTimeout),
+                    Ok(Err(e)) => return Err(tls_failure(&e)),
+                    Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
+                }
+            }
+        };
+        let received = Arc::new(AtomicU64::new(0));
+        let metered = Metered {
+            stream,
+            received: received.clone(),
+        };
+        Ok((metered, received))
+    }
+
+    /// The TCP connection underneath, TLS or not.
+    pub(super) fn tcp(&self) -> &TcpStream {
+        match &self.stream {
+            Stream::Plain(stream) => stream,
+            Stream::Tls(stream) => stream.get_ref().0,
+        }
+    }
+}
+
 /// A connection to the server, with or without TLS.
 enum Stream {
     Plain(TcpStream),
@@ -466,7 +537,7 @@ enum Stream {
 }
 
 /// A stream that counts the bytes it reads (after TLS: response bytes, not records).
-struct Metered {
+pub(super) struct Metered {
     stream: Stream,
     received: Arc<AtomicU64>,
 }

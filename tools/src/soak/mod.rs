@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod client;
+pub mod first_field;
 pub mod mix;
 pub mod report;
 pub mod tls;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::SoakArgs;
 use crate::error::{Error, exit};
-use client::{Load, Progress};
+use client::{Load, Progress, Reuse};
 use mix::PathMix;
 use tls::{Tls, Trust};
 
@@ -53,11 +54,7 @@ pub async fn run(args: SoakArgs) -> Result<i32, Error> {
     if args.json {
         println!("{}", summary.to_json());
     } else {
-        let mode = if load.keepalive {
-            "keep-alive"
-        } else {
-            "a new connection per request"
-        };
+        let mode = load.reuse.describe();
         println!("soak {} ({} connections, {mode})", args.url, load.concurrency);
         print!("{}", summary.to_text("the start"));
     }
@@ -93,7 +90,11 @@ async fn load_from(args: &SoakArgs) -> Result<Load, Error> {
             .clone()
             .unwrap_or_else(|| PathMix::single(&target.path)),
         concurrency: args.concurrency.max(1),
-        keepalive: !args.no_keepalive,
+        reuse: match (args.no_keepalive, args.first_field) {
+            (true, _) => Reuse::Never,
+            (false, true) => Reuse::FirstField,
+            (false, false) => Reuse::KeepAlive,
+        },
         rate: args.rate.filter(|r| *r > 0.0),
         requests: args.requests,
         duration: match (args.duration, args.requests) {
