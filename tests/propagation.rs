@@ -148,3 +148,27 @@ fn a_fixed_delay_is_the_old_sleep() {
     );
     assert_eq!(supervisor.log.drain_summary()["propagation"], "fixed");
 }
+
+#[test]
+fn unwatchable_arrivals_make_the_delay_its_ceiling_said_once() {
+    let site = Site::new();
+    // nginx behind a sidecar, on a Unix socket: no TCP listener whose arrivals can be watched.
+    let socket = site.config.parent().unwrap().join("nginx.sock");
+    let config = std::fs::read_to_string(&site.config).unwrap().replace(
+        &format!("listen {};", site.addr()),
+        &format!("listen unix:{};", socket.display()),
+    );
+    std::fs::write(&site.config, config).unwrap();
+    let mut supervisor = Supervisor::start(&site.run_args(&["--max-propagation-delay", "1200ms"]));
+    common::wait_until("nginx's socket", 5 * SECONDS, || socket.exists());
+    supervisor.signal(SIGTERM);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+
+    let quit = supervisor.log.drain_offset("quitting").unwrap();
+    assert!(
+        quit >= Duration::from_millis(1200),
+        "SIGQUIT {quit:?} into the drain: never a shorter wait"
+    );
+    assert_eq!(supervisor.log.count("cannot watch for new connections"), 1);
+    assert_eq!(supervisor.log.drain_summary()["propagation"], "unwatched");
+}

@@ -4,6 +4,8 @@
 //! The wait and the escalation see nginx's processes only through [`NginxProcesses`], so their
 //! timeline is tested in paused time against scripted processes.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -193,7 +195,17 @@ impl Drain<'_> {
             ceiling: start + ceiling,
         };
         let before = watch.arrivals().total();
+        let mut peers = Peers::of(&self.masters, start);
         loop {
+            // epoll misses an arrival that a worker accepted before this process looked: the
+            // socket table, read at each look, tells of those still open or in TIME_WAIT.
+            if peers.new_since_last_look() {
+                let seen_since = watch.arrivals().last().is_some_and(|last| last >= peers.looked);
+                if !seen_since {
+                    watch.record_now();
+                }
+            }
+            peers.looked = origin.elapsed();
             let arrivals = watch.arrivals();
             let now = origin.elapsed();
             let ended = |how| DelayEnd {
@@ -509,6 +521,41 @@ impl Drain<'_> {
             Ok(false) => {}
             Err(err) => tracing::warn!(%err, "cannot remove the drain flag"),
         }
+    }
+}
+
+/// The peers of nginx's connections at the last look, to find the arrivals epoll missed.
+struct Peers {
+    listeners: Listeners,
+    known: Option<HashSet<SocketAddr>>,
+    /// When the last look was, from the arrival watch's origin.
+    looked: Duration,
+}
+
+impl Peers {
+    /// The first look, at `at` from the arrival watch's origin.
+    fn of(masters: &[&PidFd], at: Duration) -> Self {
+        let pids: Vec<i32> = masters.iter().map(|m| m.pid()).collect();
+        let listeners = Listeners::of(&pids);
+        let known = connections::peers_of(&listeners);
+        Self {
+            listeners,
+            known,
+            looked: at,
+        }
+    }
+
+    /// Looks again; true when a connection is there that the last look did not see.
+    fn new_since_last_look(&mut self) -> bool {
+        let Some(now) = connections::peers_of(&self.listeners) else {
+            return false;
+        };
+        let new = self
+            .known
+            .as_ref()
+            .is_some_and(|known| now.difference(known).next().is_some());
+        self.known = Some(now);
+        new
     }
 }
 

@@ -106,6 +106,14 @@ impl ArrivalWatch {
         self.arrivals.lock().expect("not poisoned").clone()
     }
 
+    /// Records an arrival now: one the drain learnt of another way.
+    pub fn record_now(&self) {
+        self.arrivals
+            .lock()
+            .expect("not poisoned")
+            .record(self.origin.elapsed());
+    }
+
     /// Resolves at the next arrival (or at once if one came since the last call).
     pub async fn arrival(&self) {
         self.arrived.notified().await

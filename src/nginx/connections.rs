@@ -85,6 +85,31 @@ pub fn to_listeners(listeners: &Listeners) -> Option<usize> {
     Some(count)
 }
 
+/// The peers of every connection to `listeners`, in any state but listening (TIME_WAIT
+/// too: a connection nginx closed first stays there for a minute). `None` when the kernel's
+/// table cannot be read or no listener is known.
+pub fn peers_of(listeners: &Listeners) -> Option<HashSet<SocketAddr>> {
+    if listeners.is_empty() {
+        return None;
+    }
+    let mut ports: Vec<u16> = listeners.0.iter().map(SocketAddr::port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut peers = HashSet::new();
+    for family in [Family::V4, Family::V6] {
+        if listeners.0.iter().any(|l| l.is_ipv4() == (family == Family::V4)) {
+            let sockets = sock_diag::tcp_sockets(family, states::CONNECTIONS, &ports).ok()?;
+            peers.extend(
+                sockets
+                    .iter()
+                    .filter(|s| listeners.accepted(&s.local))
+                    .map(|s| s.remote),
+            );
+        }
+    }
+    Some(peers)
+}
+
 /// Established TCP connections (IPv4 and IPv6) held by each of `pids`: their sockets, less
 /// listeners and sockets in other states. A process that is gone or unreadable is left out.
 pub fn by_process(pids: &[i32]) -> Vec<(i32, usize)> {
@@ -191,5 +216,26 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let found = Listeners::of(&[std::process::id() as i32]);
         assert!(found.0.contains(&listener.local_addr().unwrap()), "{found:?}");
+    }
+
+    #[test]
+    fn the_peers_of_a_listener_include_connections_it_closed_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = Listeners(vec![listener.local_addr().unwrap()]);
+        let before = peers_of(&listeners).unwrap();
+        let open = TcpStream::connect(listeners.0[0]).unwrap();
+        let closed = TcpStream::connect(listeners.0[0]).unwrap();
+        let (_kept, _) = listener.accept().unwrap();
+        // The server closes first, as nginx does after a `Connection: close` request: its end
+        // waits in TIME_WAIT, with no inode.
+        drop(listener.accept().unwrap());
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &closed, &mut buf).unwrap(), 0);
+        drop(closed);
+        let after = peers_of(&listeners).unwrap();
+        let new: Vec<_> = after.difference(&before).collect();
+        assert_eq!(new.len(), 2, "{after:?}");
+        assert!(after.contains(&open.local_addr().unwrap()));
+        assert_eq!(peers_of(&Listeners::default()), None);
     }
 }

@@ -17,12 +17,27 @@ use nix::sys::socket::{
 pub mod states {
     pub const ESTABLISHED: u32 = 1 << 1;
     pub const LISTEN: u32 = 1 << 10;
+    /// Every state a connection passes through (TIME_WAIT too), but listening and the
+    /// half-open request sockets.
+    pub const CONNECTIONS: u32 = (1 << 1)
+        | (1 << 2)
+        | (1 << 3)
+        | (1 << 4)
+        | (1 << 5)
+        | (1 << 6)
+        | (1 << 7)
+        | (1 << 8)
+        | (1 << 9)
+        | (1 << 11);
 }
 
 /// One TCP socket of this network namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpSocket {
     pub local: SocketAddr,
+    /// The peer's address; unspecified for a listener.
+    pub remote: SocketAddr,
+    /// 0 for a socket in TIME_WAIT, which no file holds any more.
     pub inode: u64,
 }
 
@@ -172,20 +187,24 @@ fn port_filter(ports: &[u16]) -> Vec<u8> {
 }
 
 /// struct inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid (ports in network
-/// order, addresses as four 32-bit words), then expires, queues, uid, inode.
+/// order, source then destination, addresses as four 32-bit words), then expires, queues, uid,
+/// inode.
 fn parse(body: &[u8]) -> Option<TcpSocket> {
     if body.len() < RESPONSE_LEN {
         return None;
     }
-    let port = u16::from_be_bytes([body[4], body[5]]);
-    let ip = if body[0] == libc::AF_INET as u8 {
-        IpAddr::V4(Ipv4Addr::new(body[8], body[9], body[10], body[11]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&body[8..24]).ok()?))
+    let v4 = body[0] == libc::AF_INET as u8;
+    let address = |at: usize| -> Option<IpAddr> {
+        Some(match v4 {
+            true => IpAddr::V4(Ipv4Addr::new(body[at], body[at + 1], body[at + 2], body[at + 3])),
+            false => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&body[at..at + 16]).ok()?)),
+        })
     };
+    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
     let inode = u32::from_ne_bytes(body[68..72].try_into().ok()?);
     Some(TcpSocket {
-        local: SocketAddr::new(ip, port),
+        local: SocketAddr::new(address(8)?, port(4)),
+        remote: SocketAddr::new(address(24)?, port(6)),
         inode: u64::from(inode),
     })
 }
@@ -207,8 +226,8 @@ mod tests {
         assert!(listening.iter().any(|s| s.local == addr));
         let established = tcp_sockets(Family::V4, states::ESTABLISHED, &[]).unwrap();
         // The server's end has the listener's address; the client's end its own port.
-        assert!(established.iter().any(|s| s.local == addr));
-        assert!(established.iter().any(|s| s.local == local));
+        assert!(established.iter().any(|s| s.local == addr && s.remote == local));
+        assert!(established.iter().any(|s| s.local == local && s.remote == addr));
         drop((client, server));
     }
 
