@@ -271,6 +271,17 @@ pub struct DrainArgs {
     #[arg(long = "pre-drain-exec", value_name = "CMD", env = "NGINX_GRACEFUL_PRE_DRAIN_EXEC", value_delimiter = '\n', value_parser = parse_hook)]
     pub pre_drain_exec: Vec<Vec<String>>,
 
+    /// A port of nginx's that only the kubelet's probes connect to (nginx serving /readyz
+    /// itself): its new connections are not traffic, and do not keep the adaptive propagation
+    /// delay going. Repeatable, or comma-separated in the variable.
+    #[arg(
+        long = "probe-port",
+        value_name = "PORT",
+        env = "NGINX_GRACEFUL_PROBE_PORT",
+        value_delimiter = ','
+    )]
+    pub probe_ports: Vec<u16>,
+
     /// How long each --pre-drain-exec hook may run before it is killed.
     #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub pre_drain_timeout: Duration,
@@ -485,6 +496,7 @@ impl DrainArgs {
             safety_margin: self.safety_margin,
             pre_drain_exec: self.pre_drain_exec.clone(),
             pre_drain_timeout: self.pre_drain_timeout,
+            probe_ports: self.probe_ports.clone(),
         }
     }
 }

@@ -172,3 +172,45 @@ fn unwatchable_arrivals_make_the_delay_its_ceiling_said_once() {
     assert_eq!(supervisor.log.count("cannot watch for new connections"), 1);
     assert_eq!(supervisor.log.drain_summary()["propagation"], "unwatched");
 }
+
+#[test]
+fn probes_on_a_probe_port_are_not_traffic() {
+    // nginx serving the kubelet's probes itself, on a port of its own (the preStop-only recipe).
+    let probe_port = common::free_port();
+    let site = Site::build(true, &format!("listen 127.0.0.1:{probe_port};"));
+    let port = probe_port.to_string();
+    let extra = ["--probe-port", &port, "--max-propagation-delay", "6s"];
+    let mut supervisor = Supervisor::start_serving(&site, &extra);
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = {
+        let stop = stop.clone();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe_port));
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = http::get(addr, "/");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let traffic = Traffic::to(site.addr()).one_shot().start();
+    traffic.wait_served(100);
+    supervisor.signal(SIGTERM);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    std::thread::sleep(Duration::from_millis(1500));
+    let removed = Instant::now();
+    traffic.remove_endpoint();
+    let (_, quit_seen) = supervisor.log.wait_phase_arrival("quitting", 10 * SECONDS);
+    stop.store(true, Ordering::Relaxed);
+    probes.join().unwrap();
+    traffic.finish().assert_no_failures();
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    let after = quit_seen.saturating_duration_since(removed);
+    assert!(
+        after < Duration::from_millis(1500),
+        "the probes kept the delay going {after:?} after the traffic stopped"
+    );
+    assert_eq!(supervisor.log.drain_summary()["propagation"], "quiet");
+}

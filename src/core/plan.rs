@@ -22,6 +22,8 @@ pub struct DrainSettings {
     /// Pre-drain hooks, each an argv.
     pub pre_drain_exec: Vec<Vec<String>>,
     pub pre_drain_timeout: Duration,
+    /// nginx's ports that only probes connect to: no arrival there keeps the delay going.
+    pub probe_ports: Vec<u16>,
 }
 
 /// `--propagation-delay`: `auto`, or a fixed time.
@@ -88,6 +90,8 @@ pub struct DrainPlan {
     /// SIGKILL to every nginx process still left.
     pub kill_at: Duration,
     pub grace_period: Duration,
+    /// nginx's ports that only probes connect to.
+    pub probe_ports: Vec<u16>,
 }
 
 impl DrainPlan {
@@ -131,6 +135,7 @@ impl DrainPlan {
             fast_shutdown_at: args.grace_period - args.safety_margin,
             kill_at: args.grace_period - args.safety_margin / 2,
             grace_period: args.grace_period,
+            probe_ports: args.probe_ports.clone(),
         })
     }
 
@@ -213,6 +218,7 @@ mod tests {
             safety_margin: secs(margin),
             pre_drain_exec: vec![vec!["true".into()]; hooks],
             pre_drain_timeout: secs(hook_timeout),
+            probe_ports: Vec::new(),
         }
     }
 

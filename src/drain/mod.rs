@@ -96,7 +96,9 @@ impl Drain<'_> {
             (PropagationDelay::UntilQuiet { .. }, Some(mut watch)) => {
                 Some(watch.resume(&self.masters).map(|()| watch))
             }
-            (PropagationDelay::UntilQuiet { .. }, None) => Some(ArrivalWatch::start(&self.masters)),
+            (PropagationDelay::UntilQuiet { .. }, None) => {
+                Some(ArrivalWatch::start(&self.masters, &plan.probe_ports))
+            }
             (PropagationDelay::Fixed(_), watch) => {
                 if let Some(watch) = watch {
                     watch.stop().await;
@@ -195,7 +197,7 @@ impl Drain<'_> {
             ceiling: start + ceiling,
         };
         let before = watch.arrivals().total();
-        let mut peers = Peers::of(&self.masters, start);
+        let mut peers = Peers::of(&self.masters, start, &self.plan.probe_ports);
         loop {
             // epoll misses an arrival that a worker accepted before this process looked: the
             // socket table, read at each look, tells of those still open or in TIME_WAIT.
@@ -534,9 +536,9 @@ struct Peers {
 
 impl Peers {
     /// The first look, at `at` from the arrival watch's origin.
-    fn of(masters: &[&PidFd], at: Duration) -> Self {
+    fn of(masters: &[&PidFd], at: Duration, probe_ports: &[u16]) -> Self {
         let pids: Vec<i32> = masters.iter().map(|m| m.pid()).collect();
-        let listeners = Listeners::of(&pids);
+        let listeners = Listeners::of(&pids).without_ports(probe_ports);
         let known = connections::peers_of(&listeners);
         Self {
             listeners,

@@ -64,6 +64,7 @@ impl Parts {
             safety_margin: ms(2_000),
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: ms(5_000),
+            probe_ports: Vec::new(),
         })
         .unwrap();
         assert_eq!(

@@ -38,6 +38,8 @@ pub const REST: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub struct ArrivalWatch {
     origin: Instant,
+    /// Ports whose arrivals are probes, not traffic.
+    ignored: Vec<u16>,
     arrivals: Arc<Mutex<Arrivals>>,
     arrived: Arc<Notify>,
     /// One per listener; none while paused.
@@ -45,10 +47,12 @@ pub struct ArrivalWatch {
 }
 
 impl ArrivalWatch {
-    /// A watch that has seen nothing and watches nothing yet.
-    pub fn paused() -> Self {
+    /// A watch that has seen nothing and watches nothing yet; `ignored` are ports whose
+    /// arrivals are probes, not traffic.
+    pub fn paused(ignored: &[u16]) -> Self {
         Self {
             origin: Instant::now(),
+            ignored: ignored.to_vec(),
             arrivals: Arc::default(),
             arrived: Arc::default(),
             tasks: Vec::new(),
@@ -56,8 +60,8 @@ impl ArrivalWatch {
     }
 
     /// Starts watching the listening sockets of `masters`.
-    pub fn start(masters: &[&PidFd]) -> Result<Self, String> {
-        let mut watch = Self::paused();
+    pub fn start(masters: &[&PidFd], ignored: &[u16]) -> Result<Self, String> {
+        let mut watch = Self::paused(ignored);
         watch.resume(masters)?;
         Ok(watch)
     }
@@ -72,7 +76,7 @@ impl ArrivalWatch {
         let mut sockets = Vec::new();
         let mut seen = HashSet::new();
         for master in masters {
-            for (fd, inode) in listening_fds(master.pid())? {
+            for (fd, inode) in listening_fds(master.pid(), &self.ignored)? {
                 if !seen.insert(inode) {
                     continue; // a binary upgrade's two masters share their listeners
                 }
@@ -157,8 +161,9 @@ async fn watch(
     }
 }
 
-/// The master's file descriptors that are listening TCP sockets, with their inodes.
-fn listening_fds(pid: i32) -> Result<Vec<(i32, u64)>, String> {
+/// The master's file descriptors that are listening TCP sockets, with their inodes, but those
+/// on `ignored` ports.
+fn listening_fds(pid: i32, ignored: &[u16]) -> Result<Vec<(i32, u64)>, String> {
     let fds = Process::new(pid)
         .and_then(|p| p.fd())
         .map_err(|e| format!("cannot read the file descriptors of the nginx master {pid}: {e}"))?;
@@ -175,7 +180,12 @@ fn listening_fds(pid: i32) -> Result<Vec<(i32, u64)>, String> {
     for family in [Family::V4, Family::V6] {
         let found = sock_diag::tcp_sockets(family, states::LISTEN, &[])
             .map_err(|e| format!("cannot read the kernel's socket table: {e}"))?;
-        listening.extend(found.into_iter().map(|s| s.inode));
+        listening.extend(
+            found
+                .into_iter()
+                .filter(|s| !ignored.contains(&s.local.port()))
+                .map(|s| s.inode),
+        );
     }
     Ok(sockets
         .into_iter()
@@ -241,7 +251,7 @@ mod tests {
     async fn sees_each_burst_of_new_connections_without_accepting_them() {
         let holder = Holder::start();
         let master = PidFd::open(holder.child.id() as i32).unwrap();
-        let watch = ArrivalWatch::start(&[&master]).unwrap();
+        let watch = ArrivalWatch::start(&[&master], &[]).unwrap();
         assert_eq!(watch.arrivals().total(), 0);
         let first = TcpStream::connect(holder.addr).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -258,7 +268,7 @@ mod tests {
     async fn a_stopped_watch_holds_no_copy_of_the_listener() {
         let holder = Holder::start();
         let master = PidFd::open(holder.child.id() as i32).unwrap();
-        let watch = ArrivalWatch::start(&[&master]).unwrap();
+        let watch = ArrivalWatch::start(&[&master], &[]).unwrap();
         watch.stop().await;
         let mut holder = holder;
         let _ = holder.child.kill();
@@ -272,7 +282,7 @@ mod tests {
     async fn a_master_without_listeners_is_an_error() {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let master = PidFd::open(child.id() as i32).unwrap();
-        let err = ArrivalWatch::start(&[&master]).unwrap_err();
+        let err = ArrivalWatch::start(&[&master], &[]).unwrap_err();
         assert!(err.contains("no listening TCP socket"), "{err}");
         let _ = child.kill();
         let _ = child.wait();

@@ -45,6 +45,12 @@ impl Listeners {
         self.0.is_empty()
     }
 
+    /// These listeners but those on `ports`.
+    pub fn without_ports(mut self, ports: &[u16]) -> Self {
+        self.0.retain(|l| !ports.contains(&l.port()));
+        self
+    }
+
     /// Whether a connection with this local address was accepted on one of these listeners.
     fn accepted(&self, local: &SocketAddr) -> bool {
         self.0.iter().any(|listener| {

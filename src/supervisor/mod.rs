@@ -349,7 +349,7 @@ impl ServingArrivals {
         let adaptive = matches!(plan.propagation_delay, PropagationDelay::UntilQuiet { .. });
         let wanted = adaptive && nginx_is_our_child;
         Self {
-            watch: wanted.then(ArrivalWatch::paused),
+            watch: wanted.then(|| ArrivalWatch::paused(&plan.probe_ports)),
             due: wanted.then(|| Instant::now() + Self::FIRST_AFTER),
             tries_left: Self::TRIES,
         }

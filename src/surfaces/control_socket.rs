@@ -356,6 +356,7 @@ mod tests {
             safety_margin: Duration::from_secs(2),
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: Duration::from_secs(5),
+            probe_ports: Vec::new(),
         })
         .unwrap()
     }
