@@ -280,7 +280,7 @@ pub struct DrainArgs {
         env = "NGINX_GRACEFUL_PROBE_PORT",
         value_delimiter = ','
     )]
-    pub probe_ports: Vec<u16>,
+    pub probe_port: Vec<u16>,
 
     /// How long each --pre-drain-exec hook may run before it is killed.
     #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
@@ -496,7 +496,7 @@ impl DrainArgs {
             safety_margin: self.safety_margin,
             pre_drain_exec: self.pre_drain_exec.clone(),
             pre_drain_timeout: self.pre_drain_timeout,
-            probe_ports: self.probe_ports.clone(),
+            probe_ports: self.probe_port.clone(),
         }
     }
 }
