@@ -25,7 +25,9 @@
 //!    report nginx's reason (read from its stderr, [`nginx::log`]).
 //! 4. [`drain`]: the ordered drain, one [`core::phase::Phase`] after another: readiness fails
 //!    ([`surfaces::health`]), keep-alive clients are told to close ([`os::drain_flag`]),
-//!    pre-drain [`os::hooks`] run, the propagation delay passes, SIGQUIT goes to the master,
+//!    pre-drain [`os::hooks`] run, the propagation delay lasts until new connections have
+//!    stopped arriving ([`nginx::arrivals`] sees them, [`core::quiet`] says when that is),
+//!    SIGQUIT goes to the master,
 //!    and every nginx process is awaited through pidfds ([`nginx::pidfd`], found by
 //!    [`nginx::tree`]) until the budget runs out and the drain escalates.
 //! 5. [`os::reaper`]: as PID 1 or child subreaper, reaps every zombie and hands exit statuses

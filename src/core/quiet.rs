@@ -103,6 +103,12 @@ pub enum Verdict {
     Ceiling,
 }
 
+/// Whether the socket table's look shows an arrival that epoll did not: a connection the last
+/// look did not have (`new_peers`), and no arrival seen since that look (`looked`).
+pub fn unseen_arrival(new_peers: bool, last_seen: Option<Duration>, looked: Duration) -> bool {
+    new_peers && last_seen.is_none_or(|last| last < looked)
+}
+
 /// Whether the delay ends at `now`.
 pub fn verdict(arrivals: &Arrivals, bounds: Bounds, now: Duration) -> Verdict {
     if now >= bounds.ceiling {
@@ -274,6 +280,26 @@ mod tests {
         assert_eq!(a.quiet_needed(), Some(ms(300)), "{a:?}");
         assert_eq!(a.total(), 21);
         assert_eq!(a.since(ms(71_000)), 10);
+    }
+
+    #[test]
+    fn a_connection_epoll_missed_counts_only_without_an_arrival_since_the_last_look() {
+        // (new peers, last arrival seen, last look, an unseen arrival)
+        let table = [
+            (false, None, 1000, false),
+            (true, None, 1000, true),
+            (true, Some(900), 1000, true),
+            (true, Some(1000), 1000, false),
+            (true, Some(1100), 1000, false),
+            (false, Some(900), 1000, false),
+        ];
+        for (new, last, looked, unseen) in table {
+            assert_eq!(
+                unseen_arrival(new, last.map(ms), ms(looked)),
+                unseen,
+                "{new} {last:?} {looked}"
+            );
+        }
     }
 
     #[test]

@@ -201,11 +201,9 @@ impl Drain<'_> {
         loop {
             // epoll misses an arrival that a worker accepted before this process looked: the
             // socket table, read at each look, tells of those still open or in TIME_WAIT.
-            if peers.new_since_last_look() {
-                let seen_since = watch.arrivals().last().is_some_and(|last| last >= peers.looked);
-                if !seen_since {
-                    watch.record_now();
-                }
+            let new_peers = peers.new_since_last_look();
+            if quiet::unseen_arrival(new_peers, watch.arrivals().last(), peers.looked) {
+                watch.record_now();
             }
             peers.looked = origin.elapsed();
             let arrivals = watch.arrivals();

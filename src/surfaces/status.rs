@@ -285,6 +285,29 @@ mod tests {
     }
 
     #[test]
+    fn the_propagation_delay_reads_as_words_while_it_runs_and_once_it_ended() {
+        let waiting = json!({"state": "waiting", "arrivals": 41, "quiet_for_ms": 120,
+            "quiet_needed_ms": 300, "ceiling_in_ms": 16_200});
+        assert_eq!(
+            propagation(&waiting).unwrap(),
+            "waiting for new connections to stop: 41 so far, none for 120ms of the 300ms needed; the ceiling in 16s 200ms"
+        );
+        let ended = json!({"state": "ended", "ended": "quiet", "lasted_ms": 1312, "arrivals": 58,
+            "quiet_for_ms": 301, "quiet_needed_ms": 300});
+        assert_eq!(
+            propagation(&ended).unwrap(),
+            "ended: quiet after 1s 312ms (58 bursts of new connections, the last 301ms before)"
+        );
+        assert_eq!(propagation(&Value::Null), None);
+        let status = json!({"source": "supervisor", "phase": "propagation_delay", "propagation": waiting});
+        assert!(
+            table(&status).contains("propagation  waiting for"),
+            "{}",
+            table(&status)
+        );
+    }
+
+    #[test]
     fn no_master_reads_as_not_running() {
         let mut status = not_running();
         status["source"] = "pid_file".into();
