@@ -214,3 +214,33 @@ fn probes_on_a_probe_port_are_not_traffic() {
     );
     assert_eq!(supervisor.log.drain_summary()["propagation"], "quiet");
 }
+
+#[test]
+fn a_listener_a_reload_removes_is_let_go_of() {
+    // The arrivals of a serving nginx are watched through copies of its listeners: a copy kept
+    // past a reload that removes a `listen` would keep the port open, and its connections would
+    // wait for an accept that never comes instead of being refused.
+    let second = common::free_port();
+    let site = Site::build(true, &format!("listen 127.0.0.1:{second};"));
+    let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--max-propagation-delay", "1s"]);
+    let removed = std::net::SocketAddr::from(([127, 0, 0, 1], second));
+    assert_eq!(http::get(removed, "/").unwrap().status, 200);
+    // The watch starts a second after nginx, and is taken again after each reload.
+    std::thread::sleep(Duration::from_millis(1500));
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        config.replace(&format!("listen 127.0.0.1:{second};"), ""),
+    )
+    .unwrap();
+    supervisor.signal(1);
+    supervisor
+        .log
+        .wait_for("the reload", 10 * SECONDS, |l| l.contains("reload confirmed"));
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = std::net::TcpStream::connect_timeout(&removed, SECONDS).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert_eq!(http::get(site.addr(), "/").unwrap().status, 200);
+    supervisor.signal(SIGTERM);
+    assert_eq!(code(supervisor.wait_exit(30 * SECONDS)), 0);
+}
