@@ -61,7 +61,12 @@ established connections keep their pod, and a pod that refuses or resets is rese
 client, never retried. soak load goes through it in close and keep-alive modes, with a share of
 slow (1 s) requests. Then one pod is terminated in the kubelet's order: its endpoint removal is
 scheduled (--propagation-lag), the preStop hook runs inside the pod and is waited for, the stop
-signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).";
+signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).
+
+--topology local puts each pod on a node of its own behind a load balancer
+(externalTrafficPolicy: Local): the node's kube-proxy routes to its pod while the pod is ready,
+or terminating and still serving (its readiness probe), and the balancer stops sending to the
+node --lb-lag after the node's health check fails.";
 
 const REHEARSE_AFTER_HELP: &str = "\
 STRATEGIES:
