@@ -1,9 +1,9 @@
 //! `rehearse`: a Kubernetes rolling termination on one machine. Two pods ([`pod`]) run the
-//! chosen [`strategy`] behind a Service imitation ([`service`]), or behind a load balancer and a
-//! kube-proxy per node that heed the pods' readiness ([`topology`], [`readiness`]); `soak` load goes through it in
-//! close and keep-alive modes (and first-field, on request) while one pod is terminated in the kubelet's order; every failed
-//! request is reported with its class and its time relative to the termination ([`report`],
-//! [`plot`]).
+//! chosen [`strategy`] behind a Service imitation ([`service`]), or behind a load balancer and
+//! per-node kube-proxies that heed the pods' readiness ([`topology`], [`readiness`]); `soak`
+//! load goes through it in close and keep-alive modes (and first-field, on request) while one
+//! pod is terminated in the kubelet's order; every failed request is reported with its class
+//! and its time relative to the termination ([`report`], [`plot`]).
 
 pub mod plot;
 pub mod pod;
