@@ -8,6 +8,7 @@ use nginx_graceful::duration;
 
 use crate::rehearse::Mode;
 use crate::rehearse::strategy::{Preset, parse_signal};
+use crate::rehearse::topology::Topology;
 use crate::soak::mix::PathMix;
 
 const ABOUT: &str = "Prove nginx-graceful: load that classifies every failed request, and a local rehearsal of a Kubernetes rolling termination.";
@@ -60,7 +61,12 @@ established connections keep their pod, and a pod that refuses or resets is rese
 client, never retried. soak load goes through it in close and keep-alive modes, with a share of
 slow (1 s) requests. Then one pod is terminated in the kubelet's order: its endpoint removal is
 scheduled (--propagation-lag), the preStop hook runs inside the pod and is waited for, the stop
-signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).";
+signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).
+
+--topology local puts each pod on a node of its own behind a load balancer
+(externalTrafficPolicy: Local): the node's kube-proxy routes to its pod while the pod is ready,
+or terminating and still serving (its readiness probe), and the balancer stops sending to the
+node --lb-lag after the node's health check fails.";
 
 const REHEARSE_AFTER_HELP: &str = "\
 STRATEGIES:
@@ -84,7 +90,9 @@ EXAMPLES:
   nginx-graceful-tools rehearse --compare nginx-graceful,naive --propagation-lag 3s --repeat 10
   nginx-graceful-tools rehearse --config my-nginx.conf --path-mix '/=80,/api/slow=20'
   nginx-graceful-tools rehearse --config my-tls.conf --tls     (listen @LISTEN@ ssl; in the config)
-  nginx-graceful-tools rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT";
+  nginx-graceful-tools rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT
+  nginx-graceful-tools rehearse --topology local --lb-lag 5s \
+      --graceful-args '' --graceful-args '--unready-at start'      (two nginx-graceful rows)";
 
 #[derive(Debug, Args)]
 pub struct SoakArgs {
@@ -179,6 +187,30 @@ pub struct RehearseArgs {
     /// kube-proxy, ingresses and load balancers take to hear of it).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
     pub propagation_lag: Duration,
+
+    /// cluster: one Service in front of the pods, the endpoint gone after --propagation-lag.
+    /// local: externalTrafficPolicy: Local, each pod on a node of its own whose kube-proxy
+    /// routes to it while it is ready, or terminating and still serving (its readiness probe);
+    /// a load balancer in front stops sending to the node --lb-lag after the node's health
+    /// check fails.
+    #[arg(long, value_enum, value_name = "cluster|local", default_value = "cluster")]
+    pub topology: Topology,
+
+    /// With --topology local: how long the load balancer takes to act on a node's failed
+    /// health check (its interval times its unhealthy threshold).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse)]
+    pub lb_lag: Duration,
+
+    /// With --topology local: the kubelet's readiness probe period (failureThreshold 1). The
+    /// nginx-graceful pods are probed on /readyz, the recipes' on nginx's `/`.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
+    pub probe_period: Duration,
+
+    /// More flags for `nginx-graceful run` in the nginx-graceful pods, like
+    /// '--unready-at start'. Repeatable: each one is a row of its own, named by its flags
+    /// ('' for the defaults).
+    #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
+    pub graceful_args: Vec<String>,
 
     /// The pod's terminationGracePeriodSeconds: SIGKILL when it is over.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::parse)]
@@ -301,6 +333,33 @@ mod tests {
         assert_eq!(
             modes(&["--modes", "close,keepalive,first-field"]),
             [Mode::Close, Mode::Keepalive, Mode::FirstField]
+        );
+    }
+
+    #[test]
+    fn rehearse_takes_graceful_args_that_start_with_dashes_and_repeat() {
+        let rehearse =
+            |args: &[&str]| match Cli::parse_from([&["nginx-graceful-tools", "rehearse"], args].concat())
+                .command
+            {
+                Command::Rehearse(args) => args,
+                Command::Soak(_) => unreachable!(),
+            };
+        let args = rehearse(&[
+            "--graceful-args",
+            "",
+            "--graceful-args",
+            "--unready-at start",
+            "--topology",
+            "local",
+        ]);
+        assert_eq!(args.graceful_args, ["", "--unready-at start"]);
+        assert_eq!(args.topology, Topology::Local);
+        let defaults = rehearse(&[]);
+        assert!(defaults.graceful_args.is_empty());
+        assert_eq!(
+            (defaults.topology, defaults.lb_lag, defaults.probe_period),
+            (Topology::Cluster, Duration::from_secs(5), Duration::from_secs(1))
         );
     }
 

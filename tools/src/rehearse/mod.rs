@@ -1,15 +1,18 @@
 //! `rehearse`: a Kubernetes rolling termination on one machine. Two pods ([`pod`]) run the
-//! chosen [`strategy`] behind a Service imitation ([`service`]); `soak` load goes through it in
-//! close and keep-alive modes (and first-field, on request) while one pod is terminated in the kubelet's order; every failed
-//! request is reported with its class and its time relative to the termination ([`report`],
-//! [`plot`]).
+//! chosen [`strategy`] behind a Service imitation ([`service`]), or behind a load balancer and
+//! per-node kube-proxies that heed the pods' readiness ([`topology`], [`readiness`]); `soak`
+//! load goes through it in close and keep-alive modes (and first-field, on request) while one
+//! pod is terminated in the kubelet's order; every failed request is reported with its class
+//! and its time relative to the termination ([`report`], [`plot`]).
 
 pub mod plot;
 pub mod pod;
 pub mod pod_config;
+pub mod readiness;
 pub mod report;
 pub mod service;
 pub mod strategy;
+pub mod topology;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -25,9 +28,10 @@ use crate::soak::report::summarize;
 use crate::soak::tls::{Tls, Trust};
 use nginx_graceful::os::reaper::Exit;
 use pod::{HookEnd, Pod, PodExit};
+use readiness::Probe;
 use report::{Event, EventKind, ModeResult, Rehearsal};
-use service::Service;
-use strategy::{Custom, Preset, Strategy};
+use strategy::{Custom, Preset, Strategy, Variant};
+use topology::{Front, Topology};
 
 /// How the clients use connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
@@ -69,7 +73,7 @@ pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
             "rehearse makes a PID namespace per pod (unshare --pid), which needs root: run it as root".into(),
         ));
     }
-    let presets = presets(&args)?;
+    let variants = strategy::variants(&presets(&args)?, &args.graceful_args).map_err(Error::Rehearsal)?;
     let template = match &args.config {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
             Error::Rehearsal(format!(
@@ -104,9 +108,9 @@ pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
     let mut rehearsals = Vec::new();
     let mut outcome = Ok(());
     'all: for repeat in 1..=args.repeat.max(1) {
-        for &preset in &presets {
-            let dir = work.join(format!("{}-{repeat}", preset.name()));
-            match rehearse(&settings, preset, repeat, dir).await {
+        for variant in &variants {
+            let dir = work.join(format!("{}-{repeat}", variant.dir));
+            match rehearse(&settings, variant, repeat, dir).await {
                 Ok(rehearsal) => {
                     if !args.json {
                         print!("{}", rehearsal.to_text());
@@ -215,25 +219,29 @@ fn free_ports(ip: Ipv4Addr) -> Result<(SocketAddr, SocketAddr), Error> {
 /// One rolling termination of one strategy.
 async fn rehearse(
     settings: &Settings<'_>,
-    preset: Preset,
+    variant: &Variant,
     repeat: usize,
     dir: PathBuf,
 ) -> Result<Rehearsal, Error> {
     let args = settings.args;
     let mut pods = Vec::new();
     let mut strategies: Vec<Strategy> = Vec::new();
+    let mut probes = Vec::new();
     for (i, ip) in POD_IPS.into_iter().enumerate() {
         let name = format!("pod-{}", (b'a' + i as u8) as char);
         let pod_dir = dir.join(&name);
         let (listen, health) = free_ports(ip)?;
         let files = pod_config::prepare(&pod_dir, listen, health, &settings.template, &args.nginx)?;
-        let chosen = strategy::strategy(
-            preset,
+        let mut chosen = strategy::strategy(
+            variant.preset,
             &files,
             &settings.graceful,
+            &variant.graceful_args,
             args.grace_period,
             &settings.custom,
         );
+        chosen.name = variant.name;
+        probes.push(Probe::of(variant.preset, listen, health, settings.tls.as_ref()));
         let pod = Pod::start(&name, listen, &chosen, &pod_dir.join("pod.log")).await?;
         pods.push(pod);
         strategies.push(chosen);
@@ -244,23 +252,33 @@ async fn rehearse(
         pod.wait_serving(settings.tls.as_ref(), Duration::from_secs(15))
             .await?;
     }
-    let service = Service::start(
+    let mut front = Front::start(
+        args.topology,
         SocketAddr::new(IpAddr::V4(SERVICE_IP), 0),
         pods.iter().map(|p| p.addr).collect(),
+        args.propagation_lag,
+        args.lb_lag,
     )
     .await
     .map_err(Error::internal(
-        "cannot start the Service imitation on 127.0.0.10",
+        "cannot listen on 127.0.0.10 for the Service or load balancer imitation",
     ))?;
 
-    // The load, in each mode, through the Service.
+    // The load, in each mode, through the Service (or the load balancer).
     let start = Instant::now();
-    let bound = args.warmup + args.grace_period + args.propagation_lag + args.tail + Duration::from_secs(30);
+    let bound = args.warmup
+        + args.grace_period
+        + args.propagation_lag
+        + args.lb_lag
+        + args.tail
+        + Duration::from_secs(30);
+    let first_probe = readiness::first_probe(start, start + args.warmup, args.probe_period);
+    front.watch_readiness(probes, first_probe, args.probe_period, start + bound);
     let mut loads = Vec::new();
     for &mode in &args.modes {
         let load = Arc::new(Load {
-            addr: service.addr(),
-            host: format!("rehearsal.local:{}", service.addr().port()),
+            addr: front.addr(),
+            host: format!("rehearsal.local:{}", front.addr().port()),
             paths: args.path_mix.clone(),
             concurrency: args.concurrency.max(1),
             reuse: mode.reuse(),
@@ -290,29 +308,27 @@ async fn rehearse(
         t0,
         t0,
         EventKind::Terminating,
-        format!(
-            "{} is terminating; its endpoint goes in {:?}",
-            pod.name, args.propagation_lag
-        ),
+        front.plan(&pod.name, args.propagation_lag),
     ));
-    let removal = service.remove_after(pod.addr, args.propagation_lag);
-    let removed = async {
-        let _ = removal.await;
-        Instant::now()
-    };
-    let (kubelet, removed_at) = tokio::join!(terminate(pod, &strategy, args.grace_period, t0), removed);
+    let heard = front.terminating(TERMINATED, pod.addr, args.propagation_lag);
+    let (kubelet, heard_at) = tokio::join!(terminate(pod, &strategy, args.grace_period, t0), heard);
     let (exit, exited_at, kubelet_events) = kubelet?;
+    front.exited(TERMINATED);
     events.extend(kubelet_events);
-    events.push(Event::new(
-        removed_at,
-        t0,
-        EventKind::EndpointRemoved,
-        "endpoint removed from the Service".into(),
-    ));
-    events.sort_by_key(|e| e.at_ms);
+    if args.topology == Topology::Cluster {
+        events.push(Event::new(
+            heard_at,
+            t0,
+            EventKind::EndpointRemoved,
+            "endpoint removed from the Service".into(),
+        ));
+    }
 
-    // Requests keep coming until the removal has reached everyone, and a little after.
-    tokio::time::sleep_until((exited_at.max(removed_at) + args.tail).into()).await;
+    // Requests keep coming until the changes have reached everyone, and a little after.
+    tokio::time::sleep_until((front.settled(exited_at, heard_at) + args.tail).into()).await;
+    let seen = front.seen().into_iter();
+    events.extend(seen.map(|s| Event::new(s.at, t0, s.kind, s.detail)));
+    events.sort_by_key(|e| e.at_ms);
     for (_, progress, _) in &loads {
         progress.stop();
     }
@@ -328,6 +344,7 @@ async fn rehearse(
         let summary = summarize(&records, start.elapsed(), origin);
         modes.push(ModeResult::new(mode, summary, &records, origin));
     }
+    drop(front);
     drop(pods);
     Ok(Rehearsal {
         strategy: strategy.name,

@@ -78,6 +78,11 @@ pub enum EventKind {
     StopSignal,
     Killed,
     Exited,
+    /// `--topology local`: the kubelet's readiness probe changed.
+    Readiness,
+    KubeProxy,
+    HealthCheck,
+    LoadBalancer,
 }
 
 impl EventKind {
@@ -92,6 +97,10 @@ impl EventKind {
             EventKind::StopSignal => "stop signal",
             EventKind::Killed => "SIGKILL",
             EventKind::Exited => "exited",
+            EventKind::Readiness => "readiness",
+            EventKind::KubeProxy => "kube-proxy",
+            EventKind::HealthCheck => "health check",
+            EventKind::LoadBalancer => "load balancer",
         }
     }
 }
@@ -237,13 +246,15 @@ pub fn table(rehearsals: &[Rehearsal]) -> String {
     let rows = rows(rehearsals);
     let mut out = String::new();
     let Some(first) = rows.first() else { return out };
-    let _ = write!(out, "{:<26}", "strategy");
+    // Names with --graceful-args flags are long: the column fits the longest.
+    let width = rows.iter().map(|r| r.strategy.len() + 2).fold(26, usize::max);
+    let _ = write!(out, "{:<width$}", "strategy");
     for (mode, ..) in &first.modes {
         let _ = write!(out, "{:<30}", format!("{} failed/total", mode.name()));
     }
     let _ = writeln!(out, "pod exited after (median)");
     for row in &rows {
-        let _ = write!(out, "{:<26}", row.strategy);
+        let _ = write!(out, "{:<width$}", row.strategy);
         for (_, failed, total, failed_runs) in &row.modes {
             let cell = if row.runs > 1 {
                 format!("{failed} / {total} ({failed_runs} of {} runs)", row.runs)

@@ -86,7 +86,7 @@ impl Drop for Service {
 
 /// Carries one client connection to `backend`; what one side does (close, reset) the other
 /// sees, as through NAT.
-async fn forward(client: TcpStream, backend: Option<SocketAddr>) {
+pub(super) async fn forward(client: TcpStream, backend: Option<SocketAddr>) {
     let _ = client.set_nodelay(true);
     let Some(backend) = backend else {
         return reset(&client);

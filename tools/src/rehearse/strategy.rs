@@ -51,6 +51,57 @@ impl Preset {
     }
 }
 
+/// One row of a comparison: a preset, and for nginx-graceful the flags its `run` gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variant {
+    pub preset: Preset,
+    pub graceful_args: Vec<String>,
+    /// The preset's name, followed by the flags when there are any, so that rows differ.
+    pub name: &'static str,
+    /// The directory of its pods' files, one per variant.
+    pub dir: String,
+}
+
+/// Each preset once, but nginx-graceful once per `--graceful-args` value (split as a shell
+/// would), in the order given.
+pub fn variants(presets: &[Preset], graceful_args: &[String]) -> Result<Vec<Variant>, String> {
+    if !graceful_args.is_empty() && !presets.contains(&Preset::NginxGraceful) {
+        return Err(
+            "--graceful-args is for the nginx-graceful strategy: add it to --compare, or leave the flag out"
+                .into(),
+        );
+    }
+    let mut variants = Vec::new();
+    for &preset in presets {
+        let flag_sets = match preset {
+            Preset::NginxGraceful if !graceful_args.is_empty() => graceful_args.to_vec(),
+            _ => vec![String::new()],
+        };
+        for (k, flags) in flag_sets.iter().enumerate() {
+            let args = shell_words::split(flags).map_err(|e| {
+                format!("cannot split --graceful-args `{flags}`: {e}: quote it as a shell would")
+            })?;
+            let name = match args.is_empty() {
+                true => preset.name().to_owned(),
+                false => format!("{} {}", preset.name(), shell_words::join(&args)),
+            };
+            let dir = match k {
+                0 => preset.name().to_owned(),
+                _ => format!("{}-{}", preset.name(), k + 1),
+            };
+            variants.push(Variant {
+                preset,
+                graceful_args: args,
+                // A few per run, each alive to its end: leaked, as every report takes a
+                // `&'static str` name.
+                name: Box::leak(name.into_boxed_str()),
+                dir,
+            });
+        }
+    }
+    Ok(variants)
+}
+
 /// One pod's files and addresses, which every strategy's commands refer to.
 #[derive(Debug, Clone)]
 pub struct PodFiles {
@@ -84,11 +135,13 @@ pub struct Strategy {
     pub stop_signal: Signal,
 }
 
-/// The commands of `preset` for the pod described by `pod`; `graceful` is this binary.
+/// The commands of `preset` for the pod described by `pod`; `graceful` is this binary, and
+/// `graceful_args` more flags for its `run`.
 pub fn strategy(
     preset: Preset,
     pod: &PodFiles,
     graceful: &str,
+    graceful_args: &[String],
     grace: Duration,
     custom: &Custom,
 ) -> Strategy {
@@ -110,7 +163,9 @@ pub fn strategy(
             let mut run: Vec<String> = [graceful, "run", "--runtime-dir", &dir, "--grace-period", &grace]
                 .map(String::from)
                 .into();
-            run.extend(["--health-listen".into(), pod.health.to_string(), "--".into()]);
+            run.extend(["--health-listen".into(), pod.health.to_string()]);
+            run.extend(graceful_args.iter().cloned());
+            run.push("--".into());
             run.extend(pod.nginx.iter().cloned());
             let drain = [
                 graceful,
@@ -214,6 +269,7 @@ mod tests {
             preset,
             &pod(),
             "/bin/ng",
+            &[],
             Duration::from_secs(30),
             &Custom::default(),
         )
@@ -232,6 +288,72 @@ mod tests {
             "/bin/ng drain --runtime-dir /r/pod-a --pid-file /r/pod-a/nginx.pid --grace-period 30000ms"
         );
         assert_eq!(s.stop_signal, Signal::SIGTERM);
+    }
+
+    #[test]
+    fn graceful_args_go_to_run_before_the_nginx_command() {
+        let args = ["--unready-at", "start"].map(String::from);
+        let s = strategy(
+            Preset::NginxGraceful,
+            &pod(),
+            "/bin/ng",
+            &args,
+            Duration::from_secs(30),
+            &Custom::default(),
+        );
+        assert_eq!(
+            s.entrypoint.join(" "),
+            "/bin/ng run --runtime-dir /r/pod-a --grace-period 30000ms --health-listen 127.0.0.11:9001 \
+             --unready-at start -- nginx -c /r/pod-a/nginx.conf -g daemon off;"
+        );
+        assert!(
+            !s.pre_stop.unwrap().contains(&args[0]),
+            "the drain asks run, which has them"
+        );
+    }
+
+    #[test]
+    fn each_graceful_args_value_is_a_row_named_by_its_flags() {
+        let presets = [Preset::NginxGraceful, Preset::Naive];
+        let flags = ["", "--unready-at start", "--propagation-delay 5s"].map(String::from);
+        let rows = variants(&presets, &flags).unwrap();
+        let names: Vec<(&str, &str, Vec<String>)> = rows
+            .iter()
+            .map(|v| (v.name, v.dir.as_str(), v.graceful_args.clone()))
+            .collect();
+        let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            names,
+            [
+                ("nginx-graceful", "nginx-graceful", vec![]),
+                (
+                    "nginx-graceful --unready-at start",
+                    "nginx-graceful-2",
+                    words("--unready-at start")
+                ),
+                (
+                    "nginx-graceful --propagation-delay 5s",
+                    "nginx-graceful-3",
+                    words("--propagation-delay 5s")
+                ),
+                ("naive", "naive", vec![]),
+            ]
+        );
+        let plain = variants(&presets, &[]).unwrap();
+        assert_eq!(
+            plain.iter().map(|v| v.name).collect::<Vec<_>>(),
+            ["nginx-graceful", "naive"]
+        );
+        assert!(
+            variants(&[Preset::Naive], &flags)
+                .unwrap_err()
+                .contains("--compare")
+        );
+        assert!(
+            variants(&presets, &["'open".into()])
+                .unwrap_err()
+                .contains("cannot split")
+        );
     }
 
     #[test]
@@ -266,7 +388,7 @@ mod tests {
             ),
             stop_signal: Some(Signal::SIGINT),
         };
-        let s = strategy(Preset::Custom, &pod(), "ng", Duration::from_secs(5), &custom);
+        let s = strategy(Preset::Custom, &pod(), "ng", &[], Duration::from_secs(5), &custom);
         assert_eq!(
             s.entrypoint,
             [
