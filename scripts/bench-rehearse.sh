@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The comparison in BENCHMARKS.md: every strategy, REPEAT runs each (10 by default), with a
-# propagation lag of 1 s and of 3 s. Needs root (each pod is a PID namespace). Writes the
+# The rolling-termination tables in BENCHMARKS.md: for each propagation lag in LAGS, REPEAT
+# rehearsals of each strategy in STRATEGIES (every preset when empty), in the client modes of
+# MODES. RATE and CONCURRENCY set the load (rehearse's defaults: 200/s over 32 connections per
+# mode); EXTRA goes to rehearse as it is. Needs root (each pod is a PID namespace). Writes the
 # report and the plot of each lag to OUT (target/bench-rehearse by default).
+#
+#   scripts/bench-rehearse.sh             # every strategy (nginx-graceful also with a fixed 5 s
+#                                         # delay), 3 runs each, 4 lags: about 15 minutes
+#   STRATEGIES=nginx-graceful REPEAT=10 scripts/bench-rehearse.sh
+#   STRATEGIES=nginx-graceful LAGS=3s RATE=2 CONCURRENCY=2 REPEAT=10 scripts/bench-rehearse.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -17,9 +24,18 @@ out=${OUT:-$target/bench-rehearse}
 mkdir -p "$out"
 # Copies, so that a rebuild during the run changes nothing; rehearse runs the supervisor beside it.
 cp "$target/release/nginx-graceful" "$target/release/nginx-graceful-tools" "$out/"
-for lag in ${LAGS:-1s 3s}; do
+load=()
+[ -z "${RATE:-}" ] || load+=(--rate "$RATE")
+[ -z "${CONCURRENCY:-}" ] || load+=(--concurrency "$CONCURRENCY")
+# shellcheck disable=SC2206 # EXTRA is words for rehearse
+extra=(${EXTRA:-})
+# Every strategy: nginx-graceful with its defaults, and with the fixed 5 s delay it had before.
+[ -n "${STRATEGIES:-}" ] || extra+=(--graceful-args '' --graceful-args '--propagation-delay 5s')
+for lag in ${LAGS:-1s 3s 8s 15s}; do
     echo "== propagation lag $lag" >&2
-    "$out/nginx-graceful-tools" rehearse --compare --repeat "${REPEAT:-10}" --propagation-lag "$lag" \
-        --plot "$out/lag-$lag.svg" > "$out/lag-$lag.txt" || true
-    sed -n '/^strategy /,$p' "$out/lag-$lag.txt"
+    name="lag-$lag${RATE:+-rate-$RATE}"
+    "$out/nginx-graceful-tools" rehearse --compare ${STRATEGIES:-} --repeat "${REPEAT:-3}" \
+        --propagation-lag "$lag" --modes "${MODES:-close,keepalive,first-field}" "${load[@]}" \
+        "${extra[@]}" --plot "$out/$name.svg" > "$out/$name.txt" || true
+    sed -n '/^strategy /,$p' "$out/$name.txt"
 done

@@ -244,3 +244,28 @@ fn a_listener_a_reload_removes_is_let_go_of() {
     supervisor.signal(SIGTERM);
     assert_eq!(code(supervisor.wait_exit(30 * SECONDS)), 0);
 }
+
+#[test]
+fn drain_without_a_supervisor_watches_from_its_start() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let traffic = Traffic::to(site.addr()).keepalive(2).one_shot().start();
+    traffic.wait_served(100);
+    // The preStop hook of an nginx that runs without the supervisor: no history of the minute
+    // before, so the gaps between arrivals are learnt from the hook's start.
+    let mut hook = Supervisor::start(&common::drain_args(&site, &[]));
+    hook.log.wait_phase("propagation_delay", 5 * SECONDS);
+    std::thread::sleep(Duration::from_millis(2000));
+    let removed = Instant::now();
+    traffic.remove_endpoint();
+    let (_, quit_seen) = hook.log.wait_phase_arrival("quitting", 20 * SECONDS);
+    traffic.finish().assert_no_failures();
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0);
+    assert!(nginx.all_gone());
+    let after = quit_seen.saturating_duration_since(removed);
+    assert!(
+        quit_seen > removed && after < Duration::from_millis(1500),
+        "SIGQUIT {after:?} after the last new connection"
+    );
+    assert_eq!(hook.log.drain_summary()["propagation"], "quiet");
+}
