@@ -337,6 +337,11 @@ fn sigquit_drains_without_the_propagation_delay() {
     let phases = supervisor.log.phases();
     assert!(!phases.contains(&"propagation_delay".to_string()), "{phases:?}");
     assert!(phases.contains(&"quitting".to_string()), "{phases:?}");
+    // Said as a warning, with the fix: the official image's STOPSIGNAL is SIGQUIT.
+    let warning = supervisor.log.wait_for("the warning", SECONDS, |l| {
+        l.contains("\"WARN\"") && l.contains("without propagation delay")
+    });
+    assert!(warning.contains("SIGTERM"), "{warning}");
 }
 
 #[test]

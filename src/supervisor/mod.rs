@@ -441,7 +441,12 @@ struct Drained {
 fn announce(cause: Cause) {
     match cause {
         Cause::Signal(signal) => tracing::info!(%signal, "drain requested"),
-        Cause::Quit => tracing::info!(signal = "SIGQUIT", "drain requested without propagation delay"),
+        // The official nginx image's STOPSIGNAL, or a pod's stop signal: a mistake as often as
+        // not, and one that refuses the connections still on their way.
+        Cause::Quit => tracing::warn!(
+            signal = "SIGQUIT",
+            "drain requested without propagation delay: connections that arrive before the endpoint removal reaches every client are refused; stop the container with SIGTERM (STOPSIGNAL SIGTERM, or the pod's stop signal) for the ordered drain"
+        ),
         Cause::PreStopHook => {
             tracing::info!("drain requested over the control socket (preStop hook)")
         }
