@@ -33,6 +33,16 @@ if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
     || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${optional[@]}" \
     || echo "warning: cannot install ${optional[*]}" >&2
 fi
+# tests/status_and_metrics.rs parses /metrics with Prometheus' own OpenMetrics parser.
+PROMETHEUS_CLIENT_VERSION=0.21.1
+has_parser() { python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; }
+if ! has_parser; then
+  echo "installing: prometheus-client $PROMETHEUS_CLIENT_VERSION (pip)" >&2
+  user=()
+  [ "$(id -u)" -eq 0 ] || user=(--user)
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q "${user[@]}" \
+    "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+fi
 if ! has_validator; then
   echo "installing: kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip)" >&2
   # Debian's own Python refuses pip installs (externally managed) unless told: this is a test

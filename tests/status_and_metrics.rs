@@ -93,10 +93,7 @@ fn a_supervisor_reports_its_phase_generations_reloads_and_crashes() {
         sample(&metrics, "nginx_graceful_worker_generations{state=\"serving\"}"),
         Some(1.0)
     );
-    assert_eq!(
-        sample(&metrics, "nginx_graceful_nginx_worker_crashes_total"),
-        Some(0.0)
-    );
+    assert_eq!(sample(&metrics, "nginx_graceful_worker_crashes_total"), Some(0.0));
     // stderr is read: no log line was lost.
     assert_eq!(
         sample(&metrics, "nginx_graceful_log_lines_dropped_total"),
@@ -173,14 +170,71 @@ fn a_supervisor_reports_its_phase_generations_reloads_and_crashes() {
     )
     .unwrap();
     common::wait_until("the crash counted", 5 * SECONDS, || {
-        sample(
-            &fetch(health, "/metrics"),
-            "nginx_graceful_nginx_worker_crashes_total",
-        ) == Some(1.0)
+        sample(&fetch(health, "/metrics"), "nginx_graceful_worker_crashes_total") == Some(1.0)
     });
+
+    // Prometheus' own parser reads the whole scrape: one prefix, the conventional names.
+    let scrape = fetch(health, "/metrics");
+    let (head, body) = scrape.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let families = parse_openmetrics(body);
+    for name in [
+        "nginx_graceful_build_info",
+        "nginx_graceful_config_last_reload_successful",
+        "nginx_graceful_config_last_reload_successful_timestamp_seconds",
+        "nginx_graceful_last_reload_timestamp_seconds",
+        "nginx_graceful_worker_crashes",
+        "nginx_graceful_master_unexpected_exits",
+    ] {
+        assert!(families.contains_key(name), "{name} not in {families:?}");
+    }
+    assert!(
+        families
+            .keys()
+            .all(|n| n.starts_with("nginx_graceful_") && !n.starts_with("nginx_graceful_nginx_"))
+    );
+    assert_eq!(families["nginx_graceful_config_last_reload_successful"], 1.0);
+    let reloaded_at = families["nginx_graceful_config_last_reload_successful_timestamp_seconds"];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        reloaded_at > now - 60.0 && reloaded_at <= now,
+        "{reloaded_at} for now {now}"
+    );
 
     supervisor.signal(libc::SIGQUIT);
     assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+}
+
+/// The scrape through prometheus_client's OpenMetrics parser (which refuses anything out of
+/// the format): each family's name and its first sample's value.
+fn parse_openmetrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    if family.samples:
+        out[family.name] = family.samples[0].value
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/install-deps.sh installs prometheus-client)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the scrape does not parse as OpenMetrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[test]

@@ -10,8 +10,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::core::phase::Phase;
+
+/// Seconds since the epoch, as Prometheus timestamps are.
+fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// What Prometheus negotiates for this format (OpenMetrics text, read by Prometheus 2 and 3).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -24,6 +32,11 @@ struct Outcome {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DelayEndLabel {
     ended: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,7 +57,7 @@ pub struct Metrics {
     connections_at_quit: Gauge,
     killed: Counter,
     delays: Family<DelayEndLabel, Counter>,
-    delay_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    delay_seconds: Gauge<f64, AtomicU64>,
     delay_arrivals: Gauge,
     reloads: Family<Outcome, Counter>,
     reload_seconds: Histogram,
@@ -52,12 +65,27 @@ pub struct Metrics {
     master_exits: Counter,
     log_lines_dropped: Counter,
     phase: Family<PhaseLabel, Gauge>,
+    last_drain_at: Gauge<f64, AtomicU64>,
+    last_reload_at: Gauge<f64, AtomicU64>,
+    last_reload_ok: Gauge,
+    last_reload_ok_at: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
     /// `worker_crashes` is counted where nginx's log is read.
     pub fn new(worker_crashes: Counter) -> Self {
         let mut registry = Registry::with_prefix("nginx_graceful");
+        let build = Family::<Build, Gauge>::default();
+        build
+            .get_or_create(&Build {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The supervisor's version, as a label; always 1",
+            build,
+        );
         let drains = Family::<Outcome, Counter>::default();
         registry.register(
             "drains",
@@ -120,12 +148,12 @@ impl Metrics {
         );
         let master_exits = Counter::default();
         registry.register(
-            "nginx_master_unexpected_exits",
+            "master_unexpected_exits",
             "Times the nginx master exited without being asked to (crash, OOM kill, nginx -s stop)",
             master_exits.clone(),
         );
         registry.register(
-            "nginx_worker_crashes",
+            "worker_crashes",
             "nginx workers that exited on a signal or with an error; the master starts a new one",
             worker_crashes.clone(),
         );
@@ -134,6 +162,32 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines (the supervisor's and nginx's) dropped because stderr was full, closed or failing",
             log_lines_dropped.clone(),
+        );
+        // Named as ingress-nginx names them, so that its reload alerts and dashboards carry over.
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last reload succeeded (1) or not (0); 1 before any reload",
+            last_reload_ok.clone(),
+        );
+        let last_reload_ok_at = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "config_last_reload_successful_timestamp_seconds",
+            "When the last successful reload ended, in seconds since the epoch",
+            last_reload_ok_at.clone(),
+        );
+        let last_reload_at = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_reload_timestamp_seconds",
+            "When the last reload ended, whatever its outcome, in seconds since the epoch",
+            last_reload_at.clone(),
+        );
+        let last_drain_at = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_drain_timestamp_seconds",
+            "When the last drain ended, in seconds since the epoch",
+            last_drain_at.clone(),
         );
         let phase = Family::<PhaseLabel, Gauge>::default();
         registry.register(
@@ -156,6 +210,10 @@ impl Metrics {
             master_exits,
             log_lines_dropped,
             phase,
+            last_drain_at,
+            last_reload_at,
+            last_reload_ok,
+            last_reload_ok_at,
         }
     }
 
@@ -168,6 +226,7 @@ impl Metrics {
             self.connections_at_quit.set(n as i64);
         }
         self.killed.inc_by(outcome.drain.killed as u64);
+        self.last_drain_at.set(now_seconds());
         if let Some(delay) = outcome.drain.delay {
             let ended = delay.how.name().to_owned();
             self.delays.get_or_create(&DelayEndLabel { ended }).inc();
@@ -183,6 +242,13 @@ impl Metrics {
         let label = outcome.name().to_owned();
         self.reloads.get_or_create(&Outcome { outcome: label }).inc();
         self.reload_seconds.observe(took.as_secs_f64());
+        let now = now_seconds();
+        self.last_reload_at.set(now);
+        let ok = matches!(outcome, crate::reload::ReloadOutcome::Reloaded { .. });
+        self.last_reload_ok.set(i64::from(ok));
+        if ok {
+            self.last_reload_ok_at.set(now);
+        }
     }
 
     pub fn master_exited_unexpectedly(&self) {
@@ -277,8 +343,10 @@ mod tests {
             ("nginx_graceful_propagation_delay_seconds", 18.0),
             ("nginx_graceful_propagation_delay_arrivals", 917.0),
             ("nginx_graceful_escalation_killed_processes_total", 3.0),
-            ("nginx_graceful_nginx_master_unexpected_exits_total", 1.0),
-            ("nginx_graceful_nginx_worker_crashes_total", 0.0),
+            ("nginx_graceful_master_unexpected_exits_total", 1.0),
+            ("nginx_graceful_worker_crashes_total", 0.0),
+            ("nginx_graceful_build_info{version=\"0.1.0\"}", 1.0),
+            ("nginx_graceful_config_last_reload_successful", 1.0),
             ("nginx_graceful_worker_generations{state=\"serving\"}", 1.0),
             ("nginx_graceful_worker_generations{state=\"shutting_down\"}", 2.0),
             ("nginx_graceful_phase{phase=\"quitting\"}", 1.0),
