@@ -65,7 +65,7 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
             let text = String::from_utf8_lossy(&line);
             // Queued, never written here: a stalled stderr must not stall the loop.
             if errors.as_json {
-                let wrapped = serde_json::json!({"source": "nginx", "message": text.trim_end()});
+                let wrapped = as_json(text.trim_end(), std::time::SystemTime::now());
                 crate::logging::write_line(format!("{wrapped}\n").into_bytes());
             } else {
                 let mut copy = line.clone();
@@ -84,9 +84,61 @@ pub fn pass_through(pipe: std::process::ChildStderr, errors: NginxErrors) -> tok
     })
 }
 
+/// One of nginx's lines in the supervisor's JSON schema: `timestamp` and `level` as the
+/// supervisor writes them (nginx's own `[level]`, as the nearest of ERROR, WARN, INFO, DEBUG),
+/// `message` the line as nginx wrote it, `source` "nginx"; one log query then covers both.
+fn as_json(line: &str, now: std::time::SystemTime) -> serde_json::Value {
+    serde_json::json!({
+        "timestamp": humantime::format_rfc3339_micros(now).to_string(),
+        "level": level_of(line),
+        "message": line,
+        "source": "nginx",
+    })
+}
+
+/// nginx's `[emerg]` ... `[debug]`, in the supervisor's levels. A line without one is what
+/// nginx prints for a human with no level (its version, a config test's success): INFO.
+fn level_of(line: &str) -> &'static str {
+    let level = line
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(level, _)| level);
+    match level {
+        None | Some("notice" | "info") => "INFO",
+        Some("warn") => "WARN",
+        Some("debug") => "DEBUG",
+        Some(_) => "ERROR",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nginx_lines_share_the_supervisors_json_schema() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_562_000_123_456);
+        let line = "2026/12/01 04:06:40 [notice] 7#7: signal process started";
+        let json = as_json(line, at);
+        assert_eq!(json["timestamp"], "2025-12-01T04:06:40.123456Z");
+        assert_eq!(json["level"], "INFO");
+        assert_eq!(json["message"], line);
+        assert_eq!(json["source"], "nginx");
+        for (line, level) in [
+            ("2026/12/01 04:06:40 [emerg] 7#7: bind() failed", "ERROR"),
+            ("2026/12/01 04:06:40 [crit] 7#7: *1 stat() failed", "ERROR"),
+            ("2026/12/01 04:06:40 [warn] 7#7: conflicting server name", "WARN"),
+            (
+                "2026/12/01 04:06:40 [info] 7#7: *1 client closed connection",
+                "INFO",
+            ),
+            ("2026/12/01 04:06:40 [debug] 7#7: epoll add event", "DEBUG"),
+            ("nginx: [emerg] unknown directive \"lisen\"", "ERROR"),
+            ("nginx: configuration file test is successful", "INFO"),
+        ] {
+            assert_eq!(level_of(line), level, "{line}");
+        }
+    }
 
     #[test]
     fn error_lines_are_told_from_notices() {
