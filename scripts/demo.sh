@@ -4,7 +4,7 @@
 # Extra arguments go to `nginx-graceful run`, e.g. --propagation-delay 2s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh demo
 export PATH="$PATH:/usr/sbin:/sbin"
 cargo build --release --locked -p nginx-graceful
 exec "${CARGO_TARGET_DIR:-target}/release/nginx-graceful" run \

@@ -2,11 +2,23 @@
 # Installs what the demo and the tests need and a fresh Debian machine lacks: nginx, curl and
 # unshare (util-linux); kubectl and kubernetes-validate for deploy/kubernetes. Does nothing when
 # everything is there already.
+#
+# `scripts/install-deps.sh demo`: only what the demo needs, nginx and curl.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 need=()
 command -v nginx >/dev/null || need+=(nginx)
 command -v curl >/dev/null || need+=(curl)
+if [ "${1:-}" = demo ]; then
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}" >&2
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+  fi
+  exit 0
+fi
 command -v unshare >/dev/null || need+=(util-linux)
 # tests/image.rs brings up loopback in the network namespace it runs the image in.
 command -v ip >/dev/null || need+=(iproute2)
@@ -22,8 +34,6 @@ has_validator || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # Not in every Debian release: without it only tests/kubernetes.rs fails, and says why.
 optional=()
 command -v kubectl >/dev/null || optional+=(kubernetes-client)
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
 if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
   echo "installing: ${need[*]} ${optional[*]}" >&2
   $sudo apt-get update -q
