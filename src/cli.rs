@@ -513,6 +513,31 @@ fn existing_path(s: &str) -> Result<PathBuf, String> {
     }
 }
 
+impl Cli {
+    /// The command line, or exit 2 with clap's error; a COMMAND given to `run` without `--`
+    /// before it gets the fix as a tip.
+    pub fn parse_or_exit() -> Self {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        Self::try_parse().unwrap_or_else(|mut err| {
+            let stray = match err.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(arg)) if !arg.starts_with('-') => Some(arg.clone()),
+                _ => None,
+            };
+            let in_run = std::env::args().any(|a| a == "run");
+            if let (ErrorKind::UnknownArgument, Some(arg), true) = (err.kind(), stray, in_run) {
+                err.insert(
+                    ContextKind::Suggested,
+                    ContextValue::StyledStrs(vec![
+                        format!("a COMMAND goes after `--`: nginx-graceful run [OPTIONS] -- {arg} ...")
+                            .into(),
+                    ]),
+                );
+            }
+            err.exit()
+        })
+    }
+}
+
 fn parse_unready_at(s: &str) -> Result<UnreadyAt, String> {
     match s {
         "quit" => Ok(UnreadyAt::Quit),

@@ -1,13 +1,12 @@
 //! The binary: parse the command line, run, and turn the outcome into one exit code.
 
-use clap::Parser;
 use nginx_graceful::cli::{Cli, Command, LogFormat};
 use nginx_graceful::error::run_and_exit;
 use nginx_graceful::surfaces::status;
 use nginx_graceful::{drain_hook, logging, reload, supervisor};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_or_exit();
     logging::init(cli.log.log_format == LogFormat::Json, cli.log.log_level);
     // One thread: the supervisor waits on signals and pidfds, and a second thread would only
     // add memory and wake-ups.

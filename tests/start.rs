@@ -144,6 +144,20 @@ fn a_malformed_duration_is_a_usage_error() {
 }
 
 #[test]
+fn a_command_without_the_double_dash_gets_the_fix() {
+    let site = Site::new();
+    let mut args = site.run_args(&[]);
+    args.retain(|a| a != "--");
+    let mut supervisor = Supervisor::start(&args);
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 2);
+    let text = supervisor.log.lines().join("\n");
+    assert!(
+        text.contains("a COMMAND goes after `--`: nginx-graceful run [OPTIONS] -- nginx"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_config_without_the_drain_snippet_is_pointed_out_once() {
     let site = Site::without_snippet();
     let supervisor = Supervisor::start_serving(&site, &[]);

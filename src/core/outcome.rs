@@ -338,7 +338,7 @@ impl Outcome {
             controller_exit = self.controller.as_ref().and_then(|c| c.status.as_deref()),
             controller_killed = self.controller.as_ref().map(|c| c.killed),
             exit_code = self.exit_code,
-            "{how}: {} in {},{}{} {} connections at SIGQUIT,{}{} {} processes killed",
+            "{how}: {} in {},{}{} {},{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
             drain
@@ -346,9 +346,10 @@ impl Outcome {
                 .map_or(String::new(), |d| format!(" propagation delay: {},", d.words())),
             self.early_master_words(),
             // Not counted when nginx was gone before the count was: it held nothing for long.
-            drain
-                .connections_at_quit
-                .map_or("uncounted".to_string(), |n| n.to_string()),
+            drain.connections_at_quit.map_or(
+                "nginx exited before its connections at SIGQUIT were counted".to_string(),
+                |n| format!("{n} connections at SIGQUIT")
+            ),
             drain
                 .closed_by_shutdown_timeout
                 .map_or(String::new(), |n| format!(
