@@ -21,7 +21,7 @@ nginx-graceful is the container ENTRYPOINT: it runs nginx as its child, is a cor
 reaps every zombie) and turns the kubelet's SIGTERM into an ordered drain instead of nginx's fast
 shutdown, which cuts requests in flight.
 
-Every option of run, drain and reload (but run --pid-file) can also be set through an
+Every option of run, drain, reload and status (but run --pid-file) can also be set through an
 environment variable, named after the option: --grace-period is NGINX_GRACEFUL_GRACE_PERIOD.
 Durations read like 500ms, 5s, 1m30s; a bare number is seconds, as in
 terminationGracePeriodSeconds. None is longer than a day.";
@@ -395,9 +395,9 @@ pub const DEFAULT_PID_FILE: &str = "/run/nginx.pid";
 /// Where `drain` and `reload` find what they act on.
 #[derive(Debug, Clone, Args)]
 pub struct NginxTarget {
-    /// nginx's pid file (its `pid` directive), read when no supervisor answers. During a binary
-    /// upgrade, `drain` drains the old master's FILE.oldbin too. A file other than the default
-    /// names the target: a supervisor that runs another nginx is refused.
+    /// nginx's pid file (its `pid` directive), read when no supervisor answers (and, by `drain`
+    /// during a binary upgrade, FILE.oldbin too). A file other than the default names the
+    /// target: a supervisor that runs another nginx is refused.
     #[arg(
         long,
         value_name = "FILE",

@@ -62,6 +62,8 @@ client, never retried. soak load goes through it in close and keep-alive modes, 
 slow (1 s) requests. Then one pod is terminated in the kubelet's order: its endpoint removal is
 scheduled (--propagation-lag), the preStop hook runs inside the pod and is waited for, the stop
 signal goes to PID 1, and SIGKILL when --grace-period is over. Needs root (unshare, nsenter).
+The pods inherit this environment: NGINX_GRACEFUL_* variables set the nginx-graceful pods'
+options, as --graceful-args does per row.
 
 --topology local puts each pod on a node of its own behind a load balancer
 (externalTrafficPolicy: Local): the node's kube-proxy routes to its pod while the pod is ready,
