@@ -216,12 +216,21 @@ pub struct LogArgs {
         long,
         global = true,
         env = "NGINX_GRACEFUL_LOG_FORMAT",
-        default_value = "text"
+        default_value = "text",
+        help_heading = "Logging (every command)",
+        display_order = 1000
     )]
     pub log_format: LogFormat,
 
     /// Least severe level logged: error, warn, info, debug or trace.
-    #[arg(long, global = true, env = "NGINX_GRACEFUL_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "NGINX_GRACEFUL_LOG_LEVEL",
+        default_value = "info",
+        help_heading = "Logging (every command)",
+        display_order = 1001
+    )]
     pub log_level: tracing::Level,
 }
 
@@ -271,6 +280,10 @@ pub struct DrainArgs {
     #[arg(long = "pre-drain-exec", value_name = "CMD", env = "NGINX_GRACEFUL_PRE_DRAIN_EXEC", value_delimiter = '\n', value_parser = parse_hook)]
     pub pre_drain_exec: Vec<Vec<String>>,
 
+    /// How long each --pre-drain-exec hook may run before it is killed.
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
+    pub pre_drain_timeout: Duration,
+
     /// A port of nginx's that only the kubelet's probes connect to (nginx serving /readyz
     /// itself): its new connections are not traffic, and do not keep the adaptive propagation
     /// delay going. Repeatable, or comma-separated in the variable.
@@ -281,10 +294,6 @@ pub struct DrainArgs {
         value_delimiter = ','
     )]
     pub probe_port: Vec<u16>,
-
-    /// How long each --pre-drain-exec hook may run before it is killed.
-    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_PRE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
-    pub pre_drain_timeout: Duration,
 }
 
 /// How a reload runs; `run` and `reload` share these.
