@@ -17,6 +17,9 @@ use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 static JSON: OnceLock<bool> = OnceLock::new();
+/// In JSON, each of this process's lines says which command wrote it (`"source"`), as nginx's
+/// lines say `"nginx"`: one schema, one query for both.
+static SOURCE: OnceLock<&'static str> = OnceLock::new();
 
 /// Lines waiting for a slow stderr: enough for a drain's worth of lines; beyond it, lines go.
 const QUEUE_BYTES: usize = 1024 * 1024;
@@ -31,9 +34,11 @@ pub fn is_json() -> bool {
     JSON.get() == Some(&true)
 }
 
-/// Installs the subscriber: JSON lines or text, at `level` and above.
-pub fn init(json: bool, level: tracing::Level) {
+/// Installs the subscriber: JSON lines or text, at `level` and above; `source` names this
+/// process's lines in JSON (`supervisor` for `run`).
+pub fn init(json: bool, level: tracing::Level, source: &'static str) {
     let _ = JSON.set(json);
+    let _ = SOURCE.set(source);
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(|| QueuedLine(Vec::new()))
@@ -80,9 +85,24 @@ impl Write for QueuedLine {
 impl Drop for QueuedLine {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            write_line(std::mem::take(&mut self.0));
+            write_line(with_source(std::mem::take(&mut self.0)));
         }
     }
+}
+
+/// A JSON line with `"source"` first, unless the event named one itself (a `drain` hook that
+/// relays the supervisor's events says whose they are).
+fn with_source(line: Vec<u8>) -> Vec<u8> {
+    let (Some(source), Some(b'{')) = (SOURCE.get(), line.first()) else {
+        return line;
+    };
+    if !is_json() || line.get(1) == Some(&b'}') || line.windows(9).any(|w| w == b"\"source\":") {
+        return line;
+    }
+    let mut out = Vec::with_capacity(line.len() + 32);
+    out.extend_from_slice(format!("{{\"source\":\"{source}\",").as_bytes());
+    out.extend_from_slice(&line[1..]);
+    out
 }
 
 static SINK: LazyLock<Sink> = LazyLock::new(Sink::start);

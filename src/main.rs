@@ -7,7 +7,14 @@ use nginx_graceful::{drain_hook, logging, reload, supervisor};
 
 fn main() {
     let cli = Cli::parse_or_exit();
-    logging::init(cli.log.log_format == LogFormat::Json, cli.log.log_level);
+    let source = match &cli.command {
+        Command::Run(_) => "supervisor",
+        Command::Drain(_) => "drain",
+        Command::PostStart(_) => "post-start",
+        Command::Reload(_) => "reload",
+        Command::Status(_) => "status",
+    };
+    logging::init(cli.log.log_format == LogFormat::Json, cli.log.log_level, source);
     // One thread: the supervisor waits on signals and pidfds, and a second thread would only
     // add memory and wake-ups.
     run_and_exit("nginx-graceful", async move {

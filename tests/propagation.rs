@@ -43,6 +43,19 @@ fn the_delay_ends_soon_after_new_connections_stop() {
     let summary = supervisor.log.drain_summary();
     assert_eq!(summary["propagation"], "quiet", "{summary}");
     assert!(summary["propagation_arrivals"].as_u64() > Some(10), "{summary}");
+    // One schema for every line: the supervisor's and nginx's say whose they are.
+    let events = supervisor.log.events();
+    assert!(
+        events
+            .iter()
+            .all(|e| e["source"] == "supervisor" || e["source"] == "nginx"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["source"] == "nginx" && e["level"] == "INFO" && e["timestamp"].is_string())
+    );
 }
 
 #[test]
@@ -273,4 +286,5 @@ fn drain_without_a_supervisor_watches_from_its_start() {
         "SIGQUIT {after:?} after the last new connection"
     );
     assert_eq!(hook.log.drain_summary()["propagation"], "quiet");
+    assert_eq!(hook.log.drain_summary()["source"], "drain");
 }

@@ -279,9 +279,10 @@ fn a_drain_lock_held_for_good_is_waited_for_within_the_grace_period_only() {
         hook.log.lines()
     );
     assert!((2 * SECONDS..5 * SECONDS).contains(&took), "{took:?}");
-    // Its budget is spent by then: nginx is stopped, by SIGTERM if need be.
+    // Its budget is spent by then: nginx is stopped, by SIGTERM if need be (or SIGKILL just
+    // before the hook exits, which the kernel carries out a moment later).
     assert!([0, 3].contains(&code(status)), "{:?}", hook.log.lines());
-    assert!(nginx.all_gone());
+    common::wait_until("nginx gone", SECONDS, || nginx.all_gone());
 }
 
 #[test]

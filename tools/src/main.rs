@@ -7,7 +7,7 @@ use nginx_graceful_tools::{rehearse, soak};
 
 fn main() {
     let cli = Cli::parse();
-    nginx_graceful::logging::init(false, tracing::Level::INFO);
+    nginx_graceful::logging::init(false, tracing::Level::INFO, "tools");
     // soak's load makes threads of its own; this one waits for it and for the pods.
     run_and_exit("nginx-graceful-tools", async move {
         match cli.command {
