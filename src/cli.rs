@@ -532,6 +532,17 @@ impl Cli {
                 Some(ContextValue::String(arg)) if !arg.starts_with('-') => Some(arg.clone()),
                 _ => None,
             };
+            if let (ErrorKind::InvalidSubcommand, Some(ContextValue::String(typed)), None) = (
+                err.kind(),
+                err.get(ContextKind::InvalidSubcommand),
+                err.get(ContextKind::SuggestedSubcommand),
+            ) && let Some(meant) = subcommand_like(typed)
+            {
+                err.insert(
+                    ContextKind::SuggestedSubcommand,
+                    ContextValue::String(meant.to_owned()),
+                );
+            }
             let in_run = std::env::args().any(|a| a == "run");
             if let (ErrorKind::UnknownArgument, Some(arg), true) = (err.kind(), stray, in_run) {
                 err.insert(
@@ -545,6 +556,36 @@ impl Cli {
             err.exit()
         })
     }
+}
+
+/// A subcommand `typed` is a slip of, where clap's own guess found none: the same letters in
+/// another order (`rnu`), or one letter off.
+fn subcommand_like(typed: &str) -> Option<&'static str> {
+    let sorted = |s: &str| {
+        let mut letters: Vec<char> = s.chars().collect();
+        letters.sort_unstable();
+        letters
+    };
+    let one_off = |a: &str, b: &str| {
+        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+        match a.len().abs_diff(b.len()) {
+            0 => a.iter().zip(&b).filter(|(x, y)| x != y).count() == 1,
+            1 => {
+                let (short, long) = if a.len() < b.len() { (&a, &b) } else { (&b, &a) };
+                (0..long.len()).any(|skip| {
+                    long.iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != skip)
+                        .map(|(_, c)| c)
+                        .eq(short.iter())
+                })
+            }
+            _ => false,
+        }
+    };
+    ["run", "drain", "post-start", "reload", "status"]
+        .into_iter()
+        .find(|name| sorted(name) == sorted(typed) || one_off(name, typed))
 }
 
 fn parse_unready_at(s: &str) -> Result<UnreadyAt, String> {
@@ -575,6 +616,22 @@ fn parse_hook(s: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slip_of_a_subcommand_is_named() {
+        for (typed, meant) in [
+            ("rnu", Some("run")),
+            ("drian", Some("drain")),
+            ("statsu", Some("status")),
+            ("relaod", Some("reload")),
+            ("ru", Some("run")),
+            ("runs", Some("run")),
+            ("xyz", None),
+            ("stop", None),
+        ] {
+            assert_eq!(subcommand_like(typed), meant, "{typed}");
+        }
+    }
     use clap::CommandFactory;
 
     #[test]
