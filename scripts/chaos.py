@@ -236,7 +236,7 @@ class Prober:
 
 def soak(tools, site, seconds, keepalive, out):
     # Slow downloads only on new connections: a keep-alive response that started before a
-    # reload's close window and ends after it loses the next request (README, Known limits).
+    # reload's close window and ends after it loses the next request (docs/reloads.md).
     mode, mix = ("--keepalive", "/=100") if keepalive else ("--no-keepalive", "/=97,/slow/1s.bin=3")
     args = [tools, "soak", "--url", site.url(), mode, "--concurrency", "6", "--rate", "300",
             "--duration", f"{seconds:.2f}s", "--path-mix", mix, "--json"]

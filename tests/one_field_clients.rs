@@ -1,8 +1,8 @@
 //! Clients that read only the first `Connection` field, Python's http.client itself (and so
 //! urllib3 and requests), through a real drain. While draining nginx sends its own
 //! `Connection: keep-alive` before the snippet's `Connection: close`, and stock nginx cannot put
-//! them the other way round (README, "One-field clients"): these tests pin down what such a
-//! client sees, and what the drain does guarantee it.
+//! them the other way round (docs/keepalive.md, "One-field clients"): these tests pin down what
+//! such a client sees, and what the drain does guarantee it.
 
 use test_support as common;
 

@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn the_phases_are_the_documented_timeline() {
         // The names and their order are a contract: the log's `phase` field, /metrics' label,
-        // `status`, the README's drain timeline and the tests' expected sequences.
+        // `status`, the drain timeline in docs/drain.md and the tests' expected sequences.
         let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
         assert_eq!(
             names,
