@@ -39,6 +39,9 @@ COPY --from=binary /out/nginx-graceful /usr/local/bin/nginx-graceful
 # The base image's sites go (its default.conf listens on 80, a privileged port); the
 # runtime directory is the only place nginx and the supervisor write: the pid file, temp files,
 # the drain flag, the control socket. A read-only root filesystem needs an emptyDir there.
+# As root, whatever USER the base sets (nginxinc/nginx-unprivileged sets 101); USER below is
+# what runs.
+USER root
 RUN rm -rf /etc/nginx/conf.d \
  && install -d -o 101 -g 101 -m 755 /run/nginx-graceful
 COPY nginx-conf/image/nginx.conf /etc/nginx/nginx.conf

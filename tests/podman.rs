@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
@@ -47,25 +48,34 @@ fn podman_command() -> Command {
     command
 }
 
-/// `podman ARGS`; panics with podman's stderr when it fails.
+/// `podman ARGS`; panics with the end of podman's output when it fails (`build` writes the
+/// failing step's words to stdout).
 fn podman(args: &[&str]) -> Output {
     let output = podman_command()
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("podman {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "podman {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
+    if !output.status.success() {
+        let said = [&output.stdout, &output.stderr].map(|o| String::from_utf8_lossy(o).into_owned());
+        let lines: Vec<&str> = said.iter().flat_map(|s| s.lines()).collect();
+        panic!(
+            "podman {args:?} failed:\n{}",
+            lines[lines.len().saturating_sub(10)..].join("\n")
+        );
+    }
     output
 }
 
-fn podman_installed() -> bool {
-    podman_command()
+/// Whether podman is missing, which the test's output then says.
+fn skipped_without_podman() -> bool {
+    let installed = podman_command()
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("skipped: podman is not installed (scripts/install-deps.sh installs it)");
+    }
+    !installed
 }
 
 /// The base image: made once with mmdebstrap (nginx-light, and the official image's nginx
@@ -121,11 +131,22 @@ fn build_static_binary() {
     );
 }
 
-/// What this test leaves in podman, removed even when it fails: the container (killed at
-/// once), then the image's tag (its layers stay cached).
+/// What a test leaves in podman, removed even when it fails: its container (killed at once),
+/// then its images' tags (their layers stay cached).
 struct Podman {
     container: String,
-    image: String,
+    images: Vec<String>,
+}
+
+impl Podman {
+    /// Names of this process's own, for the test `what`.
+    fn named(what: &str) -> Self {
+        let id = std::process::id();
+        Self {
+            container: format!("nginx-graceful-test-{what}-{id}"),
+            images: vec![format!("localhost/nginx-graceful-test-{what}:{id}")],
+        }
+    }
 }
 
 impl Drop for Podman {
@@ -133,8 +154,33 @@ impl Drop for Podman {
         let _ = podman_command()
             .args(["rm", "--force", "--time", "0", "--ignore", &self.container])
             .output();
-        let _ = podman_command().args(["rmi", "--force", &self.image]).output();
+        for image in &self.images {
+            let _ = podman_command().args(["rmi", "--force", image]).output();
+        }
     }
+}
+
+/// The base image and the static binary, made once for the tests of this file, which run on
+/// threads of their own at once.
+fn prepared_base() -> &'static str {
+    static BASE: OnceLock<&'static str> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let started = Instant::now();
+        let base = base_image();
+        build_static_binary();
+        eprintln!("base image and static binary in {:?}", started.elapsed());
+        base
+    })
+}
+
+/// The project's Dockerfile on `base`, with the static binary, tagged `image`.
+fn build_image(base: &str, image: &str) {
+    let started = Instant::now();
+    let nginx_image = format!("NGINX_IMAGE={base}");
+    let options = ["--network", "host", "--build-arg", "BINARY=prebuilt"];
+    let target = ["--build-arg", &nginx_image, "--tag", image, REPO];
+    podman(&[&["build"][..], &ULIMITS, &options, &target].concat());
+    eprintln!("{image} built in {:?}", started.elapsed());
 }
 
 /// conf.d, mounted read-only as the manifest mounts its ConfigMap: the site on a loopback
@@ -207,34 +253,12 @@ fn logged_events(container: &str) -> Vec<Value> {
 
 #[test]
 fn podman_builds_the_image_and_stops_it_without_a_failed_request() {
-    if !podman_installed() {
-        eprintln!("skipped: podman is not installed (scripts/install-deps.sh installs it)");
+    if skipped_without_podman() {
         return;
     }
-    let id = std::process::id();
-    let podman_state = Podman {
-        container: format!("nginx-graceful-test-{id}"),
-        image: format!("localhost/nginx-graceful-test:{id}"),
-    };
-    let (container, image) = (podman_state.container.as_str(), podman_state.image.as_str());
-
-    let started = Instant::now();
-    let base = base_image();
-    build_static_binary();
-    let build_args = [
-        "build",
-        "--network",
-        "host",
-        "--build-arg",
-        "BINARY=prebuilt",
-        "--build-arg",
-        &format!("NGINX_IMAGE={base}"),
-        "--tag",
-        image,
-        REPO,
-    ];
-    podman(&[&build_args[..1], &ULIMITS[..], &build_args[1..]].concat());
-    eprintln!("base image, static binary and image in {:?}", started.elapsed());
+    let podman_state = Podman::named("stop");
+    let (container, image) = (podman_state.container.as_str(), podman_state.images[0].as_str());
+    build_image(prepared_base(), image);
 
     let (port, slow_port, health_port) = (common::free_port(), common::free_port(), common::free_port());
     let conf = conf_d(port, slow_port);
@@ -363,4 +387,37 @@ fn supervisor_master(pid1: i32) -> i32 {
         master.is_some()
     });
     master.unwrap()
+}
+
+#[test]
+fn the_dockerfile_builds_on_a_base_whose_user_is_not_root() {
+    if skipped_without_podman() {
+        return;
+    }
+    // nginxinc/nginx-unprivileged's way: the base image ends with USER 101.
+    let mut podman_state = Podman::named("unprivileged");
+    let unprivileged = format!(
+        "localhost/nginx-graceful-test-unprivileged-base:{}",
+        std::process::id()
+    );
+    podman_state.images.push(unprivileged.clone());
+    let context = TempDir::new("podman-unprivileged");
+    std::fs::write(
+        context.0.join("Containerfile"),
+        format!("FROM {}\nUSER 101\n", prepared_base()),
+    )
+    .unwrap();
+    podman(&[
+        "build",
+        "--network",
+        "host",
+        "--tag",
+        &unprivileged,
+        context.0.to_str().unwrap(),
+    ]);
+
+    let image = &podman_state.images[0];
+    build_image(&unprivileged, image);
+    let user = podman(&["image", "inspect", "--format", "{{.Config.User}}", image]);
+    assert_eq!(String::from_utf8(user.stdout).unwrap().trim(), "101:101");
 }
