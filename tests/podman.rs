@@ -41,9 +41,20 @@ const SLOW_SECS: usize = 3;
 /// Limits given explicitly: podman 4.3 cannot apply the defaults it takes from the host here.
 const ULIMITS: [&str; 4] = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"];
 
+/// `program`, killed by coreutils' timeout after `limit` (SIGTERM, then SIGKILL 10 s later):
+/// a build or a mirror that hangs fails the test instead of holding it.
+fn bounded(limit: Duration, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("timeout");
+    command
+        .args(["--kill-after=10", &format!("{}s", limit.as_secs())])
+        .arg(program);
+    command
+}
+
 /// podman with runc, named: crun, its other runtime, refuses a machine with hybrid cgroups.
+/// Two minutes at most: the longest call, the build on a cached base, takes seconds.
 fn podman_command() -> Command {
-    let mut command = Command::new("podman");
+    let mut command = bounded(120 * SECONDS, "podman");
     command.args(["--runtime", "runc"]);
     command
 }
@@ -91,7 +102,7 @@ fn base_image() -> &'static str {
     let dir = TempDir::new("podman-base");
     let rootfs = dir.0.join("rootfs.tar");
     let started = Instant::now();
-    let made = Command::new("mmdebstrap")
+    let made = bounded(600 * SECONDS, "mmdebstrap")
         .args([
             "--variant=minbase",
             "--include=nginx-light",
@@ -102,10 +113,11 @@ fn base_image() -> &'static str {
         ])
         .arg(&rootfs)
         .output()
-        .unwrap_or_else(|e| panic!("mmdebstrap: {e}: install it (scripts/install-deps.sh)"));
+        .unwrap();
     assert!(
         made.status.success(),
-        "mmdebstrap could not make the base image (it needs the Debian mirror): {}",
+        "mmdebstrap could not make the base image (scripts/install-deps.sh installs it; it \
+         needs the Debian mirror): {}",
         String::from_utf8_lossy(&made.stderr).trim()
     );
     podman(&["import", rootfs.to_str().unwrap(), BASE_IMAGE]);
@@ -115,7 +127,7 @@ fn base_image() -> &'static str {
 
 /// scripts/build-static.sh, into this checkout's target/ where the build context has it.
 fn build_static_binary() {
-    let output = Command::new(Path::new(REPO).join("scripts/build-static.sh"))
+    let output = bounded(1200 * SECONDS, Path::new(REPO).join("scripts/build-static.sh"))
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .unwrap();
@@ -139,7 +151,7 @@ struct Podman {
 }
 
 impl Podman {
-    /// Names of this process's own, for the test `what`.
+    /// Names no other test process uses, for the test `what`.
     fn named(what: &str) -> Self {
         let id = std::process::id();
         Self {
