@@ -3,7 +3,12 @@
 # The runtime stage is the official nginx image; another one built like it (nginx on PATH,
 # /etc/nginx, /etc/nginx/mime.types, uid 101) can take its place:
 #   docker build --build-arg NGINX_IMAGE=nginx:1.28-alpine -t nginx-graceful .
+#
+# Where no Rust image can be pulled, build the static binary first and take it from the context:
+#   scripts/build-static.sh && docker build --build-arg BINARY=prebuilt -t nginx-graceful .
 ARG NGINX_IMAGE=nginx:stable
+# The stage the binary comes from: `build` (compiled here) or `prebuilt` (scripts/build-static.sh).
+ARG BINARY=build
 
 # A static (musl) binary: it needs nothing from the image it runs in, not even a libc.
 FROM rust:1-alpine AS build
@@ -22,11 +27,21 @@ COPY test-support test-support
 RUN cargo build --release --locked -p nginx-graceful \
  && install -D target/release/nginx-graceful /out/nginx-graceful
 
+# The binary scripts/build-static.sh left in the build context (.dockerignore lets this one
+# file of target/ in). A builder skips this stage unless BINARY names it.
+FROM scratch AS prebuilt
+COPY target/x86_64-unknown-linux-musl/release/nginx-graceful /out/nginx-graceful
+
+FROM ${BINARY} AS binary
+
 FROM ${NGINX_IMAGE}
-COPY --from=build /out/nginx-graceful /usr/local/bin/nginx-graceful
+COPY --from=binary /out/nginx-graceful /usr/local/bin/nginx-graceful
 # The base image's sites go (its default.conf listens on 80, a privileged port); the
 # runtime directory is the only place nginx and the supervisor write: the pid file, temp files,
 # the drain flag, the control socket. A read-only root filesystem needs an emptyDir there.
+# As root, whatever USER the base sets (nginxinc/nginx-unprivileged sets 101); USER below is
+# what runs.
+USER root
 RUN rm -rf /etc/nginx/conf.d \
  && install -d -o 101 -g 101 -m 755 /run/nginx-graceful
 COPY nginx-conf/image/nginx.conf /etc/nginx/nginx.conf

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need and a fresh Debian machine lacks: nginx, curl and
-# unshare (util-linux); kubectl and kubernetes-validate for deploy/kubernetes. Does nothing when
-# everything is there already.
+# unshare (util-linux); podman, runc and mmdebstrap for the image; kubectl and
+# kubernetes-validate for deploy/kubernetes. Does nothing when everything is there already.
 #
 # `scripts/install-deps.sh demo`: only what the demo needs, nginx and curl.
 set -euo pipefail
@@ -26,6 +26,11 @@ command -v ip >/dev/null || need+=(iproute2)
 # nginx's stream module, a dynamic module in Debian's nginx.
 command -v openssl >/dev/null || need+=(openssl)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+# tests/podman.rs builds the image with podman and runs it with runc (named here, or apt would
+# pick crun, which refuses machines with hybrid cgroups); mmdebstrap makes its Debian base image.
+command -v podman >/dev/null || need+=(podman runc)
+command -v runc >/dev/null || need+=(runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 # deploy/kubernetes (tests/kubernetes.rs): kubectl renders the manifests with its kustomize, and
 # kubernetes-validate (PyPI, through pip) checks them against the Kubernetes API schemas.
 KUBERNETES_VALIDATE_VERSION=1.37.0

@@ -19,6 +19,7 @@ use crate::core::phase::Phases;
 use crate::core::plan::DrainPlan;
 use crate::drain::{Drain, NginxTree};
 use crate::error::{Error, exit};
+use crate::nginx::configured_pid_file;
 use crate::nginx::pidfile::{self, FoundMaster};
 use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::os::reaper::Reaper;
@@ -64,9 +65,10 @@ pub async fn drain(args: PreStopArgs) -> Result<i32, Error> {
 
     // After another hook's drain this finds nginx gone and reports that drain's outcome; after
     // one that failed, it meets the same problem and says so.
-    let masters = masters_to_drain(&args.target.pid_file)?;
+    let target = configured_pid_file::resolve(&args.target).await;
+    let masters = masters_to_drain(&target.pid_file)?;
     let Some(first) = masters.first() else {
-        return nothing_to_drain(&args.target, started_at, plan.grace_period);
+        return nothing_to_drain(&target, started_at, plan.grace_period);
     };
     if masters.len() > 1 {
         tracing::info!(pids = ?masters.iter().map(|m| m.pidfd.pid()).collect::<Vec<_>>(), "a binary upgrade is under way: draining the old and the new master");

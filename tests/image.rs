@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dockerfile_parser::{CopyInstruction, Dockerfile, Instruction, Stage};
+use dockerfile_parser::{CopyInstruction, Dockerfile, Instruction, Stage, Stages};
 use hyper::StatusCode;
 use serde_json::Value;
 
@@ -32,6 +32,9 @@ const UID: u32 = 101;
 const BINARY: &str = "/usr/local/bin/nginx-graceful";
 const PID_FILE: &str = "/run/nginx-graceful/nginx.pid";
 const RUNTIME_DIR: &str = "/run/nginx-graceful";
+/// `--build-arg BINARY=prebuilt`: the stage that takes the binary scripts/build-static.sh made.
+const PREBUILT_STAGE: &str = "prebuilt";
+const STATIC_BINARY: &str = "target/x86_64-unknown-linux-musl/release/nginx-graceful";
 
 /// The pod's propagation delay in the drain test.
 const DELAY: Duration = Duration::from_millis(1500);
@@ -95,6 +98,37 @@ fn user(stage: &Stage) -> (u32, u32) {
             .unwrap_or_else(|_| panic!("USER {user} is not numeric: runAsNonRoot cannot check a name"))
     };
     (number(uid), number(gid))
+}
+
+/// The stage `name` stands for: a stage that is only `FROM ${ARG}` is the stage the ARG's
+/// default names (BINARY=build), as a builder resolves it when no --build-arg is given.
+fn stage_named<'a>(dockerfile: &'a Dockerfile, stages: &'a Stages<'a>, name: &str) -> &'a Stage<'a> {
+    let stage = stages
+        .get(name)
+        .unwrap_or_else(|| panic!("COPY --from={name}: no such stage"));
+    let Instruction::From(from) = stage.instructions[0] else {
+        panic!("a stage starts with FROM")
+    };
+    let Some(arg) = from
+        .image
+        .content
+        .strip_prefix("${")
+        .and_then(|rest| rest.strip_suffix('}'))
+    else {
+        return stage;
+    };
+    assert_eq!(
+        stage.instructions.len(),
+        1,
+        "FROM ${{{arg}}} AS {name} has no instructions of its own"
+    );
+    let default = dockerfile
+        .get_global_arg(arg)
+        .and_then(|a| a.value.as_ref())
+        .unwrap_or_else(|| panic!("FROM ${{{arg}}}: no global ARG {arg} with a default"));
+    stages
+        .get(&default.content)
+        .unwrap_or_else(|| panic!("ARG {arg}={}: no such stage", default.content))
 }
 
 fn flag<'a>(copy: &'a CopyInstruction, name: &str) -> Option<&'a str> {
@@ -294,6 +328,15 @@ fn every_copy_has_its_sources_in_the_build_context_and_copies_from_an_earlier_st
                     "{source}: wildcards are not checked here"
                 );
                 let path = Path::new(REPO).join(source);
+                if stage.name.as_deref() == Some(PREBUILT_STAGE) && !path.exists() {
+                    // Made by scripts/build-static.sh: it must reach the context once made.
+                    let inside = Path::new(source);
+                    assert!(
+                        !ignore.excludes(inside),
+                        "COPY {source}: .dockerignore leaves it out"
+                    );
+                    continue;
+                }
                 assert!(path.exists(), "COPY {source}: not in the repository");
                 let files = if path.is_dir() {
                     files_under(&path)
@@ -323,7 +366,7 @@ fn the_build_stage_copies_every_file_cargo_reads() {
     let (binary, build) = copies(runtime)
         .into_iter()
         .find_map(|(copy, _)| {
-            let stage = stages.get(flag(copy, "from")?).unwrap();
+            let stage = stage_named(&dockerfile, &stages, flag(copy, "from")?);
             Some((copy.sources[0].content.clone(), stage))
         })
         .expect("the runtime stage copies the binary from a build stage");
@@ -438,6 +481,39 @@ fn the_build_stage_copies_every_file_cargo_reads() {
         build_runs.contains(&binary),
         "the build stage makes {binary}, the file the runtime stage copies: {build_runs}"
     );
+}
+
+#[test]
+fn build_arg_binary_prebuilt_takes_the_static_binary_of_build_static_sh() {
+    let dockerfile = dockerfile();
+    let stages = dockerfile.stages();
+    let runtime = stages.iter().last().unwrap();
+    let (from, binary) = copies(runtime)
+        .into_iter()
+        .find_map(|(copy, _)| Some((flag(copy, "from")?, copy.sources[0].content.clone())))
+        .expect("the runtime stage copies the binary from a stage");
+    assert_eq!(
+        stage_named(&dockerfile, &stages, from).name.as_deref(),
+        Some("build")
+    );
+
+    let prebuilt = stages.get(PREBUILT_STAGE).expect("a stage named prebuilt");
+    let placed: Vec<_> = copies(prebuilt)
+        .into_iter()
+        .flat_map(|(copy, workdir)| placed(copy, &workdir))
+        .collect();
+    let script = std::fs::read_to_string(Path::new(REPO).join("scripts/build-static.sh")).unwrap();
+    assert!(
+        script.contains("x86_64-unknown-linux-musl")
+            && STATIC_BINARY.contains("x86_64-unknown-linux-musl/release/"),
+        "{STATIC_BINARY}: where scripts/build-static.sh builds"
+    );
+    assert_eq!(
+        placed,
+        [(Path::new(REPO).join(STATIC_BINARY), PathBuf::from(&binary))],
+        "the prebuilt stage puts scripts/build-static.sh's binary where the runtime stage takes it"
+    );
+    assert!(!DockerIgnore::load().excludes(Path::new(STATIC_BINARY)));
 }
 
 #[test]

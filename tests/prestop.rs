@@ -169,6 +169,28 @@ fn without_a_supervisor_it_drains_a_daemon_nginx_found_by_its_pid_file() {
 }
 
 #[test]
+fn without_a_pid_file_it_drains_the_nginx_whose_pid_file_nginx_t_names() {
+    let site = Site::new();
+    let nginx = site.start_daemon();
+    let (_nginx_dir, path) = site.path_with_its_nginx();
+    let runtime = site.runtime.display().to_string();
+    let args = [
+        "--log-format",
+        "json",
+        "drain",
+        "--runtime-dir",
+        &runtime,
+        "--propagation-delay",
+        "300ms",
+    ];
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut hook = Supervisor::start_with_env(&args, &[("PATH", &path)]);
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert!(nginx.all_gone(), "the master and every worker have exited");
+    assert_eq!(hook.log.phases().last().map(String::as_str), Some("stopped"));
+}
+
+#[test]
 fn a_stale_pid_file_is_refused_and_the_process_it_names_is_untouched() {
     let site = Site::new();
     let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();

@@ -260,6 +260,21 @@ fn without_a_supervisor_reload_tests_signals_and_confirms() {
 }
 
 #[test]
+fn without_a_pid_file_reload_finds_the_nginx_whose_pid_file_nginx_t_names() {
+    let site = Site::new();
+    let _nginx = site.start_daemon();
+    let (_nginx_dir, path) = site.path_with_its_nginx();
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(&site.config, config.replace("\"ok\\n\"", "\"found\\n\"")).unwrap();
+    let runtime = site.runtime.display().to_string();
+    let args = ["--log-format", "json", "reload", "--runtime-dir", &runtime];
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut hook = Supervisor::start_with_env(&args, &[("PATH", &path)]);
+    assert_eq!(code(hook.wait_exit(10 * SECONDS)), 0, "{:?}", hook.log.lines());
+    assert_eq!(body(&site), "found\n".len());
+}
+
+#[test]
 fn with_a_close_window_keepalive_clients_are_told_to_close_before_each_reload() {
     let site = Site::new();
     let mut supervisor = Supervisor::start_serving(&site, &["--no-watch", "--reload-close-window", "200ms"]);

@@ -238,6 +238,25 @@ print(json.dumps(out))
 }
 
 #[test]
+fn without_a_supervisor_or_a_pid_file_status_reads_the_one_nginx_t_names() {
+    let site = Site::new();
+    let daemon = site.start_daemon();
+    let (_nginx_dir, path) = site.path_with_its_nginx();
+    let output = Command::new(env!("CARGO_BIN_EXE_nginx-graceful"))
+        .args(["status", "--json", "--runtime-dir"])
+        .arg(&site.runtime)
+        .env("PATH", path)
+        .env_remove("NGINX_GRACEFUL_PID_FILE")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(code(output.status), 0, "{out}");
+    let view: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(view["pid_file"], site.pid_file().display().to_string());
+    assert_eq!(view["master"]["pid"], daemon.master);
+}
+
+#[test]
 fn without_a_supervisor_status_reads_the_pid_file() {
     let site = Site::new();
     let pid_file = site.pid_file().display().to_string();

@@ -4,6 +4,7 @@
 pub mod arrivals;
 pub mod command;
 pub mod config;
+pub mod configured_pid_file;
 pub mod connections;
 pub mod generations;
 pub mod log;

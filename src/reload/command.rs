@@ -74,10 +74,11 @@ pub async fn request(args: crate::cli::ReloadArgs) -> Result<i32, crate::error::
 /// No supervisor: test with the master's own binary and arguments, SIGHUP, confirm. Without the
 /// master's stderr, a rollback shows only as no new generation.
 async fn direct(args: &crate::cli::ReloadArgs) -> Result<ReloadReply, crate::error::Error> {
-    let Some(master) = crate::nginx::pidfile::find_master(&args.target.pid_file)? else {
+    let target = crate::nginx::configured_pid_file::resolve(&args.target).await;
+    let Some(master) = crate::nginx::pidfile::find_master(&target.pid_file)? else {
         return Ok(ReloadReply::NotRunning(format!(
             "no nginx master in {}",
-            args.target.pid_file.display()
+            target.pid_file.display()
         )));
     };
     let pid = master.pidfd.pid();

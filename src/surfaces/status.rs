@@ -22,12 +22,15 @@ pub async fn show(args: StatusArgs) -> Result<i32, Error> {
         Some(status) => status,
         None => {
             let target = args.target.clone();
-            tokio::task::spawn_blocking(move || of_pid_file(&target.pid_file, &target.runtime_dir))
-                .await
-                .map_err(|e| Error::Internal {
-                    context: "reading the status",
-                    source: std::io::Error::other(e),
-                })??
+            tokio::task::spawn_blocking(move || {
+                let target = crate::nginx::configured_pid_file::resolve_blocking(target);
+                of_pid_file(&target.pid_file, &target.runtime_dir)
+            })
+            .await
+            .map_err(|e| Error::Internal {
+                context: "reading the status",
+                source: std::io::Error::other(e),
+            })??
         }
     };
     if args.json {

@@ -686,6 +686,25 @@ impl Site {
         self.dir.0.join("nginx.pid")
     }
 
+    /// A PATH on which `nginx` is nginx with this site's config, as in an image whose
+    /// nginx.conf is the site's: `nginx -T` dumps it. The script lives as long as the TempDir.
+    pub fn path_with_its_nginx(&self) -> (TempDir, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("nginx-on-path");
+        let script = dir.0.join("nginx");
+        let nginx = nginx_path();
+        let config = self.config.display();
+        let text = format!(
+            "#!/bin/sh\nexec {} -e stderr -c {config} \"$@\"\n",
+            nginx.display()
+        );
+        std::fs::write(&script, text).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::var("PATH").unwrap_or_default();
+        let path = format!("{}:{path}", dir.0.display());
+        (dir, path)
+    }
+
     pub fn start_daemon(&self) -> DaemonNginx {
         let log = self.dir.0.join("daemon.log");
         // By its full path: on a binary upgrade (SIGUSR2) nginx executes its own argv[0] again.
