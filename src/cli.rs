@@ -405,8 +405,9 @@ pub const DEFAULT_PID_FILE: &str = "/run/nginx.pid";
 #[derive(Debug, Clone, Args)]
 pub struct NginxTarget {
     /// nginx's pid file (its `pid` directive), read when no supervisor answers (and, by `drain`
-    /// during a binary upgrade, FILE.oldbin too). A file other than the default names the
-    /// target: a supervisor that runs another nginx is refused.
+    /// during a binary upgrade, FILE.oldbin too). Not given, the `pid` that `nginx -T` shows,
+    /// else the default. A file other than the default names the target: a supervisor that
+    /// runs another nginx is refused.
     #[arg(
         long,
         value_name = "FILE",
