@@ -35,7 +35,10 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 # kubernetes-validate (PyPI, through pip) checks them against the Kubernetes API schemas.
 KUBERNETES_VALIDATE_VERSION=1.37.0
 has_validator() { python3 -c 'import kubernetes_validate' 2>/dev/null; }
-has_validator || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# tests/status_and_metrics.rs parses /metrics with Prometheus' own OpenMetrics parser.
+PROMETHEUS_CLIENT_VERSION=0.21.1
+has_parser() { python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; }
+{ has_validator && has_parser; } || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # Not in every Debian release: without it only tests/kubernetes.rs fails, and says why.
 optional=()
 command -v kubectl >/dev/null || optional+=(kubernetes-client)
@@ -48,26 +51,17 @@ if [ $((${#need[@]} + ${#optional[@]})) -gt 0 ]; then
     || DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${optional[@]}" \
     || echo "warning: cannot install ${optional[*]}" >&2
 fi
-# tests/status_and_metrics.rs parses /metrics with Prometheus' own OpenMetrics parser.
-PROMETHEUS_CLIENT_VERSION=0.21.1
-has_parser() { python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; }
-if ! has_parser; then
-  echo "installing: prometheus-client $PROMETHEUS_CLIENT_VERSION (pip)" >&2
-  user=()
+# Debian's own Python refuses pip installs (externally managed) unless told: these are test
+# tools (as root they go to /usr/local, beside Debian's packages and not over them; else to
+# ~/.local).
+pip_install() {
+  echo "installing: $1 (pip)" >&2
+  local user=()
   [ "$(id -u)" -eq 0 ] || user=(--user)
-  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q "${user[@]}" \
-    "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
-fi
-if ! has_validator; then
-  echo "installing: kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip)" >&2
-  # Debian's own Python refuses pip installs (externally managed) unless told: this is a test
-  # tool (as root it goes to /usr/local, beside Debian's packages and not over them; else to
-  # ~/.local).
-  user=()
-  [ "$(id -u)" -eq 0 ] || user=(--user)
-  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q "${user[@]}" \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-fi
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q "${user[@]}" "$1"
+}
+has_parser || pip_install "prometheus-client==$PROMETHEUS_CLIENT_VERSION"
+has_validator || pip_install "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 # Debian 12's kubernetes-client is kubectl 1.20, whose kustomize (v2.0.3) cannot build the
 # manifests: they use `replacements` and directories in `resources` (kustomize v4.1, kubectl 1.22).
 kubectl_version=$(kubectl version --client -o json 2>/dev/null | python3 -c \

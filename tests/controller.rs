@@ -168,10 +168,7 @@ fn nginx_is_drained_and_followed_across_a_restart_before_the_controller_hears_si
 
     // The download in flight at SIGQUIT finished too.
     let report = traffic.finish();
-    report.assert_no_failures();
-    let quit = supervisor.log.phase_seen_at("quitting").unwrap();
-    let slow = report.slow.as_ref().unwrap();
-    slow.assert_whole_across(slow_secs * common::SLOW_RATE, "SIGQUIT", quit);
+    report.assert_drained_whole(&supervisor.log, slow_secs);
     let (keepalive, one_shot) = (&report.keepalive, &report.one_shot);
     assert!(keepalive.ok > 50, "{keepalive:?}");
     assert!(one_shot.ok > 10, "{one_shot:?}");

@@ -331,6 +331,16 @@ impl TrafficReport {
         failures
     }
 
+    /// Panics unless every request succeeded and the download in flight at SIGQUIT (as `log`
+    /// saw it) arrived whole: `slow_secs` of it, at [`crate::SLOW_RATE`].
+    #[track_caller]
+    pub fn assert_drained_whole(&self, log: &Log, slow_secs: usize) {
+        self.assert_no_failures();
+        let quit = log.phase_seen_at("quitting").expect("a SIGQUIT in the drain");
+        let slow = self.slow.as_ref().expect("a download beside the load");
+        slow.assert_whole_across(slow_secs * crate::SLOW_RATE, "SIGQUIT", quit);
+    }
+
     /// Panics unless every request succeeded, listing every failure.
     #[track_caller]
     pub fn assert_no_failures(&self) {
