@@ -131,13 +131,6 @@ impl Drain<'_> {
     async fn propagation_delay(&self, watch: Option<Result<ArrivalWatch, String>>) -> DelayEnd {
         let began = Instant::now();
         let mut master_died = false;
-        let end = |how, arrivals, quiet_for, quiet_needed| DelayEnd {
-            how,
-            lasted: began.elapsed(),
-            arrivals,
-            quiet_for,
-            quiet_needed,
-        };
         let ceiling = match (self.plan.propagation_delay, watch) {
             (PropagationDelay::UntilQuiet { floor, ceiling }, Some(Ok(watch))) => {
                 self.phases.enter(
@@ -176,7 +169,13 @@ impl Drain<'_> {
             (false, true) => DelayEnded::Fixed,
             (false, false) => DelayEnded::Unwatched,
         };
-        end(how, None, None, None)
+        DelayEnd {
+            how,
+            lasted: began.elapsed(),
+            arrivals: None,
+            quiet_for: None,
+            quiet_needed: None,
+        }
     }
 
     /// Waits until no new connection has arrived for the quiet time the traffic calls for,
@@ -208,12 +207,14 @@ impl Drain<'_> {
             peers.looked = origin.elapsed();
             let arrivals = watch.arrivals();
             let now = origin.elapsed();
+            let quiet_for = arrivals.last().map(|last| now.saturating_sub(last));
+            let quiet_needed = arrivals.quiet_needed();
             let ended = |how| DelayEnd {
                 how,
                 lasted: began.elapsed(),
                 arrivals: Some(arrivals.total() - before),
-                quiet_for: arrivals.last().map(|last| now.saturating_sub(last)),
-                quiet_needed: arrivals.quiet_needed(),
+                quiet_for,
+                quiet_needed,
             };
             let end = match quiet::verdict(&arrivals, bounds, now) {
                 Verdict::WaitUntil(at) => {
@@ -221,12 +222,12 @@ impl Drain<'_> {
                     self.phases.report_delay(serde_json::json!({
                         "state": "waiting",
                         "arrivals": arrivals.total() - before,
-                        "quiet_for_ms": ms(arrivals.last().map(|last| now.saturating_sub(last))),
-                        "quiet_needed_ms": ms(arrivals.quiet_needed()),
+                        "quiet_for_ms": ms(quiet_for),
+                        "quiet_needed_ms": ms(quiet_needed),
                         "ceiling_in_ms": ms(Some(bounds.ceiling.saturating_sub(now))),
                     }));
                     // Until the quiet time is known, each arrival may make it known.
-                    let unknown = arrivals.quiet_needed().is_none();
+                    let unknown = quiet_needed.is_none();
                     let until_arrival = async {
                         match unknown {
                             true => watch.arrival().await,
