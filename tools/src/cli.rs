@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use nginx_graceful::duration;
 
 use crate::rehearse::Mode;
+use crate::rehearse::deployment::IntOrPercent;
 use crate::rehearse::strategy::{Preset, parse_signal};
 use crate::rehearse::topology::Topology;
 use crate::soak::mix::PathMix;
@@ -68,7 +69,13 @@ options, as --graceful-args does per row.
 --topology local puts each pod on a node of its own behind a load balancer
 (externalTrafficPolicy: Local): the node's kube-proxy routes to its pod while the pod is ready,
 or terminating and still serving (its readiness probe), and the balancer stops sending to the
-node --lb-lag after the node's health check fails.";
+node --lb-lag after the node's health check fails.
+
+--rollout plays a whole rolling update of a Deployment of --replicas pods (127.0.0.11 on):
+new pods start, pass their readiness probe and join the Service, and old pods are terminated,
+as --max-surge and --max-unavailable allow. The report adds the failures by pod, each pod's
+drain time, the rollout's total time, and the peak of new connections per 100 ms that a
+surviving pod received after each termination (the reconnect burst).";
 
 const REHEARSE_AFTER_HELP: &str = "\
 STRATEGIES:
@@ -94,7 +101,8 @@ EXAMPLES:
   nginx-graceful-tools rehearse --config my-tls.conf --tls     (listen @LISTEN@ ssl; in the config)
   nginx-graceful-tools rehearse --strategy custom --entrypoint 'dumb-init @NGINX@' --stop-signal QUIT
   nginx-graceful-tools rehearse --topology local --lb-lag 5s \
-      --graceful-args '' --graceful-args '--unready-at start'      (two nginx-graceful rows)";
+      --graceful-args '' --graceful-args '--unready-at start'      (two nginx-graceful rows)
+  nginx-graceful-tools rehearse --rollout --replicas 4 --max-surge 1 --max-unavailable 0 --compare";
 
 #[derive(Debug, Args)]
 pub struct SoakArgs {
@@ -203,10 +211,32 @@ pub struct RehearseArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse)]
     pub lb_lag: Duration,
 
-    /// With --topology local: the kubelet's readiness probe period (failureThreshold 1). The
-    /// nginx-graceful pods are probed on /readyz, the recipes' on nginx's `/`.
+    /// With --topology local or --rollout: the kubelet's readiness probe period
+    /// (failureThreshold 1). The nginx-graceful pods are probed on /readyz, the recipes' on
+    /// nginx's `/`.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
     pub probe_period: Duration,
+
+    /// Rehearse a Deployment's rolling update (`kubectl rollout restart`) instead of one
+    /// termination: each new pod is started, probed ready every --probe-period and added to the
+    /// Service (after --propagation-lag), and old pods are terminated in the kubelet's order as
+    /// --max-surge and --max-unavailable allow, until every pod has been replaced.
+    #[arg(long)]
+    pub rollout: bool,
+
+    /// With --rollout: the Deployment's replicas.
+    #[arg(long, value_name = "N", default_value = "4")]
+    pub replicas: usize,
+
+    /// With --rollout: how many pods above --replicas may run, a count or a percentage
+    /// (rounded up), as the Deployment's maxSurge.
+    #[arg(long, value_name = "N|P%", default_value = "25%")]
+    pub max_surge: IntOrPercent,
+
+    /// With --rollout: how many of --replicas may be unready, a count or a percentage
+    /// (rounded down), as the Deployment's maxUnavailable.
+    #[arg(long, value_name = "N|P%", default_value = "25%")]
+    pub max_unavailable: IntOrPercent,
 
     /// More flags for `nginx-graceful run` in the nginx-graceful pods, like
     /// '--unready-at start'. Repeatable: each one is a row of its own, named by its flags
@@ -309,7 +339,7 @@ pub enum Command {
     Soak(SoakArgs),
     /// Rehearse a Kubernetes rolling termination locally; exit 1 if any request failed.
     #[command(long_about = REHEARSE_ABOUT, after_long_help = REHEARSE_AFTER_HELP)]
-    Rehearse(RehearseArgs),
+    Rehearse(Box<RehearseArgs>),
 }
 
 #[cfg(test)]

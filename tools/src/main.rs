@@ -12,7 +12,7 @@ fn main() {
     run_and_exit("nginx-graceful-tools", async move {
         match cli.command {
             Command::Soak(args) => soak::run(args).await,
-            Command::Rehearse(args) => rehearse::run(args).await,
+            Command::Rehearse(args) => rehearse::run(*args).await,
         }
     })
 }

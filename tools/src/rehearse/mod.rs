@@ -5,11 +5,14 @@
 //! pod is terminated in the kubelet's order; every failed request is reported with its class
 //! and its time relative to the termination ([`report`], [`plot`]).
 
+pub mod deployment;
 pub mod plot;
 pub mod pod;
 pub mod pod_config;
 pub mod readiness;
 pub mod report;
+pub mod rollout;
+pub mod rollout_report;
 pub mod service;
 pub mod strategy;
 pub mod topology;
@@ -85,6 +88,7 @@ pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
     };
     pod_config::check(&template)?;
     let custom = custom(&args)?;
+    let rollout = args.rollout.then(|| rollout::preflight(&args)).transpose()?;
     let (work, made_work) = match &args.work_dir {
         Some(dir) => (dir.clone(), false),
         None => (
@@ -110,7 +114,11 @@ pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
     'all: for repeat in 1..=args.repeat.max(1) {
         for variant in &variants {
             let dir = work.join(format!("{}-{repeat}", variant.dir));
-            match rehearse(&settings, variant, repeat, dir).await {
+            let rehearsed = match rollout {
+                Some(limits) => rollout::rollout(&settings, variant, limits, repeat, &dir).await,
+                None => rehearse(&settings, variant, repeat, dir).await,
+            };
+            match rehearsed {
                 Ok(rehearsal) => {
                     if !args.json {
                         print!("{}", rehearsal.to_text());
@@ -147,7 +155,7 @@ pub async fn run(args: RehearseArgs) -> Result<i32, Error> {
     Ok(if failed { exit::REQUESTS_FAILED } else { exit::OK })
 }
 
-struct Settings<'a> {
+pub(crate) struct Settings<'a> {
     args: &'a RehearseArgs,
     template: String,
     custom: Custom,
@@ -229,20 +237,8 @@ async fn rehearse(
     let mut probes = Vec::new();
     for (i, ip) in POD_IPS.into_iter().enumerate() {
         let name = format!("pod-{}", (b'a' + i as u8) as char);
-        let pod_dir = dir.join(&name);
-        let (listen, health) = free_ports(ip)?;
-        let files = pod_config::prepare(&pod_dir, listen, health, &settings.template, &args.nginx)?;
-        let mut chosen = strategy::strategy(
-            variant.preset,
-            &files,
-            &settings.graceful,
-            &variant.graceful_args,
-            args.grace_period,
-            &settings.custom,
-        );
-        chosen.name = variant.name;
-        probes.push(Probe::of(variant.preset, listen, health, settings.tls.as_ref()));
-        let pod = Pod::start(&name, listen, &chosen, &pod_dir.join("pod.log")).await?;
+        let (pod, chosen, probe) = start_pod(settings, variant, &dir, &name, ip).await?;
+        probes.push(probe);
         pods.push(pod);
         strategies.push(chosen);
     }
@@ -274,25 +270,7 @@ async fn rehearse(
         + Duration::from_secs(30);
     let first_probe = readiness::first_probe(start, start + args.warmup, args.probe_period);
     front.watch_readiness(probes, first_probe, args.probe_period, start + bound);
-    let mut loads = Vec::new();
-    for &mode in &args.modes {
-        let load = Arc::new(Load {
-            addr: front.addr(),
-            host: format!("rehearsal.local:{}", front.addr().port()),
-            paths: args.path_mix.clone(),
-            concurrency: args.concurrency.max(1),
-            reuse: mode.reuse(),
-            rate: Some(args.rate).filter(|r| *r > 0.0),
-            requests: None,
-            duration: bound,
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(5),
-            tls: settings.tls.clone(),
-        });
-        let progress = Arc::new(Progress::default());
-        let running = tokio::spawn(client::run(load, start, progress.clone()));
-        loads.push((mode, progress, running));
-    }
+    let loads = start_loads(settings, front.addr(), start, bound);
     tokio::time::sleep(args.warmup).await;
 
     // The kubelet's termination of one pod, beside the endpoint removal it set off.
@@ -329,21 +307,11 @@ async fn rehearse(
     let seen = front.seen().into_iter();
     events.extend(seen.map(|s| Event::new(s.at, t0, s.kind, s.detail)));
     events.sort_by_key(|e| e.at_ms);
-    for (_, progress, _) in &loads {
-        progress.stop();
-    }
-    let mut modes = Vec::new();
-    let origin = t0 - start;
-    for (mode, _, running) in loads {
-        // A load that died has no count: reading it as 0 failures would pass any strategy.
-        let records = running.await.map_err(|err| {
-            Error::Rehearsal(format!(
-                "the {mode:?} load stopped before the end ({err}): its requests are not counted, so the rehearsal has no result"
-            ))
-        })?;
-        let summary = summarize(&records, start.elapsed(), origin);
-        modes.push(ModeResult::new(mode, summary, &records, origin));
-    }
+    let modes = finish_loads(loads, start, t0 - start)
+        .await?
+        .into_iter()
+        .map(|(result, _)| result)
+        .collect();
     drop(front);
     drop(pods);
     Ok(Rehearsal {
@@ -355,12 +323,97 @@ async fn rehearse(
         events,
         exit,
         exit_after: exited_at - t0,
+        rollout: None,
     })
+}
+
+/// Starts one pod of `variant` named `name` on `ip`, its files in `dir/name`: the pod, the
+/// commands that name its files, and its readiness probe.
+pub(crate) async fn start_pod(
+    settings: &Settings<'_>,
+    variant: &Variant,
+    dir: &std::path::Path,
+    name: &str,
+    ip: Ipv4Addr,
+) -> Result<(Pod, Strategy, Probe), Error> {
+    let args = settings.args;
+    let pod_dir = dir.join(name);
+    let (listen, health) = free_ports(ip)?;
+    let files = pod_config::prepare(&pod_dir, listen, health, &settings.template, &args.nginx)?;
+    let mut chosen = strategy::strategy(
+        variant.preset,
+        &files,
+        &settings.graceful,
+        &variant.graceful_args,
+        args.grace_period,
+        &settings.custom,
+    );
+    chosen.name = variant.name;
+    let probe = Probe::of(variant.preset, listen, health, settings.tls.as_ref());
+    let pod = Pod::start(name, listen, &chosen, &pod_dir.join("pod.log")).await?;
+    Ok((pod, chosen, probe))
+}
+
+/// One load per client mode, through `addr` (the Service or the load balancer), started now.
+pub(crate) struct Loads(Vec<(Mode, Arc<Progress>, tokio::task::JoinHandle<Vec<client::Record>>)>);
+
+pub(crate) fn start_loads(
+    settings: &Settings<'_>,
+    addr: SocketAddr,
+    start: Instant,
+    bound: Duration,
+) -> Loads {
+    let args = settings.args;
+    let mut loads = Vec::new();
+    for &mode in &args.modes {
+        let load = Arc::new(Load {
+            addr,
+            host: format!("rehearsal.local:{}", addr.port()),
+            paths: args.path_mix.clone(),
+            concurrency: args.concurrency.max(1),
+            reuse: mode.reuse(),
+            rate: Some(args.rate).filter(|r| *r > 0.0),
+            requests: None,
+            duration: bound,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            tls: settings.tls.clone(),
+            bind_first: true,
+        });
+        let progress = Arc::new(Progress::default());
+        let running = tokio::spawn(client::run(load, start, progress.clone()));
+        loads.push((mode, progress, running));
+    }
+    Loads(loads)
+}
+
+/// Stops the loads and collects each mode's result and records; times from `origin` (after
+/// the load's start).
+pub(crate) async fn finish_loads(
+    loads: Loads,
+    start: Instant,
+    origin: Duration,
+) -> Result<Vec<(ModeResult, Vec<client::Record>)>, Error> {
+    for (_, progress, _) in &loads.0 {
+        progress.stop();
+    }
+    let mut modes = Vec::new();
+    for (mode, _, running) in loads.0 {
+        // A load that died has no count: reading it as 0 failures would pass any strategy.
+        let records = running.await.map_err(|err| {
+            Error::Rehearsal(format!(
+                "the {mode:?} load stopped before the end ({err}): its requests are not counted, so the rehearsal has no result"
+            ))
+        })?;
+        let summary = summarize(&records, start.elapsed(), origin);
+        modes.push((ModeResult::new(mode, summary, &records, origin), records));
+    }
+    Ok(modes)
 }
 
 /// The kubelet's order: preStop (blocking, within the grace period), the stop signal to PID 1,
 /// SIGKILL when the grace period is over. Returns how and when the pod exited.
-async fn terminate(
+pub(crate) async fn terminate(
     pod: &mut Pod,
     strategy: &Strategy,
     grace: Duration,

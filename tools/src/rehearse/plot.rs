@@ -49,12 +49,20 @@ fn draw_panels(path: &Path, shown: &[&Rehearsal]) -> Result<(), Box<dyn std::err
     for (panel, r) in root.split_evenly((shown.len(), 1)).iter().zip(shown) {
         let failed: u64 = r.modes.iter().map(|m| m.summary.failed).sum();
         let total: u64 = r.modes.iter().map(|m| m.summary.requests).sum();
-        let caption = format!(
-            "{}: {failed} of {total} requests failed; pod {} after {:.1} s",
-            r.strategy,
-            r.exit,
-            r.exit_after.as_secs_f64()
-        );
+        let caption = match &r.rollout {
+            Some(facts) => format!(
+                "{}: {failed} of {total} requests failed; {} pods replaced in {:.1} s (rollout)",
+                r.strategy,
+                facts.limits.replicas,
+                r.exit_after.as_secs_f64()
+            ),
+            None => format!(
+                "{}: {failed} of {total} requests failed; pod {} after {:.1} s",
+                r.strategy,
+                r.exit,
+                r.exit_after.as_secs_f64()
+            ),
+        };
         let mut chart = ChartBuilder::on(panel)
             .caption(caption, ("sans-serif", 16))
             .margin(10)
@@ -63,11 +71,22 @@ fn draw_panels(path: &Path, shown: &[&Rehearsal]) -> Result<(), Box<dyn std::err
             .build_cartesian_2d(x_min..x_max, 0f64..y_max)?;
         chart
             .configure_mesh()
-            .x_desc("seconds from the start of the termination")
+            .x_desc(match r.rollout {
+                Some(_) => "seconds from the start of the rollout",
+                None => "seconds from the start of the termination",
+            })
             .y_desc("requests per 100 ms")
             .light_line_style(WHITE)
             .draw()?;
-        let events = r.events.iter().filter(|e| e.kind != EventKind::LoadStart);
+        // A rollout has many events: each old pod's termination and exit are shown, named.
+        let rollout = r.rollout.is_some();
+        let events = r.events.iter().filter(|e| match rollout {
+            true => matches!(
+                e.kind,
+                EventKind::Terminating | EventKind::Exited | EventKind::Killed
+            ),
+            false => e.kind != EventKind::LoadStart,
+        });
         for (row, event) in events.enumerate() {
             let x = event.at_ms as f64 / 1000.0;
             let color = match event.kind {
@@ -75,8 +94,16 @@ fn draw_panels(path: &Path, shown: &[&Rehearsal]) -> Result<(), Box<dyn std::err
                 _ => BLACK.mix(0.35),
             };
             chart.draw_series(LineSeries::new([(x, 0.0), (x, y_max)], color.stroke_width(1)))?;
+            let label = match rollout {
+                true => format!(
+                    "{} {}",
+                    event.detail.split([' ', ':']).next().unwrap_or(""),
+                    event.kind.label()
+                ),
+                false => event.kind.label().to_owned(),
+            };
             chart.draw_series([Text::new(
-                event.kind.label(),
+                label,
                 // Events often fall together: their labels go on rows of their own.
                 (x, y_max * (0.97 - 0.08 * (row % 5) as f64)),
                 ("sans-serif", 11),

@@ -40,7 +40,7 @@ impl Probe {
 
     /// One probe: passed or failed. The timeout is the kubelet's default (1 s), or the period
     /// when that is shorter, so that probes never overlap.
-    async fn passes(&self, period: Duration) -> bool {
+    pub async fn passes(&self, period: Duration) -> bool {
         let timeout = period.min(Duration::from_secs(1));
         probe(self.addr, self.path, self.tls.clone(), timeout)
             .await

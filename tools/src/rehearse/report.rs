@@ -20,8 +20,11 @@ pub struct Rehearsal {
     pub modes: Vec<ModeResult>,
     pub events: Vec<Event>,
     pub exit: PodExit,
-    /// From the start of the termination to PID 1's exit.
+    /// From the start of the termination to PID 1's exit; for a rollout, from its start to the
+    /// last old pod's exit.
     pub exit_after: Duration,
+    /// `--rollout`: what the whole rolling update did (times are then from its start).
+    pub rollout: Option<super::rollout_report::Facts>,
 }
 
 pub struct ModeResult {
@@ -83,6 +86,10 @@ pub enum EventKind {
     KubeProxy,
     HealthCheck,
     LoadBalancer,
+    /// `--rollout`: the rolling update begins.
+    RolloutStart,
+    PodStarted,
+    EndpointAdded,
 }
 
 impl EventKind {
@@ -101,6 +108,9 @@ impl EventKind {
             EventKind::KubeProxy => "kube-proxy",
             EventKind::HealthCheck => "health check",
             EventKind::LoadBalancer => "load balancer",
+            EventKind::RolloutStart => "rollout",
+            EventKind::PodStarted => "pod started",
+            EventKind::EndpointAdded => "endpoint added",
         }
     }
 }
@@ -131,9 +141,13 @@ fn secs(ms: i64) -> String {
 impl Rehearsal {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
+        let (what, from) = match self.rollout {
+            Some(_) => ("rollout, ", "the rollout's start"),
+            None => ("", "the termination's start"),
+        };
         let _ = writeln!(
             out,
-            "\n== {} (run {}; propagation lag {:?}, grace period {:?}); times from the termination's start",
+            "\n== {} ({what}run {}; propagation lag {:?}, grace period {:?}); times from {from}",
             self.strategy, self.repeat, self.lag, self.grace
         );
         for event in &self.events {
@@ -169,6 +183,9 @@ impl Rehearsal {
                 let _ = writeln!(out, ": {}", detail.join("; "));
             }
         }
+        if let Some(facts) = &self.rollout {
+            super::rollout_report::text(facts, &mut out);
+        }
         out
     }
 
@@ -185,6 +202,7 @@ impl Rehearsal {
             })).collect::<Vec<_>>(),
             "modes": self.modes.iter().map(|m| (m.mode.name().to_owned(), m.summary.to_json()))
                 .collect::<serde_json::Map<_, _>>(),
+            "rollout": self.rollout.as_ref().map(super::rollout_report::to_json),
         })
     }
 }
@@ -198,6 +216,7 @@ pub struct Row {
     pub modes: Vec<(Mode, u64, u64, usize)>,
     pub exit_after: Duration,
     pub exits: Vec<String>,
+    pub rollout: Option<super::rollout_report::RolloutRow>,
 }
 
 pub fn rows(rehearsals: &[Rehearsal]) -> Vec<Row> {
@@ -236,6 +255,7 @@ pub fn rows(rehearsals: &[Rehearsal]) -> Vec<Row> {
                 modes,
                 exit_after: times[times.len() / 2],
                 exits,
+                rollout: super::rollout_report::row(runs.iter().copied()),
             }
         })
         .collect()
@@ -252,7 +272,17 @@ pub fn table(rehearsals: &[Rehearsal]) -> String {
     for (mode, ..) in &first.modes {
         let _ = write!(out, "{:<30}", format!("{} failed/total", mode.name()));
     }
-    let _ = writeln!(out, "pod exited after (median)");
+    match first.rollout {
+        Some(_) => {
+            let _ = writeln!(
+                out,
+                "rollout time   drain (median, max)   burst per 100 ms (median, max)   old pods"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "pod exited after (median)");
+        }
+    }
     for row in &rows {
         let _ = write!(out, "{:<width$}", row.strategy);
         for (_, failed, total, failed_runs) in &row.modes {
@@ -263,12 +293,25 @@ pub fn table(rehearsals: &[Rehearsal]) -> String {
             };
             let _ = write!(out, "{cell:<30}");
         }
-        let _ = writeln!(
-            out,
-            "{:.1} s ({})",
-            row.exit_after.as_secs_f64(),
-            row.exits.join(", ")
-        );
+        let exits = row.exits.join(", ");
+        match &row.rollout {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "{:<15}{:<22}{:<33}{exits}",
+                    format!("{:.1} s", r.total.as_secs_f64()),
+                    format!(
+                        "{:.1} s, {:.1} s",
+                        r.drain_median.as_secs_f64(),
+                        r.drain_max.as_secs_f64()
+                    ),
+                    format!("{}, {}", r.peak_median, r.peak_max),
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{:.1} s ({exits})", row.exit_after.as_secs_f64());
+            }
+        }
     }
     out
 }
@@ -281,6 +324,13 @@ pub fn to_json(rehearsals: &[Rehearsal]) -> Value {
                 "strategy": row.strategy,
                 "runs": row.runs,
                 "exit_after_ms_median": row.exit_after.as_millis() as u64,
+                "rollout": row.rollout.as_ref().map(|r| json!({
+                    "total_ms_median": r.total.as_millis() as u64,
+                    "drain_ms_median": r.drain_median.as_millis() as u64,
+                    "drain_ms_max": r.drain_max.as_millis() as u64,
+                    "burst_per_100ms_median": r.peak_median,
+                    "burst_per_100ms_max": r.peak_max,
+                })),
                 "exits": row.exits,
                 "modes": row.modes.iter().map(|(mode, failed, total, failed_runs)| (mode.name().to_owned(), json!({
                     "failed": failed, "total": total, "runs_with_failures": failed_runs,

@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -24,6 +24,17 @@ pub struct Service {
 struct Endpoints {
     current: Mutex<Vec<SocketAddr>>,
     next: AtomicUsize,
+    /// Every connection accepted, in order, with the endpoint it was sent to.
+    routed: Mutex<Vec<Routed>>,
+}
+
+/// One new connection through the Service: which client port, when, and to which pod (`None`:
+/// no endpoint was left, and the client was reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    pub at: Instant,
+    pub client_port: u16,
+    pub backend: Option<SocketAddr>,
 }
 
 impl Endpoints {
@@ -43,12 +54,17 @@ impl Service {
         let addr = listener.local_addr()?;
         let endpoints = Arc::new(Endpoints {
             current: Mutex::new(endpoints),
-            next: AtomicUsize::new(0),
+            ..Endpoints::default()
         });
         let table = endpoints.clone();
         let accepting = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            while let Ok((client, peer)) = listener.accept().await {
                 let backend = table.pick();
+                table.routed.lock().expect("not poisoned").push(Routed {
+                    at: Instant::now(),
+                    client_port: peer.port(),
+                    backend,
+                });
                 tokio::spawn(forward(client, backend));
             }
         });
@@ -61,6 +77,20 @@ impl Service {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Puts `endpoint` into rotation after `lag`, the time the addition needs to reach every node.
+    pub fn add_after(&self, endpoint: SocketAddr, lag: Duration) -> JoinHandle<()> {
+        let endpoints = self.endpoints.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(lag).await;
+            endpoints.current.lock().expect("not poisoned").push(endpoint);
+        })
+    }
+
+    /// Every connection routed so far.
+    pub fn routed(&self) -> Vec<Routed> {
+        self.endpoints.routed.lock().expect("not poisoned").clone()
     }
 
     /// Takes `endpoint` out of rotation after `lag`, the time the removal needs to reach every

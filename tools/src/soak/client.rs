@@ -3,7 +3,7 @@
 //! known to have gone out on a new or a reused connection, and none is ever retried.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +43,10 @@ pub struct Load {
     pub response_timeout: Duration,
     /// HTTPS: the TLS client and the server's name; plain HTTP when `None`.
     pub tls: Option<super::tls::Tls>,
+    /// Bind each connection's local port before connecting: a connection reset the moment it
+    /// is made (a proxy with nowhere to send it) has no port left to read afterwards, and
+    /// `rehearse` traces every failure to a pod by its port.
+    pub bind_first: bool,
 }
 
 /// How the load uses connections.
@@ -82,6 +86,9 @@ pub struct Record {
     pub status: u16,
     /// Index into the path mix.
     pub path: u8,
+    /// The client's port of the connection the request went out on; 0 when none was made.
+    /// With the connection log of a proxy in front, it tells which backend failed it.
+    pub port: u16,
 }
 
 /// Live counters for a progress line, and the switch that ends the load early.
@@ -203,12 +210,20 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
         let path = load.paths.pick(&mut pick);
         let began = if load.rate.is_some() { Instant::now() } else { now };
         let deadline = (began + load.response_timeout).into();
+        let mut port = 0;
         let (outcome, reused) = match load.reuse {
             Reuse::FirstField => {
-                first_field::request(&load, &prepared.raw[path], &mut first_field_connection, deadline).await
+                first_field::request(
+                    &load,
+                    &prepared.raw[path],
+                    &mut first_field_connection,
+                    deadline,
+                    &mut port,
+                )
+                .await
             }
             Reuse::Never | Reuse::KeepAlive => {
-                request(&load, &prepared, &mut connection, path, deadline).await
+                request(&load, &prepared, &mut connection, path, deadline, &mut port).await
             }
         };
         let (status, failure) = match outcome {
@@ -223,6 +238,7 @@ async fn worker(id: u64, load: Arc<Load>, start: Instant, progress: Arc<Progress
             reused,
             status,
             path: path as u8,
+            port,
         });
         progress.requests.fetch_add(1, Ordering::Relaxed);
         if failure.is_some() {
@@ -256,21 +272,24 @@ pub async fn probe(
         connect_timeout: timeout,
         response_timeout: timeout,
         tls,
+        bind_first: false,
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    request(&load, &Prepared::new(&load), &mut None, 0, deadline)
+    request(&load, &Prepared::new(&load), &mut None, 0, deadline, &mut 0)
         .await
         .0
 }
 
 /// One request: on the worker's open connection when it is still usable, else on a new one.
-/// Returns the status or the failure, and whether the connection was reused.
+/// Returns the status or the failure, and whether the connection was reused; `port` gets the
+/// connection's local port.
 async fn request(
     load: &Load,
     prepared: &Prepared,
     connection: &mut Option<Connection>,
     path: usize,
     deadline: tokio::time::Instant,
+    port: &mut u16,
 ) -> (Result<u16, Failure>, bool) {
     // At most twice: a reused connection that turns out closed before the request was written
     // gives way to a new one. Nothing was sent, so that is not a retry.
@@ -287,12 +306,13 @@ async fn request(
             }
         }
         if connection.is_none() {
-            match Connection::open(load).await {
+            match Connection::open(load, port).await {
                 Ok(open) => *connection = Some(open),
                 Err(failure) => return (Err(failure), false),
             }
         }
         let open = connection.as_mut().expect("opened above");
+        *port = open.port;
         let received_before = open.received.load(Ordering::Relaxed);
         let keepalive = load.reuse != Reuse::Never;
         let request = prepared.request(path, keepalive);
@@ -460,11 +480,12 @@ struct Connection {
     driver: Driver,
     /// Bytes read from the server so far: tells "before any response byte" from "cut off".
     received: Arc<AtomicU64>,
+    port: u16,
 }
 
 impl Connection {
-    async fn open(load: &Load) -> Result<Self, Failure> {
-        let (metered, received) = Metered::open(load).await?;
+    async fn open(load: &Load, port: &mut u16) -> Result<Self, Failure> {
+        let (metered, received) = Metered::open(load, port).await?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(metered))
             .await
             .map_err(|_| Failure::ConnectError)?;
@@ -475,6 +496,7 @@ impl Connection {
             sender,
             driver,
             received,
+            port: *port,
         })
     }
 }
@@ -493,13 +515,29 @@ fn tls_failure(error: &io::Error) -> Failure {
 
 impl Metered {
     /// Connects (and for https shakes hands) within the connect timeout. Returns the stream
-    /// and its count of bytes read.
-    pub(super) async fn open(load: &Load) -> Result<(Self, Arc<AtomicU64>), Failure> {
-        let stream = match tokio::time::timeout(load.connect_timeout, TcpStream::connect(load.addr)).await {
+    /// and its count of bytes read; `port` gets the local port once connected, so that a failed
+    /// handshake too can be traced.
+    pub(super) async fn open(load: &Load, port: &mut u16) -> Result<(Self, Arc<AtomicU64>), Failure> {
+        let connect = async {
+            if !load.bind_first {
+                return TcpStream::connect(load.addr).await;
+            }
+            let (socket, any) = match load.addr {
+                SocketAddr::V4(_) => (tokio::net::TcpSocket::new_v4()?, Ipv4Addr::UNSPECIFIED.into()),
+                SocketAddr::V6(_) => (tokio::net::TcpSocket::new_v6()?, Ipv6Addr::UNSPECIFIED.into()),
+            };
+            socket.bind(SocketAddr::new(any, 0))?;
+            *port = socket.local_addr()?.port();
+            socket.connect(load.addr).await
+        };
+        let stream = match tokio::time::timeout(load.connect_timeout, connect).await {
             Err(_) => return Err(Failure::ConnectTimeout),
             Ok(Err(e)) => return Err(connect_failure(e.kind())),
             Ok(Ok(stream)) => stream,
         };
+        if !load.bind_first {
+            *port = stream.local_addr().map_or(0, |a| a.port());
+        }
         let _ = stream.set_nodelay(true);
         let stream = match &load.tls {
             None => Stream::Plain(stream),

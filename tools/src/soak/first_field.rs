@@ -27,6 +27,7 @@ pub struct Connection {
     reader: BufReader<Metered>,
     /// Bytes read from the server so far: tells "before any response byte" from "cut off".
     received: Arc<AtomicU64>,
+    port: u16,
 }
 
 /// What the mode needs of a response head.
@@ -137,23 +138,26 @@ pub async fn request(
     request: &[u8],
     connection: &mut Option<Connection>,
     deadline: tokio::time::Instant,
+    port: &mut u16,
 ) -> (Result<u16, Failure>, bool) {
     if connection.as_ref().is_some_and(Connection::dropped) {
         *connection = None;
     }
     let reused = connection.is_some();
     if connection.is_none() {
-        match Metered::open(load).await {
+        match Metered::open(load, port).await {
             Ok((stream, received)) => {
                 *connection = Some(Connection {
                     reader: BufReader::new(stream),
                     received,
+                    port: *port,
                 })
             }
             Err(failure) => return (Err(failure), false),
         }
     }
     let open = connection.as_mut().expect("opened above");
+    *port = open.port;
     let received_before = open.received.load(Ordering::Relaxed);
     let outcome = match tokio::time::timeout_at(deadline, exchange(&mut open.reader, request)).await {
         Ok(Ok(head)) => {

@@ -105,6 +105,7 @@ async fn load_from(args: &SoakArgs) -> Result<Load, Error> {
         connect_timeout: args.connect_timeout,
         response_timeout: args.timeout,
         tls,
+        bind_first: false,
     })
 }
 

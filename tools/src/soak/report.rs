@@ -201,6 +201,7 @@ mod tests {
             reused: false,
             status: if failure.is_none() { 200 } else { 0 },
             path: 0,
+            port: 0,
         }
     }
 
