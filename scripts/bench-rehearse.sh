@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The rolling-termination tables in BENCHMARKS.md: for each propagation lag in LAGS, REPEAT
 # rehearsals of each strategy in STRATEGIES (every preset when empty), in the client modes of
-# MODES. RATE and CONCURRENCY set the load (rehearse's defaults: 200/s over 32 connections per
-# mode); EXTRA goes to rehearse as it is. Needs root (each pod is a PID namespace). Writes the
-# report and the plot of each lag to OUT (target/bench-rehearse by default).
+# MODES. RATE and CONCURRENCY set the load (rehearse's defaults: as fast as the pods answer,
+# over 32 connections per mode); EXTRA goes to rehearse as it is. ROLLOUT=1 rehearses a whole
+# rolling update (rehearse --rollout, 4 replicas) instead of one termination. Needs root (each
+# pod is a PID namespace). Writes the report and the plot of each lag to OUT
+# (target/bench-rehearse by default).
 #
 #   scripts/bench-rehearse.sh             # every strategy (nginx-graceful also with a fixed 5 s
 #                                         # delay), 3 runs each, 4 lags: about 15 minutes
+#   ROLLOUT=1 LAGS="1s 8s" scripts/bench-rehearse.sh
 #   STRATEGIES=nginx-graceful REPEAT=10 scripts/bench-rehearse.sh
 #   STRATEGIES=nginx-graceful LAGS=3s RATE=2 CONCURRENCY=2 REPEAT=10 scripts/bench-rehearse.sh
 set -euo pipefail
@@ -29,11 +32,12 @@ load=()
 [ -z "${CONCURRENCY:-}" ] || load+=(--concurrency "$CONCURRENCY")
 # shellcheck disable=SC2206 # EXTRA is words for rehearse
 extra=(${EXTRA:-})
+[ -z "${ROLLOUT:-}" ] || extra+=(--rollout)
 # Every strategy: nginx-graceful with its defaults, and with the fixed 5 s delay it had before.
 [ -n "${STRATEGIES:-}" ] || extra+=(--graceful-args '' --graceful-args '--propagation-delay 5s')
 for lag in ${LAGS:-1s 3s 8s 15s}; do
     echo "== propagation lag $lag" >&2
-    name="lag-$lag${RATE:+-rate-$RATE}"
+    name="${ROLLOUT:+rollout-}lag-$lag${RATE:+-rate-$RATE}"
     "$out/nginx-graceful-tools" rehearse --compare ${STRATEGIES:-} --repeat "${REPEAT:-3}" \
         --propagation-lag "$lag" --modes "${MODES:-close,keepalive,first-field}" "${load[@]}" \
         "${extra[@]}" --plot "$out/$name.svg" > "$out/$name.txt" || true

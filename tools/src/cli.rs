@@ -284,8 +284,9 @@ pub struct RehearseArgs {
     #[arg(long, short = 'c', value_name = "N", default_value = "32")]
     pub concurrency: usize,
 
-    /// Requests per second per mode.
-    #[arg(long, value_name = "R", default_value = "200")]
+    /// Requests per second per mode; 0: as fast as the pods answer, so that a keep-alive
+    /// connection carries requests back to back and meets the race at the quit.
+    #[arg(long, value_name = "R", default_value = "0")]
     pub rate: f64,
 
     /// Paths with weights, as for soak.

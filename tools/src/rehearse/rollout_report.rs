@@ -72,6 +72,8 @@ pub struct Burst {
     /// start to a second after the pod's exit; and which pod.
     pub peak: u32,
     pub on: String,
+    /// Every surviving pod's own peak, highest first.
+    pub survivors: Vec<(String, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +83,7 @@ pub struct Facts {
     /// Failed requests by pod ("no endpoint" when the Service had none to give), by class.
     pub by_pod: BTreeMap<String, BTreeMap<Failure, u64>>,
     pub bursts: Vec<Burst>,
-    /// New connections per pod per 100 ms before the rollout, for scale.
+    /// New connections per pod per 100 ms in the second before the rollout, for scale.
     pub before_per_pod: f64,
     pub total: Duration,
 }
@@ -104,6 +106,8 @@ impl Facts {
 }
 
 pub const NO_ENDPOINT: &str = "no endpoint";
+/// The rate before the rollout is read over this last stretch before it.
+const BEFORE: Duration = Duration::from_secs(1);
 const NOT_TRACED: &str = "not traced";
 
 /// Reads the rollout's facts from what the pods, the load and the Service recorded; `start` is
@@ -122,9 +126,15 @@ pub fn facts(
     let records = results.iter().flat_map(|(_, records)| records.iter());
     let by_pod = failures_by_pod(records, routed, start, &names);
     let bursts = bursts(&lives, routed, t0);
+    // The steady rate of the last second before the rollout (the first connections of a
+    // keep-alive load open at its start).
     let old = limits.replicas as f64;
-    let before = routed.iter().filter(|r| r.at < t0 && r.backend.is_some()).count() as f64;
-    let buckets_before = (t0 - start).as_secs_f64() / BUCKET.as_secs_f64();
+    let since = t0.checked_sub(BEFORE).unwrap_or(start).max(start);
+    let before = routed
+        .iter()
+        .filter(|r| r.at >= since && r.at < t0 && r.backend.is_some())
+        .count() as f64;
+    let buckets_before = (t0 - since).as_secs_f64() / BUCKET.as_secs_f64();
     let pods = lives
         .into_iter()
         .map(|l| PodTimes {
@@ -222,18 +232,20 @@ fn bursts(lives: &[PodLife], routed: &[Routed], t0: Instant) -> Vec<Burst> {
         let survivors = lives
             .iter()
             .filter(|l| l.addr != gone.addr && l.terminating.is_none_or(|t| t > from));
-        let peak = survivors
+        let mut peaks: Vec<(String, u32)> = survivors
             .filter_map(|l| {
                 let buckets = per_pod.get(&l.addr)?;
                 let most = buckets.range(first..=last).map(|(_, n)| *n).max()?;
-                Some((most, l.name.clone()))
+                Some((l.name.clone(), most))
             })
-            .max();
-        if let Some((peak, on)) = peak {
+            .collect();
+        peaks.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        if let Some((on, peak)) = peaks.first().cloned() {
             bursts.push(Burst {
                 terminated: gone.name.clone(),
                 peak,
                 on,
+                survivors: peaks,
             });
         }
     }
@@ -274,7 +286,7 @@ pub fn text(facts: &Facts, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "  before the rollout: {:.1} new connections per pod per 100 ms",
+        "  in the second before the rollout: {:.1} new connections per pod per 100 ms",
         facts.before_per_pod
     );
     if !facts.by_pod.is_empty() {
@@ -311,6 +323,7 @@ pub fn to_json(facts: &Facts) -> Value {
         })).collect::<Vec<_>>(),
         "bursts": facts.bursts.iter().map(|b| json!({
             "terminated": b.terminated, "peak_per_100ms": b.peak, "on": b.on,
+            "survivors": b.survivors.iter().map(|(pod, n)| (pod.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         })).collect::<Vec<_>>(),
         "failed_by_pod": facts.by_pod.iter().map(|(pod, classes)| (pod.clone(), json!(
             classes.iter().map(|(c, n)| (c.name().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()
@@ -450,7 +463,8 @@ mod tests {
             [Burst {
                 terminated: "v1-a".into(),
                 peak: 10,
-                on: "v1-b".into()
+                on: "v1-b".into(),
+                survivors: vec![("v1-b".into(), 10)],
             }]
         );
     }
