@@ -39,8 +39,7 @@ impl<'a> CloseSpread<'a> {
         }
     }
 
-    /// Tells the first clients: a tenth, or with no window all of them (`draining` alone, as a
-    /// snippet from before the spread expects).
+    /// Tells the first clients: a tenth, or with no window all of them.
     pub fn begin(&mut self) -> std::io::Result<()> {
         match self.window.is_zero() {
             true => self.tell_all(),
@@ -110,23 +109,23 @@ impl<'a> CloseSpread<'a> {
         }
     }
 
-    /// The next slot flag; with the last, `draining`.
+    /// The next slot flag; for the last, all of them and `draining`.
     fn raise_next(&mut self) -> std::io::Result<()> {
         let slot = self.raised;
+        if slot + 1 == SLOTS {
+            return self.tell_all();
+        }
         self.raised += 1;
         let raised = self.flag.raise_slot(slot, self.master);
         tracing::debug!(slot, ok = raised.is_ok(), "close spread: slot flag raised");
-        match self.raised == SLOTS {
-            true => self.tell_all().and(raised),
-            false => raised,
-        }
+        raised
     }
 
-    /// `draining`: every client, whichever snippet tests it.
+    /// Every slot flag and `draining`: every client, whichever snippet tests which.
     fn tell_all(&mut self) -> std::io::Result<()> {
-        self.raised = SLOTS;
+        let first = std::mem::replace(&mut self.raised, SLOTS);
         self.all_at = Some(Instant::now());
-        self.flag.raise(self.master)?;
+        self.flag.raise_from(first, self.master)?;
         if !self.window.is_zero() {
             tracing::info!("every keep-alive client is told to close");
         }
@@ -220,12 +219,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_window_raises_the_one_flag_old_snippets_test() {
+    async fn no_window_raises_every_flag_at_once() {
         let (dir, flag) = flag_in("zero");
         let mut spread = CloseSpread::new(&flag, std::process::id() as i32, Instant::now(), Duration::ZERO);
         spread.begin().unwrap();
         assert!(flag.path().exists());
-        assert!(!dir.join("draining.0").exists(), "no slot flags");
+        assert_eq!(told_now(&flag), SLOTS, "every slot flag at once");
         let told = spread.finish();
         assert!(!told.cut_short && told.all_after.is_zero(), "{told:?}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,6 +1,7 @@
-//! The drain flags: while `draining` exists, the snippet in `nginx-conf/graceful-drain.conf`
-//! makes nginx answer every HTTP/1 request with `Connection: close`; while `draining.N` exists,
-//! only on connections whose serial number ends in the digit N (the close spread). This module
+//! The drain flags: while `draining.N` exists, the snippet in `nginx-conf/graceful-drain.conf`
+//! makes nginx answer HTTP/1 requests on connections whose serial number ends in the digit N
+//! with `Connection: close` (the close spread raises them one after another); `draining` goes
+//! up with the last, for a snippet from before the spread, readiness and `status`. This module
 //! owns them all: every caller raises, reads and lowers them here.
 //!
 //! Why a file: stock nginx cannot change keep-alive at run time without a reload, and a reload
@@ -38,9 +39,18 @@ impl DrainFlag {
         &self.path
     }
 
-    /// Tells every keep-alive client to close from the next response on; the flag names
-    /// `master`, the nginx master it is raised for.
+    /// Tells every keep-alive client to close from the next response on: every slot flag (the
+    /// snippet tests its connection's), then `draining` (a snippet from before the close spread
+    /// tests it alone). Each names `master`, the nginx master it is raised for.
     pub fn raise(&self, master: i32) -> std::io::Result<()> {
+        self.raise_from(0, master)
+    }
+
+    /// [`DrainFlag::raise`] when the slot flags before `first` are up already.
+    pub fn raise_from(&self, first: usize, master: i32) -> std::io::Result<()> {
+        for slot in first..SLOTS {
+            self.raise_slot(slot, master)?;
+        }
         raise_at(&self.path, master)
     }
 
@@ -68,13 +78,9 @@ impl DrainFlag {
             .unwrap_or(FlagState::Down)
     }
 
-    /// How many tenths of the keep-alive clients are told to close: all of them while
-    /// `draining` is up, else one per slot flag up.
+    /// How many tenths of the keep-alive clients are told to close: one per slot flag up.
     pub fn tenths_told(&self) -> usize {
-        match self.path.is_file() {
-            true => SLOTS,
-            false => (0..SLOTS).filter(|&slot| self.slot_path(slot).is_file()).count(),
-        }
+        (0..SLOTS).filter(|&slot| self.slot_path(slot).is_file()).count()
     }
 
     /// Removes the flag if it is stale; returns what was removed.
@@ -225,7 +231,6 @@ mod tests {
     fn the_snippet_follows_the_runtime_dir() {
         let flag = DrainFlag::in_dir(Path::new("/tmp/rt"));
         let snippet = flag.snippet();
-        assert!(snippet.contains("if (-f /tmp/rt/draining)"), "{snippet}");
         assert!(
             snippet.contains("if (-f /tmp/rt/draining.$nginx_graceful_slot)"),
             "{snippet}"
