@@ -251,3 +251,38 @@ fn no_spread_raises_every_flag_at_once() {
         "{summary}"
     );
 }
+
+#[test]
+fn a_second_interrupt_tells_everyone_at_once() {
+    const SIGINT: i32 = 2;
+    let site = Site::new();
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--close-spread", "3s", "--propagation-delay", "5s"]);
+    let download = http::get_in_background(site.addr(), &site.slow_path(3));
+    supervisor.wait_for_connections(1);
+    supervisor.signal(SIGINT);
+    supervisor.log.wait_phase("propagation_delay", 5 * SECONDS);
+    std::thread::sleep(Duration::from_millis(500));
+    supervisor.signal(SIGINT);
+    supervisor.log.wait_phase("quitting", 5 * SECONDS);
+    let (slots, all) = raised_after(&site, SystemTime::now() - 10 * SECONDS);
+    assert!(
+        slots.iter().all(Option::is_some) && all.is_some(),
+        "every flag up at SIGQUIT: {slots:?} {all:?}"
+    );
+    assert_eq!(
+        code(supervisor.wait_exit(20 * SECONDS)),
+        0,
+        "{:?}",
+        supervisor.log.lines()
+    );
+    assert!(download.join().unwrap().is_ok());
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["close_spread_ms"], 3000, "{summary}");
+    let all_told = summary["all_told_ms"].as_u64().unwrap();
+    assert!((400..1500).contains(&all_told), "told at the cut: {summary}");
+    assert!(
+        summary["message"].as_str().unwrap().contains("spread cut short"),
+        "{summary}"
+    );
+}

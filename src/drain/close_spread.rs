@@ -24,6 +24,7 @@ pub struct CloseSpread<'a> {
     /// When `draining` went up: every client told.
     all_at: Option<Instant>,
     cut_short: bool,
+    warned: bool,
 }
 
 impl<'a> CloseSpread<'a> {
@@ -36,6 +37,7 @@ impl<'a> CloseSpread<'a> {
             raised: 0,
             all_at: None,
             cut_short: false,
+            warned: false,
         }
     }
 
@@ -132,8 +134,11 @@ impl<'a> CloseSpread<'a> {
         Ok(())
     }
 
-    fn warn(&self, err: &std::io::Error) {
-        tracing::warn!(flag = %self.flag.path().display(), %err, "cannot raise a drain flag: some keep-alive clients are told to close later, at the spread's end or not at all");
+    /// Once: a runtime directory that refuses one flag refuses the rest too.
+    fn warn(&mut self, err: &std::io::Error) {
+        if !std::mem::replace(&mut self.warned, true) {
+            tracing::warn!(flag = %self.flag.path().display(), %err, "cannot raise a drain flag: some keep-alive clients are told to close later, or not at all");
+        }
     }
 }
 
