@@ -164,7 +164,7 @@ pub fn table(status: &Value) -> String {
     }
     if let Some(told) = status["keepalive_told_tenths"].as_u64() {
         out.push_str(&format!(
-            "{:<13}told to close on {told} in 10 keep-alive connections\n",
+            "{:<13}told to close on {told} connections in 10\n",
             "keep-alive"
         ));
     }
@@ -318,7 +318,7 @@ mod tests {
         let table = table(&status);
         assert!(table.contains("propagation  waiting for"), "{table}");
         assert!(
-            table.contains("keep-alive   told to close on 4 in 10 keep-alive connections\n"),
+            table.contains("keep-alive   told to close on 4 connections in 10\n"),
             "{table}"
         );
     }
