@@ -35,8 +35,8 @@ THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
   0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
   then     --propagation-delay: nginx keeps serving new connections while the endpoint removal
            reaches every kube-proxy, ingress and load balancer; by default until no new
-           connection has arrived for a quiet time scaled to the traffic (at least 1s, at most
-           --max-propagation-delay)
+           connection has arrived for a quiet time scaled to the traffic (at least 1s after the
+           close spread, at most --max-propagation-delay)
   then     SIGQUIT to the nginx master, readiness fails (GET /readyz answers 503); requests in
            flight finish, and the supervisor waits for the master and every worker (old
            generations from reloads too)
@@ -298,10 +298,10 @@ pub struct DrainArgs {
 
     /// Keep-alive clients are told to close (`Connection: close`) over this long from the
     /// drain's start, a tenth of the connections more at a time, so that they do not all
-    /// reconnect to the other pods (with TLS, handshake) at one instant. 0s: all at once. The
-    /// propagation delay ends after it: a fixed one must be at least this long, an adaptive one
-    /// lasts at least --min-propagation-delay more. Default: 1s, at most half a fixed
-    /// --propagation-delay or what --max-propagation-delay leaves above the minimum.
+    /// reconnect to the other pods (with TLS, each with a handshake) at one instant. 0s: all
+    /// at once. The propagation delay ends after it: a fixed one must be at least this long,
+    /// an adaptive one lasts at least --min-propagation-delay more. Default: 1s, at most half
+    /// a fixed --propagation-delay or what --max-propagation-delay leaves above the minimum.
     #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_CLOSE_SPREAD", value_parser = duration::parse)]
     pub close_spread: Option<Duration>,
 }
