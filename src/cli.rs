@@ -29,13 +29,14 @@ terminationGracePeriodSeconds. None is longer than a day.";
 const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
   0s       the drain starts (readiness fails now with --unready-at start)
-  0s       keep-alive clients are told to close: every response carries `Connection: close`
+  0s..     keep-alive clients are told to close: responses carry `Connection: close`, on a
+           tenth of the connections more at a time over --close-spread (1s), then on all
            (needs the snippet nginx-conf/graceful-drain.conf in your config)
   0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
   then     --propagation-delay: nginx keeps serving new connections while the endpoint removal
            reaches every kube-proxy, ingress and load balancer; by default until no new
-           connection has arrived for a quiet time scaled to the traffic (at least 1s, at most
-           --max-propagation-delay)
+           connection has arrived for a quiet time scaled to the traffic (at least 1s after the
+           close spread, at most --max-propagation-delay)
   then     SIGQUIT to the nginx master, readiness fails (GET /readyz answers 503); requests in
            flight finish, and the supervisor waits for the master and every worker (old
            generations from reloads too)
@@ -294,6 +295,15 @@ pub struct DrainArgs {
         value_delimiter = ','
     )]
     pub probe_port: Vec<u16>,
+
+    /// Keep-alive clients are told to close (`Connection: close`) over this long from the
+    /// drain's start, a tenth of the connections more at a time, so that they do not all
+    /// reconnect to the other pods (with TLS, each with a handshake) at one instant. 0s: all
+    /// at once. The propagation delay ends after it: a fixed one must be at least this long,
+    /// an adaptive one lasts at least --min-propagation-delay more. Default: 1s, at most half
+    /// a fixed --propagation-delay or what --max-propagation-delay leaves above the minimum.
+    #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_CLOSE_SPREAD", value_parser = duration::parse)]
+    pub close_spread: Option<Duration>,
 }
 
 /// How a reload runs; `run` and `reload` share these.
@@ -507,6 +517,7 @@ impl DrainArgs {
             pre_drain_exec: self.pre_drain_exec.clone(),
             pre_drain_timeout: self.pre_drain_timeout,
             probe_ports: self.probe_port.clone(),
+            close_spread: self.close_spread,
         }
     }
 }

@@ -24,7 +24,8 @@
 //! 3. [`reload`]: test, bound the old worker generations, SIGHUP, confirm the new generation or
 //!    report nginx's reason (read from its stderr, [`nginx::log`]).
 //! 4. [`drain`]: the ordered drain, one [`core::phase::Phase`] after another: readiness fails
-//!    ([`surfaces::health`]), keep-alive clients are told to close ([`os::drain_flag`]),
+//!    ([`surfaces::health`]), keep-alive clients are told to close ([`os::drain_flag`]), a
+//!    tenth of the connections at a time over the close spread ([`core::close_spread`]),
 //!    pre-drain [`os::hooks`] run, the propagation delay lasts until new connections have
 //!    stopped arriving ([`nginx::arrivals`] sees them, [`core::quiet`] says when that is),
 //!    SIGQUIT goes to the master,

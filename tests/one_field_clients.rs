@@ -90,7 +90,9 @@ fn python_http_client_is_kept_until_sigquit_and_only_a_dropped_connection_check_
         &format!("location = /delayed {{ proxy_pass http://127.0.0.1:{upstream_port}; }}"),
     );
     let delay = format!("{}ms", DELAY.as_millis());
-    let mut supervisor = Supervisor::start_serving(&site, &["--propagation-delay", &delay]);
+    // Every client told at once: the close spread is tests/close_spread.rs's.
+    let mut supervisor =
+        Supervisor::start_serving(&site, &["--propagation-delay", &delay, "--close-spread", "0s"]);
     let mut client = PythonClient::start(site.port, upstream_port);
 
     let before = client.step("before");

@@ -20,6 +20,7 @@ const SECONDS: Duration = Duration::from_secs(1);
 
 /// SIGQUIT 1 s after SIGTERM and escalation at 8 − 2 = 6 s, so `run` gives nginx
 /// `worker_shutdown_timeout` 6 − 1 − 1 = 4 s (see `DrainPlan::worker_shutdown_timeout`).
+/// Every HTTP/1 client is told to close at once: the close spread is tests/close_spread.rs's.
 const PLAN: &[&str] = &[
     "--grace-period",
     "8s",
@@ -27,6 +28,8 @@ const PLAN: &[&str] = &[
     "1s",
     "--safety-margin",
     "2s",
+    "--close-spread",
+    "0s",
 ];
 const DELAY: Duration = Duration::from_secs(1);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(4);
@@ -314,7 +317,10 @@ fn tls_keepalive_clients_through_drain_without_a_supervisor() {
     );
     common::wait_for_busy_worker(nginx.master);
     let started = Instant::now();
-    let mut hook = Supervisor::start(&drain_args(site, &["--propagation-delay", "1s"]));
+    let mut hook = Supervisor::start(&drain_args(
+        site,
+        &["--propagation-delay", "1s", "--close-spread", "0s"],
+    ));
     hook.log.wait_phase("propagation_delay", 5 * SECONDS);
     closing_rounds_during_the_delay(base, started);
 

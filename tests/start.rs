@@ -77,6 +77,22 @@ fn a_budget_that_does_not_fit() {
 }
 
 #[test]
+fn a_close_spread_longer_than_a_fixed_delay() {
+    let site = Site::new();
+    let (code, line) = refused(Supervisor::start(&site.run_args(&[
+        "--propagation-delay",
+        "1s",
+        "--close-spread",
+        "2s",
+    ])));
+    assert_eq!(code, 10);
+    assert!(
+        line.contains("--close-spread 2s") && line.contains("--propagation-delay 1s"),
+        "{line}"
+    );
+}
+
+#[test]
 fn options_come_from_the_environment_too() {
     let site = Site::new();
     let env = [

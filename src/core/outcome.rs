@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::core::close_spread::Told;
 use crate::core::quiet::DelayEnd;
 use crate::duration::fmt as fmt_duration;
 use crate::error::exit;
@@ -78,6 +79,8 @@ pub struct DrainOutcome {
     pub observed: Observed,
     /// How the propagation delay ended; `None` when the drain had none (SIGQUIT).
     pub delay: Option<DelayEnd>,
+    /// How keep-alive clients were told to close; `None` for a sweep of orphans.
+    pub told: Option<Told>,
 }
 
 impl DrainOutcome {
@@ -283,6 +286,7 @@ impl Outcome {
             "observed": drain.observed.name(),
             "unobserved": drain.observed.reason(),
             "propagation": drain.delay.map(|d| d.to_json()),
+            "close_spread": drain.told.map(|t| t.to_json()),
         });
         if let Some(controller) = &self.controller {
             event["controller_exit"] = controller.status.clone().into();
@@ -310,6 +314,7 @@ impl Outcome {
                     event["unobserved"].as_str(),
                 ),
                 delay: DelayEnd::from_json(&event["propagation"]),
+                told: Told::from_json(&event["close_spread"]),
             },
             controller: event.get("controller_killed").map(|killed| ControllerEnd {
                 status: event["controller_exit"].as_str().map(str::to_owned),
@@ -334,13 +339,16 @@ impl Outcome {
             propagation = drain.delay.map(|d| d.how.name()),
             propagation_ms = drain.delay.map(|d| d.lasted.as_millis() as u64),
             propagation_arrivals = drain.delay.and_then(|d| d.arrivals),
+            close_spread_ms = drain.told.map(|t| t.spread.as_millis() as u64),
+            all_told_ms = drain.told.map(|t| t.all_after.as_millis() as u64),
             // Controller mode: how the controller ended once nginx had.
             controller_exit = self.controller.as_ref().and_then(|c| c.status.as_deref()),
             controller_killed = self.controller.as_ref().map(|c| c.killed),
             exit_code = self.exit_code,
-            "{how}: {} in {},{}{} {},{}{} {} processes killed",
+            "{how}: {} in {},{}{}{} {},{}{} {} processes killed",
             self.verdict.name(),
             fmt_duration(drain.elapsed),
+            drain.told.map_or(String::new(), |t| format!(" {},", t.words())),
             drain
                 .delay
                 .map_or(String::new(), |d| format!(" propagation delay: {},", d.words())),
@@ -497,6 +505,11 @@ mod tests {
             closed_by_shutdown_timeout: None,
             killed: 2,
             elapsed: Duration::from_millis(28_500),
+            told: Some(Told {
+                spread: Duration::from_secs(1),
+                all_after: Duration::from_millis(1_002),
+                cut_short: false,
+            }),
             ..Default::default()
         };
         let mut with_controller = Outcome::of_drain(drain.clone());

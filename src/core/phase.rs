@@ -16,7 +16,8 @@ pub enum Phase {
     Serving,
     /// A drain trigger arrived (SIGTERM, SIGINT, SIGQUIT): /readyz answers 503 from now on.
     Unready,
-    /// The drain flag exists: every HTTP/1 response tells the client to close its connection.
+    /// The drain flags go up: HTTP/1 responses tell the client to close its connection, on a
+    /// tenth of the connections more at a time over the close spread, then on all.
     KeepAliveClose,
     /// The --pre-drain-exec hooks run, in order.
     PreDrainHooks,

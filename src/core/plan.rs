@@ -9,6 +9,10 @@ use crate::error::Error;
 /// a fast shutdown in all but name, so a plan that leaves less is refused.
 pub const MIN_QUIT_WINDOW: Duration = Duration::from_secs(1);
 
+/// How long keep-alive clients are told to close over, a tenth more at a time, unless
+/// `--close-spread` says: so that they do not all reconnect to the other pods at one instant.
+pub const DEFAULT_CLOSE_SPREAD: Duration = Duration::from_secs(1);
+
 /// What the operator asked of a drain; [`DrainPlan::new`] checks that it fits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainSettings {
@@ -24,6 +28,8 @@ pub struct DrainSettings {
     pub pre_drain_timeout: Duration,
     /// nginx's ports that only probes connect to: no arrival there keeps the delay going.
     pub probe_ports: Vec<u16>,
+    /// `--close-spread`; `None`: [`DEFAULT_CLOSE_SPREAD`], shortened to fit the delay.
+    pub close_spread: Option<Duration>,
 }
 
 /// `--propagation-delay`: `auto`, or a fixed time.
@@ -92,12 +98,17 @@ pub struct DrainPlan {
     pub grace_period: Duration,
     /// nginx's ports that only probes connect to.
     pub probe_ports: Vec<u16>,
+    /// Keep-alive clients are told to close over this long from the drain's start, a tenth
+    /// more at a time; zero: all at once. The delay ends after it (an adaptive one at least
+    /// the floor after it), so every client is told before SIGQUIT.
+    pub close_spread: Duration,
 }
 
 impl DrainPlan {
     pub fn new(args: &DrainSettings) -> Result<Self, Error> {
         let hooks_budget = args.pre_drain_timeout * args.pre_drain_exec.len() as u32;
         let (delay, delay_flag) = propagation_delay(args, hooks_budget)?;
+        let close_spread = close_spread(args, delay)?;
         let longest = delay.longest();
         let needed = hooks_budget + longest + MIN_QUIT_WINDOW + args.safety_margin;
         if needed > args.grace_period {
@@ -136,6 +147,7 @@ impl DrainPlan {
             kill_at: args.grace_period - args.safety_margin / 2,
             grace_period: args.grace_period,
             probe_ports: args.probe_ports.clone(),
+            close_spread,
         })
     }
 
@@ -152,13 +164,59 @@ impl DrainPlan {
         (window >= Duration::from_secs(1)).then_some(window)
     }
 
-    /// The same plan for SIGQUIT: straight to the quit, no propagation delay.
+    /// The same plan for SIGQUIT: straight to the quit, no propagation delay, every keep-alive
+    /// client told at once.
     pub fn without_delay(&self) -> Self {
         Self {
             propagation_delay: PropagationDelay::Fixed(Duration::ZERO),
+            close_spread: Duration::ZERO,
             ..self.clone()
         }
     }
+}
+
+/// The close spread that fits `delay`. Given, it must end before a fixed delay does, and leave
+/// an adaptive one its floor after it. The default never refuses a plan: it is shortened to
+/// half a fixed delay (the last clients told get the other half), or to what the ceiling
+/// leaves above the floor.
+fn close_spread(args: &DrainSettings, delay: PropagationDelay) -> Result<Duration, Error> {
+    let room = match delay {
+        PropagationDelay::Fixed(delay) => delay,
+        PropagationDelay::UntilQuiet { floor, ceiling } => ceiling.saturating_sub(floor),
+    };
+    let Some(spread) = args.close_spread else {
+        let room = match delay {
+            PropagationDelay::Fixed(delay) => delay / 2,
+            PropagationDelay::UntilQuiet { .. } => room,
+        };
+        return Ok(DEFAULT_CLOSE_SPREAD.min(room));
+    };
+    if spread <= room {
+        return Ok(spread);
+    }
+    let (detail, fix) = match delay {
+        PropagationDelay::Fixed(delay) => (
+            format!(
+                "--close-spread {} is longer than --propagation-delay {}: clients would still be told to close after SIGQUIT",
+                fmt(spread),
+                fmt(delay)
+            ),
+            "lower --close-spread or raise --propagation-delay",
+        ),
+        PropagationDelay::UntilQuiet { floor, ceiling } => (
+            format!(
+                "--close-spread {} + --min-propagation-delay {} is longer than --max-propagation-delay {}",
+                fmt(spread),
+                fmt(floor),
+                fmt(ceiling)
+            ),
+            "lower --close-spread or --min-propagation-delay, or raise --max-propagation-delay",
+        ),
+    };
+    Err(Error::PlanDoesNotFit {
+        detail,
+        fix: fix.into(),
+    })
 }
 
 /// The delay the settings ask for, and the flag that sets its longest.
@@ -219,6 +277,7 @@ mod tests {
             pre_drain_exec: vec![vec!["true".into()]; hooks],
             pre_drain_timeout: secs(hook_timeout),
             probe_ports: Vec::new(),
+            close_spread: None,
         }
     }
 
@@ -266,6 +325,67 @@ mod tests {
             Duration::from_millis(4600)
         );
         assert_eq!(default_ceiling(secs(2), Duration::ZERO, secs(2)), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_close_spread_fits_the_delay_or_the_plan_is_refused() {
+        let spread = |settings: DrainSettings, spread: Option<u64>| {
+            DrainPlan::new(&DrainSettings {
+                close_spread: spread.map(Duration::from_millis),
+                ..settings
+            })
+            .map(|plan| plan.close_spread.as_millis() as u64)
+            .map_err(|err| err.to_string())
+        };
+        // (settings, --close-spread ms, the spread planned)
+        let fits = [
+            (adaptive(30, 1, None), None, 1_000),
+            (adaptive(30, 1, None), Some(0), 0),
+            (adaptive(30, 1, None), Some(5_000), 5_000),
+            (adaptive(30, 1, Some(2)), Some(1_000), 1_000),
+            // The default shrinks to fit, never refuses: what the ceiling leaves above the
+            // floor, half a fixed delay.
+            (adaptive(30, 1, Some(1)), None, 0),
+            (args(30, 5, 2, 0, 5), None, 1_000),
+            (args(30, 1, 2, 0, 5), None, 500),
+            (args(30, 0, 2, 0, 5), None, 0),
+            (args(30, 5, 2, 0, 5), Some(5_000), 5_000),
+        ];
+        for (settings, given, planned) in fits {
+            assert_eq!(
+                spread(settings.clone(), given),
+                Ok(planned),
+                "{settings:?} {given:?}"
+            );
+        }
+        let refused = [
+            (
+                args(30, 1, 2, 0, 5),
+                1_500,
+                ["--close-spread 1s 500ms", "--propagation-delay 1s"],
+            ),
+            (
+                args(30, 0, 2, 0, 5),
+                1_000,
+                ["--close-spread 1s", "--propagation-delay 0s"],
+            ),
+            (
+                adaptive(30, 1, Some(2)),
+                1_500,
+                ["--close-spread 1s 500ms", "--max-propagation-delay 2s"],
+            ),
+        ];
+        for (settings, given, named) in refused {
+            let err = spread(settings, Some(given)).unwrap_err();
+            assert!(named.iter().all(|n| err.contains(n)), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let plan = DrainPlan::new(&adaptive(30, 1, None)).unwrap();
+        assert_eq!(
+            plan.without_delay().close_spread,
+            Duration::ZERO,
+            "SIGQUIT tells all at once"
+        );
     }
 
     #[test]

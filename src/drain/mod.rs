@@ -26,12 +26,14 @@ use crate::os::drain_flag::DrainFlag;
 use crate::os::hooks;
 use crate::os::reaper::Reaper;
 
+mod close_spread;
 #[cfg(test)]
 mod fake;
 mod processes;
 #[cfg(test)]
 mod tests;
 
+use close_spread::CloseSpread;
 use processes::PidfdProcesses;
 pub use processes::{NginxProcesses, NginxTree, Unseen};
 
@@ -82,10 +84,9 @@ impl Drain<'_> {
             .masters
             .first()
             .map_or(std::process::id() as i32, |m| m.pid());
-        match self.flag.raise(owner) {
-            Ok(()) => self
-                .phases
-                .enter(Phase::KeepAliveClose, "keep-alive clients are told to close"),
+        let mut spread = CloseSpread::new(self.flag, owner, started, plan.close_spread);
+        match spread.begin() {
+            Ok(()) => self.phases.enter(Phase::KeepAliveClose, &spread.announcement()),
             Err(err) => {
                 tracing::warn!(flag = %self.flag.path().display(), %err, "cannot create the drain flag: keep-alive clients will not be told to close")
             }
@@ -106,33 +107,46 @@ impl Drain<'_> {
                 None
             }
         };
-        if !plan.hooks.is_empty() {
-            self.phases.enter(Phase::PreDrainHooks, "running pre-drain hooks");
-            hooks::run_all(self.reaper, &plan.hooks, plan.hook_timeout).await;
-        }
-        let delay = match plan.propagation_delay.is_zero() {
-            true => None,
-            false => {
-                let end = self.propagation_delay(watch).await;
-                self.phases.report_delay(end.to_json());
-                Some(end)
+        let hooks_and_delay = async {
+            if !plan.hooks.is_empty() {
+                self.phases.enter(Phase::PreDrainHooks, "running pre-drain hooks");
+                hooks::run_all(self.reaper, &plan.hooks, plan.hook_timeout).await;
+            }
+            match plan.propagation_delay.is_zero() {
+                true => None,
+                false => {
+                    let end = self.propagation_delay(watch, started + plan.close_spread).await;
+                    self.phases.report_delay(end.to_json());
+                    Some(end)
+                }
             }
         };
+        let delay = spread.alongside(hooks_and_delay, self.skip_delay).await;
+        // Every client is told before the SIGQUIT, even when the delay was cut short.
+        let told = spread.finish();
         // Workers forked since the snapshot (one the master replaced, say).
         sight.note(processes.find_new());
         let mut outcome = self.quit(&mut processes, &mut sight, started).await;
         outcome.delay = delay;
+        outcome.told = Some(told);
         outcome
     }
 
     /// The propagation delay: fixed, or until new connections stop arriving. Cut short by a
     /// second interrupt. The watch on arrivals, if any, is stopped (its copies of the
-    /// listeners closed) before this returns, so before the SIGQUIT.
-    async fn propagation_delay(&self, watch: Option<Result<ArrivalWatch, String>>) -> DelayEnd {
+    /// listeners closed) before this returns, so before the SIGQUIT. `all_told` is the close
+    /// spread's end: the clients told last get the floor too (the plan made room for it, and
+    /// a fixed delay ends after it).
+    async fn propagation_delay(
+        &self,
+        watch: Option<Result<ArrivalWatch, String>>,
+        all_told: Instant,
+    ) -> DelayEnd {
         let began = Instant::now();
         let mut master_died = false;
         let ceiling = match (self.plan.propagation_delay, watch) {
             (PropagationDelay::UntilQuiet { floor, ceiling }, Some(Ok(watch))) => {
+                let floor = floor.max((all_told + floor).saturating_duration_since(began));
                 self.phases.enter(
                     Phase::PropagationDelay,
                     &format!(
@@ -402,6 +416,7 @@ impl Drain<'_> {
             master_died_before_quit: false,
             observed,
             delay: None,
+            told: None,
         }
     }
 

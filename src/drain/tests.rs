@@ -65,6 +65,7 @@ impl Parts {
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: ms(5_000),
             probe_ports: Vec::new(),
+            close_spread: None,
         })
         .unwrap();
         assert_eq!(

@@ -1,5 +1,8 @@
-//! The drain flag: while it exists, the snippet in `nginx-conf/graceful-drain.conf` makes nginx
-//! answer every HTTP/1 request with `Connection: close`.
+//! The drain flags: while `draining.N` exists, the snippet in `nginx-conf/graceful-drain.conf`
+//! makes nginx answer HTTP/1 requests on connections whose serial number ends in the digit N
+//! with `Connection: close` (the close spread raises them one after another); `draining` goes
+//! up with the last, for a snippet from before the spread, readiness and `status`. This module
+//! owns them all: every caller raises, reads and lowers them here.
 //!
 //! Why a file: stock nginx cannot change keep-alive at run time without a reload, and a reload
 //! itself closes idle keep-alive connections, the very race this avoids. An `if (-f ...)` is
@@ -12,6 +15,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::core::close_spread::SLOTS;
 use crate::nginx::tree::ProcStat;
 use crate::os::small_file;
 
@@ -35,28 +39,48 @@ impl DrainFlag {
         &self.path
     }
 
-    /// Tells keep-alive clients to close from the next response on; the flag names `master`, the
-    /// nginx master it is raised for. Written aside and renamed: never seen half-written.
+    /// Tells every keep-alive client to close from the next response on: every slot flag (the
+    /// snippet tests its connection's), then `draining` (a snippet from before the close spread
+    /// tests it alone). Each names `master`, the nginx master it is raised for.
     pub fn raise(&self, master: i32) -> std::io::Result<()> {
-        let staging = self
-            .path
-            .with_file_name(format!(".draining.{}", std::process::id()));
-        crate::os::small_file::write_new(&staging, record(FlagOwner::of(master).as_ref()).as_bytes())?;
-        std::fs::rename(&staging, &self.path)
+        self.raise_from(0, master)
     }
 
-    /// Whether the flag is up, and for a master that still runs.
-    pub fn state(&self) -> FlagState {
-        match small_file::read(&self.path, RECORD_LIMIT) {
-            Err(err) if err.is_not_found() => FlagState::Down,
-            // nginx's `-f` is false for anything but a regular file (or a link to one).
-            Err(small_file::SmallFileError::NotRegular(_)) => FlagState::Down,
-            Err(_) => FlagState::Stale(None),
-            Ok(record) => match FlagOwner::parse(&record) {
-                Some(owner) if owner.is_running() => FlagState::Raised(owner),
-                owner => FlagState::Stale(owner),
-            },
+    /// [`DrainFlag::raise`] when the slot flags before `first` are up already.
+    pub fn raise_from(&self, first: usize, master: i32) -> std::io::Result<()> {
+        for slot in first..SLOTS {
+            self.raise_slot(slot, master)?;
         }
+        raise_at(&self.path, master)
+    }
+
+    /// Tells the clients whose connection's serial number ends in `slot` (0 to 9): a tenth of
+    /// them. Named after `master` like the flag, so a slot flag left behind is known as stale.
+    pub fn raise_slot(&self, slot: usize, master: i32) -> std::io::Result<()> {
+        raise_at(&self.slot_path(slot), master)
+    }
+
+    fn slot_path(&self, slot: usize) -> PathBuf {
+        self.path.with_extension(slot.to_string())
+    }
+
+    /// `draining` first, then each slot flag.
+    fn paths(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        std::iter::once(self.path.clone()).chain((0..SLOTS).map(|slot| self.slot_path(slot)))
+    }
+
+    /// Whether a drain's flags are up, and for a master that still runs: the state of
+    /// `draining`, or, before a close spread has raised it, of the first slot flag up.
+    pub fn state(&self) -> FlagState {
+        self.paths()
+            .map(|path| state_of(&path))
+            .find(|state| *state != FlagState::Down)
+            .unwrap_or(FlagState::Down)
+    }
+
+    /// How many tenths of the keep-alive clients are told to close: one per slot flag up.
+    pub fn tenths_told(&self) -> usize {
+        (0..SLOTS).filter(|&slot| self.slot_path(slot).is_file()).count()
     }
 
     /// Removes the flag if it is stale; returns what was removed.
@@ -67,13 +91,19 @@ impl DrainFlag {
         }
     }
 
-    /// Removes the flag; a flag left by an earlier run would close every connection from the start.
+    /// Removes every drain flag, `draining` and the slot flags; true when one was up. A flag
+    /// left by an earlier run would close connections from the start. Each is tried, and the
+    /// first failure is returned.
     pub fn lower(&self) -> std::io::Result<bool> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+        let mut removed = Ok(false);
+        for path in self.paths() {
+            match (std::fs::remove_file(&path), &removed) {
+                (Ok(()), Ok(_)) => removed = Ok(true),
+                (Err(e), Ok(_)) if e.kind() != std::io::ErrorKind::NotFound => removed = Err(e),
+                _ => {}
+            }
         }
+        removed
     }
 
     /// The snippet with this flag's path in place of the shipped one.
@@ -84,10 +114,42 @@ impl DrainFlag {
     /// Whether a config dump (`nginx -T`) tests for this flag anywhere.
     pub fn is_checked_by(&self, config_dump: &str) -> bool {
         let flag = self.path.to_string_lossy();
-        config_dump.lines().any(|line| {
-            let line = line.trim_start();
-            !line.starts_with('#') && line.contains("-f") && line.contains(flag.as_ref())
-        })
+        tested_by(config_dump, &flag)
+    }
+
+    /// Whether a config dump tests the slot flags: a snippet from before the close spread tests
+    /// `draining` alone, and its clients are all told at the spread's end.
+    pub fn slots_are_checked_by(&self, config_dump: &str) -> bool {
+        let slot = format!("{}.$", self.path.to_string_lossy());
+        tested_by(config_dump, &slot)
+    }
+}
+
+/// Whether a line of the config, not a comment, tests for a file whose path begins with `path`.
+fn tested_by(config_dump: &str, path: &str) -> bool {
+    config_dump.lines().any(|line| {
+        let line = line.trim_start();
+        !line.starts_with('#') && line.contains("-f") && line.contains(path)
+    })
+}
+
+/// Written aside and renamed: nginx never sees a flag half-written.
+fn raise_at(path: &Path, master: i32) -> std::io::Result<()> {
+    let staging = path.with_file_name(format!(".draining.{}", std::process::id()));
+    small_file::write_new(&staging, record(FlagOwner::of(master).as_ref()).as_bytes())?;
+    std::fs::rename(&staging, path)
+}
+
+fn state_of(path: &Path) -> FlagState {
+    match small_file::read(path, RECORD_LIMIT) {
+        Err(err) if err.is_not_found() => FlagState::Down,
+        // nginx's `-f` is false for anything but a regular file (or a link to one).
+        Err(small_file::SmallFileError::NotRegular(_)) => FlagState::Down,
+        Err(_) => FlagState::Stale(None),
+        Ok(record) => match FlagOwner::parse(&record) {
+            Some(owner) if owner.is_running() => FlagState::Raised(owner),
+            owner => FlagState::Stale(owner),
+        },
     }
 }
 
@@ -169,8 +231,55 @@ mod tests {
     fn the_snippet_follows_the_runtime_dir() {
         let flag = DrainFlag::in_dir(Path::new("/tmp/rt"));
         let snippet = flag.snippet();
-        assert!(snippet.contains("if (-f /tmp/rt/draining)"), "{snippet}");
+        assert!(
+            snippet.contains("if (-f /tmp/rt/draining.$nginx_graceful_slot)"),
+            "{snippet}"
+        );
         assert!(!snippet.contains(SHIPPED_FLAG));
+    }
+
+    #[test]
+    fn a_snippet_from_before_the_spread_is_told_apart() {
+        let flag = DrainFlag::in_dir(Path::new("/run/nginx-graceful"));
+        assert!(flag.slots_are_checked_by(SNIPPET));
+        let before = "if (-f /run/nginx-graceful/draining) {\n    set $c close;\n}\n";
+        assert!(flag.is_checked_by(before));
+        assert!(!flag.slots_are_checked_by(before));
+    }
+
+    #[test]
+    fn slot_flags_are_raised_read_and_lowered_with_the_flag() {
+        let dir = std::env::temp_dir().join(format!("ng-flag-slots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = DrainFlag::in_dir(&dir);
+        let me = std::process::id() as i32;
+        assert_eq!(flag.tenths_told(), 0);
+        for slot in 0..3 {
+            flag.raise_slot(slot, me).unwrap();
+        }
+        assert!(dir.join("draining.0").is_file() && dir.join("draining.2").is_file());
+        assert_eq!(flag.tenths_told(), 3);
+        // Before `draining` is up, the first slot flag says whose drain it is.
+        assert_eq!(flag.state(), FlagState::Raised(FlagOwner::of(me).unwrap()));
+        assert_eq!(flag.lower_if_stale().unwrap(), None);
+        flag.raise(me).unwrap();
+        assert_eq!(flag.tenths_told(), SLOTS);
+        assert!(flag.lower().unwrap());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "every flag lowered");
+        assert!(!flag.lower().unwrap());
+
+        // Slot flags a killed drain left, `draining` not yet up: stale, and removed.
+        let gone = FlagOwner {
+            pid_namespace: FlagOwner::of(me).unwrap().pid_namespace + 1,
+            ..FlagOwner::of(me).unwrap()
+        };
+        for slot in [4, 5] {
+            std::fs::write(dir.join(format!("draining.{slot}")), record(Some(&gone))).unwrap();
+        }
+        assert_eq!(flag.state(), FlagState::Stale(Some(gone.clone())));
+        assert_eq!(flag.lower_if_stale().unwrap(), Some(FlagState::Stale(Some(gone))));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

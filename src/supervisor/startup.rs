@@ -97,6 +97,12 @@ pub async fn check_config(nginx: &NginxCommand, reaper: &Reaper, flag: &DrainFla
             "the nginx config does not include the drain snippet: keep-alive clients will not be told to close before nginx quits; include nginx-conf/graceful-drain.conf in every server block"
         );
     }
+    if flag.is_checked_by(&report.dump) && !flag.slots_are_checked_by(&report.dump) {
+        tracing::info!(
+            flag = %flag.path().display(),
+            "the drain snippet in the nginx config tests the drain flag alone: its keep-alive clients are told to close all at once, at the end of --close-spread; the snippet in nginx-conf/graceful-drain.conf tells them a tenth at a time"
+        );
+    }
     crate::os::runtime_dir::warn_if_workers_cannot_see(flag.path(), &report.dump);
     Ok(report.dump)
 }

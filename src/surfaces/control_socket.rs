@@ -357,6 +357,7 @@ mod tests {
             pre_drain_exec: Vec::new(),
             pre_drain_timeout: Duration::from_secs(5),
             probe_ports: Vec::new(),
+            close_spread: None,
         })
         .unwrap()
     }

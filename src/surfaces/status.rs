@@ -18,7 +18,7 @@ use crate::os::drain_flag::{DrainFlag, FlagState};
 use crate::surfaces::live::Live;
 
 pub async fn show(args: StatusArgs) -> Result<i32, Error> {
-    let status = match crate::surfaces::control_client::request_status(&args.target).await? {
+    let mut status = match crate::surfaces::control_client::request_status(&args.target).await? {
         Some(status) => status,
         None => {
             let target = args.target.clone();
@@ -33,6 +33,11 @@ pub async fn show(args: StatusArgs) -> Result<i32, Error> {
             })??
         }
     };
+    // The flags are files: whoever drains, they say how far the close spread has come.
+    let told = DrainFlag::in_dir(&args.target.runtime_dir).tenths_told();
+    if told > 0 {
+        status["keepalive_told_tenths"] = told.into();
+    }
     if args.json {
         println!("{status}");
     } else {
@@ -156,6 +161,12 @@ pub fn table(status: &Value) -> String {
     }
     if let Some(phase) = status["phase"].as_str() {
         out.push_str(&format!("{:<13}{phase}\n", "phase"));
+    }
+    if let Some(told) = status["keepalive_told_tenths"].as_u64() {
+        out.push_str(&format!(
+            "{:<13}told to close on {told} connections in 10\n",
+            "keep-alive"
+        ));
     }
     if let Some(delay) = propagation(&status["propagation"]) {
         out.push_str(&format!("{:<13}{delay}\n", "propagation"));
@@ -302,11 +313,13 @@ mod tests {
             "ended: quiet after 1s 312ms (58 bursts of new connections, the last 301ms before)"
         );
         assert_eq!(propagation(&Value::Null), None);
-        let status = json!({"source": "supervisor", "phase": "propagation_delay", "propagation": waiting});
+        let status = json!({"source": "supervisor", "phase": "propagation_delay", "propagation": waiting,
+            "keepalive_told_tenths": 4});
+        let table = table(&status);
+        assert!(table.contains("propagation  waiting for"), "{table}");
         assert!(
-            table(&status).contains("propagation  waiting for"),
-            "{}",
-            table(&status)
+            table.contains("keep-alive   told to close on 4 connections in 10\n"),
+            "{table}"
         );
     }
 
