@@ -179,8 +179,9 @@ impl Drain<'_> {
     }
 
     /// Waits until no new connection has arrived for the quiet time the traffic calls for,
-    /// within `floor` and `ceiling` from `began`; looks again only when the quiet time could
-    /// have passed, never on a tick.
+    /// within `floor` and `ceiling` from `began`. Looks again when the quiet time could have
+    /// passed, and a watch's rest after each arrival (what came during the rest is only in the
+    /// socket table); never on a tick.
     async fn until_quiet(
         &self,
         watch: &ArrivalWatch,
@@ -197,18 +198,25 @@ impl Drain<'_> {
         };
         let before = watch.arrivals().total();
         let mut peers = Peers::of(&self.masters, start, &self.plan.probe_ports);
+        let mut look = true;
         loop {
-            // epoll misses an arrival that a worker accepted before this process looked: the
-            // socket table, read at each look, tells of those still open or in TIME_WAIT.
-            let new_peers = peers.new_since_last_look();
-            if quiet::unseen_arrival(new_peers, watch.arrivals().last(), peers.looked) {
-                watch.record_now();
-            }
-            peers.looked = origin.elapsed();
-            let arrivals = watch.arrivals();
+            // epoll misses an arrival that a worker accepted before this process looked, or
+            // during the watch's rest: the socket table, read at each look, tells of those
+            // still open or in TIME_WAIT. An arrival epoll reported needs no look of its own.
             let now = origin.elapsed();
+            let mut unseen = None;
+            if look {
+                let new_peers = peers.new_since_last_look();
+                unseen = quiet::unseen_arrival(new_peers, watch.arrivals().last(), peers.looked, now);
+                if let Some(how) = unseen {
+                    watch.record_unseen(now, how);
+                }
+                peers.looked = now;
+            }
+            let arrivals = watch.arrivals();
             let quiet_for = arrivals.last().map(|last| now.saturating_sub(last));
             let quiet_needed = arrivals.quiet_needed();
+            let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
             let ended = |how| DelayEnd {
                 how,
                 lasted: began.elapsed(),
@@ -218,7 +226,16 @@ impl Drain<'_> {
             };
             let end = match quiet::verdict(&arrivals, bounds, now) {
                 Verdict::WaitUntil(at) => {
-                    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+                    let next =
+                        quiet::next_look(arrivals.last(), peers.looked).map_or(at, |look| look.min(at));
+                    tracing::debug!(
+                        arrivals = arrivals.total() - before,
+                        unseen = ?unseen,
+                        quiet_for_ms = ms(quiet_for),
+                        quiet_needed_ms = ms(quiet_needed),
+                        next_look_in_ms = ms(Some(next.saturating_sub(now))),
+                        "propagation delay: not quiet yet"
+                    );
                     self.phases.report_delay(serde_json::json!({
                         "state": "waiting",
                         "arrivals": arrivals.total() - before,
@@ -226,20 +243,15 @@ impl Drain<'_> {
                         "quiet_needed_ms": ms(quiet_needed),
                         "ceiling_in_ms": ms(Some(bounds.ceiling.saturating_sub(now))),
                     }));
-                    // Until the quiet time is known, each arrival may make it known.
-                    let unknown = quiet_needed.is_none();
-                    let until_arrival = async {
-                        match unknown {
-                            true => watch.arrival().await,
-                            false => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        cut = self.sleep_in_delay(origin + at, master_died) => if cut {
-                            return ended(DelayEnded::CutShort);
+                    // Each arrival may make the quiet time known, and calls for a look a
+                    // rest after it.
+                    look = tokio::select! {
+                        cut = self.sleep_in_delay(origin + next, master_died) => match cut {
+                            true => return ended(DelayEnded::CutShort),
+                            false => true,
                         },
-                        _ = until_arrival => {}
-                    }
+                        _ = watch.arrival() => false,
+                    };
                     continue;
                 }
                 Verdict::Quiet { .. } => ended(DelayEnded::Quiet),
