@@ -134,18 +134,23 @@ pub enum Unseen {
 }
 
 /// Whether the look at `now` shows an arrival that epoll did not: a connection the last look,
-/// at `looked`, did not have (`new_peers`), and no arrival seen since that look.
+/// at `looked`, did not have (`new_peers`). Within [`DATED_WITHIN`] of that look it is an
+/// arrival of its own even after one epoll saw (it may have come during the watch's rest);
+/// after longer, only if epoll saw none since that look (else it may be the one epoll saw).
 pub fn unseen_arrival(
     new_peers: bool,
     last_seen: Option<Duration>,
     looked: Duration,
     now: Duration,
 ) -> Option<Unseen> {
-    if !new_peers || last_seen.is_some_and(|last| last >= looked) {
+    if !new_peers {
         return None;
     }
-    match now.saturating_sub(looked) <= DATED_WITHIN {
-        true => Some(Unseen::Dated),
+    if now.saturating_sub(looked) <= DATED_WITHIN {
+        return Some(Unseen::Dated);
+    }
+    match last_seen.is_some_and(|last| last >= looked) {
+        true => None,
         false => Some(Unseen::Undated),
     }
 }
@@ -339,9 +344,13 @@ mod tests {
             (true, None, 1000, 1050, Some(Dated)),
             (true, Some(900), 1000, 1050, Some(Dated)),
             (true, Some(900), 1000, 1100, Some(Dated)),
-            (true, Some(1000), 1000, 1050, None),
-            (true, Some(1100), 1000, 1150, None),
+            // Seen by epoll since the look, but it may have come during the watch's rest.
+            (true, Some(1000), 1000, 1050, Some(Dated)),
+            (true, Some(1020), 1000, 1070, Some(Dated)),
             (false, Some(900), 1000, 1050, None),
+            // Long after the look, and epoll saw one since: it may be that one.
+            (true, Some(1100), 1000, 1150, None),
+            (true, Some(1000), 1000, 3900, None),
             // Found at a look long after the one before: when it came is not known.
             (true, Some(900), 1000, 1101, Some(Undated)),
             (true, Some(900), 1000, 3900, Some(Undated)),
