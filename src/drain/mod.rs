@@ -5,7 +5,6 @@
 //! timeline is tested in paused time against scripted processes.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -537,10 +536,10 @@ impl Drain<'_> {
     }
 }
 
-/// The peers of nginx's connections at the last look, to find the arrivals epoll missed.
+/// nginx's connections at the last look, by cookie, to find the arrivals epoll missed.
 struct Peers {
     listeners: Listeners,
-    known: Option<HashSet<SocketAddr>>,
+    known: Option<HashSet<u64>>,
     /// When the last look was, from the arrival watch's origin.
     looked: Duration,
 }
@@ -550,7 +549,7 @@ impl Peers {
     fn of(masters: &[&PidFd], at: Duration, probe_ports: &[u16]) -> Self {
         let pids: Vec<i32> = masters.iter().map(|m| m.pid()).collect();
         let listeners = Listeners::of(&pids).without_ports(probe_ports);
-        let known = connections::peers_of(&listeners);
+        let known = connections::connections_to(&listeners);
         Self {
             listeners,
             known,
@@ -560,7 +559,7 @@ impl Peers {
 
     /// Looks again; true when a connection is there that the last look did not see.
     fn new_since_last_look(&mut self) -> bool {
-        let Some(now) = connections::peers_of(&self.listeners) else {
+        let Some(now) = connections::connections_to(&self.listeners) else {
             return false;
         };
         let new = self
