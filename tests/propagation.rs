@@ -12,6 +12,7 @@ use common::{Site, Supervisor, Traffic, code, http};
 
 const SIGTERM: i32 = 15;
 const SECONDS: Duration = Duration::from_secs(1);
+const MILLIS: Duration = Duration::from_millis(1);
 
 #[test]
 fn the_delay_ends_soon_after_new_connections_stop() {
@@ -99,6 +100,69 @@ fn a_slow_trickle_of_connections_is_not_taken_for_quiet() {
         summary["propagation"] == "quiet" || summary["propagation"] == "ceiling",
         "{summary}"
     );
+}
+
+#[test]
+fn a_wave_of_connections_the_watch_rested_through_is_dated_by_a_look_soon_after() {
+    let site = Site::new();
+    let mut supervisor = Supervisor::start_serving(&site, &[]);
+    // Waves of 8 new connections over 45 ms, once a second, as clients in step make them (a
+    // full-speed load whose slow requests all take 1 s): the watch wakes at a wave's first
+    // connection, and the others come while it rests. The drain starts just after the first
+    // connection of the last wave, so the rest of that wave comes after the delay's first look.
+    let (first_of_last, drain_now) = std::sync::mpsc::channel();
+    let addr = site.addr();
+    let waves = std::thread::spawn(move || {
+        let mut failures = Vec::new();
+        let mut wave_began = Instant::now();
+        for wave in 0..7 {
+            wave_began = Instant::now();
+            for i in 0..8 {
+                if let Err(err) = get_closed_by_server(addr) {
+                    failures.push(err);
+                }
+                if wave == 6 && i == 0 {
+                    first_of_last.send(()).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(if i == 0 { 10 } else { 5 }));
+            }
+            std::thread::sleep(SECONDS.saturating_sub(wave_began.elapsed()));
+        }
+        (failures, wave_began)
+    });
+    drain_now.recv_timeout(20 * SECONDS).unwrap();
+    supervisor.signal(SIGTERM);
+    let (failures, last_wave) = waves.join().unwrap();
+    let (_, quit_seen) = supervisor.log.wait_phase_arrival("quitting", 20 * SECONDS);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(code(supervisor.wait_exit(10 * SECONDS)), 0);
+    // Gaps of a second: 3 s of quiet after the last wave. Recorded when the quiet time's end
+    // looks at the table, the wave's rest would make a 3 s gap, and 9 s more of quiet.
+    let after = quit_seen - last_wave;
+    let summary = supervisor.log.drain_summary();
+    assert_eq!(summary["propagation"], "quiet", "{summary}");
+    assert!(
+        after > 2 * SECONDS && after < 4500 * MILLIS,
+        "SIGQUIT {after:?} after the last wave began: {summary}"
+    );
+}
+
+/// A request with `Connection: close`: nginx closes first, and its end of the connection waits
+/// in TIME_WAIT, where the socket table still shows it.
+fn get_closed_by_server(addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    match response.starts_with(b"HTTP/1.1 200") {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&response).into_owned()),
+    }
 }
 
 #[test]

@@ -7,6 +7,12 @@
 //! 2 s is not quiet after 1 s, one that gets 200 a second is after 300 ms. Until
 //! [`GAPS_NEEDED`] gaps have been seen, the rate is unknown (rare traffic looks the same as
 //! none), and the delay runs to its ceiling.
+//!
+//! The socket table shows connections epoll did not report, but not when they came: only that
+//! they came since the last look. So the delay looks again [`LOOK_AFTER`] after each arrival
+//! ([`next_look`]), and an arrival found by a look long after the one before extends the delay
+//! but measures no gap ([`Unseen::Undated`]): dated at the look, it would make a gap of the time
+//! between the looks, and a quiet time three times that.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -21,6 +27,13 @@ pub const GAPS_NEEDED: usize = 4;
 pub const QUIET_PER_GAP: u32 = 3;
 /// The shortest quiet time, however busy the service.
 pub const QUIET_AT_LEAST: Duration = Duration::from_millis(300);
+/// How soon after an arrival the socket table is read again: the arrival watch rests this
+/// long after each wake (`nginx::arrivals::REST`), and the connections of that rest are only
+/// in the table.
+pub const LOOK_AFTER: Duration = Duration::from_millis(50);
+/// A look finds arrivals since the one before; within this, their time is known as well as
+/// that of the watch's own wakes, which come up to a rest late.
+pub const DATED_WITHIN: Duration = Duration::from_millis(100);
 
 /// Arrivals of new connections, as offsets from the watch's origin, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +62,14 @@ impl Arrivals {
 
     /// The watch stopped for a while (a reload): the next arrival starts afresh.
     pub fn interrupted(&mut self) {
+        self.interrupted = true;
+    }
+
+    /// An arrival known only to have come by `at`: the delay counts from `at`, but neither the
+    /// time since the arrival before it nor the time to the next one is a gap.
+    pub fn record_undated(&mut self, at: Duration) {
+        self.interrupted = true;
+        self.record(at);
         self.interrupted = true;
     }
 
@@ -103,10 +124,42 @@ pub enum Verdict {
     Ceiling,
 }
 
-/// Whether the socket table's look shows an arrival that epoll did not: a connection the last
-/// look did not have (`new_peers`), and no arrival seen since that look (`looked`).
-pub fn unseen_arrival(new_peers: bool, last_seen: Option<Duration>, looked: Duration) -> bool {
-    new_peers && last_seen.is_none_or(|last| last < looked)
+/// An arrival the socket table shows and epoll did not, by how well its time is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unseen {
+    /// The last look was at most [`DATED_WITHIN`] before: an arrival like the watch's own.
+    Dated,
+    /// The last look was longer before: see [`Arrivals::record_undated`].
+    Undated,
+}
+
+/// Whether the look at `now` shows an arrival that epoll did not: a connection the last look,
+/// at `looked`, did not have (`new_peers`). Within [`DATED_WITHIN`] of that look it is an
+/// arrival of its own even after one epoll saw (it may have come during the watch's rest);
+/// after longer, only if epoll saw none since that look (else it may be the one epoll saw).
+pub fn unseen_arrival(
+    new_peers: bool,
+    last_seen: Option<Duration>,
+    looked: Duration,
+    now: Duration,
+) -> Option<Unseen> {
+    if !new_peers {
+        return None;
+    }
+    if now.saturating_sub(looked) <= DATED_WITHIN {
+        return Some(Unseen::Dated);
+    }
+    match last_seen.is_some_and(|last| last >= looked) {
+        true => None,
+        false => Some(Unseen::Undated),
+    }
+}
+
+/// When the socket table must be read next, apart from the verdict's own time: [`LOOK_AFTER`]
+/// the last arrival, unless a look since then already covers the watch's rest after it.
+pub fn next_look(last_arrival: Option<Duration>, looked: Duration) -> Option<Duration> {
+    let due = last_arrival? + LOOK_AFTER;
+    (looked < due).then_some(due)
 }
 
 /// Whether the delay ends at `now`.
@@ -284,22 +337,77 @@ mod tests {
 
     #[test]
     fn a_connection_epoll_missed_counts_only_without_an_arrival_since_the_last_look() {
-        // (new peers, last arrival seen, last look, an unseen arrival)
+        use Unseen::{Dated, Undated};
+        // (new peers, last arrival seen, last look, now, an unseen arrival)
         let table = [
-            (false, None, 1000, false),
-            (true, None, 1000, true),
-            (true, Some(900), 1000, true),
-            (true, Some(1000), 1000, false),
-            (true, Some(1100), 1000, false),
-            (false, Some(900), 1000, false),
+            (false, None, 1000, 1050, None),
+            (true, None, 1000, 1050, Some(Dated)),
+            (true, Some(900), 1000, 1050, Some(Dated)),
+            (true, Some(900), 1000, 1100, Some(Dated)),
+            // Seen by epoll since the look, but it may have come during the watch's rest.
+            (true, Some(1000), 1000, 1050, Some(Dated)),
+            (true, Some(1020), 1000, 1070, Some(Dated)),
+            (false, Some(900), 1000, 1050, None),
+            // Long after the look, and epoll saw one since: it may be that one.
+            (true, Some(1100), 1000, 1150, None),
+            (true, Some(1000), 1000, 3900, None),
+            // Found at a look long after the one before: when it came is not known.
+            (true, Some(900), 1000, 1101, Some(Undated)),
+            (true, Some(900), 1000, 3900, Some(Undated)),
         ];
-        for (new, last, looked, unseen) in table {
+        for (new, last, looked, now, unseen) in table {
             assert_eq!(
-                unseen_arrival(new, last.map(ms), ms(looked)),
+                unseen_arrival(new, last.map(ms), ms(looked), ms(now)),
                 unseen,
-                "{new} {last:?} {looked}"
+                "{new} {last:?} {looked} {now}"
             );
         }
+    }
+
+    #[test]
+    fn the_table_is_read_again_a_rest_after_each_arrival() {
+        // (last arrival, last look, next look)
+        let table = [
+            (None, 1000, None),
+            (Some(1000), 1000, Some(1050)),
+            (Some(1000), 1020, Some(1050)), // the look came during the watch's rest
+            (Some(1000), 1050, None),       // it came after: nothing new to see
+            (Some(1000), 4000, None),
+            (Some(900), 800, Some(950)),
+        ];
+        for (last, looked, next) in table {
+            assert_eq!(
+                next_look(last.map(ms), ms(looked)),
+                next.map(ms),
+                "{last:?} {looked}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_undated_arrival_extends_the_delay_but_measures_no_gap() {
+        // Waves of connections a second apart: a quiet time of three seconds.
+        let mut a = Arrivals::default();
+        for wave in 0..3 {
+            a.record(ms(wave * 1000));
+            a.record(ms(wave * 1000 + 50));
+        }
+        assert_eq!(a.quiet_needed(), Some(ms(2850)));
+        // A look at that quiet time's end finds a connection of the last wave that came while
+        // the watch rested: dated at the look, it would make a gap of 2.8 s, 8.4 s of quiet.
+        a.record_undated(ms(4900));
+        assert_eq!(a.quiet_needed(), Some(ms(2850)), "{a:?}");
+        assert_eq!(a.last(), Some(ms(4900)));
+        let bounds = Bounds {
+            floor: ms(1000),
+            ceiling: ms(20_000),
+        };
+        assert_eq!(verdict(&a, bounds, ms(5000)), Verdict::WaitUntil(ms(7750)));
+        // Nor is the time from it to the next arrival a gap; the one after that is.
+        a.record(ms(9000));
+        assert_eq!(a.quiet_needed(), Some(ms(2850)));
+        a.record(ms(10_500));
+        assert_eq!(a.quiet_needed(), Some(ms(4500)));
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! timeline is tested in paused time against scripted processes.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -193,8 +192,9 @@ impl Drain<'_> {
     }
 
     /// Waits until no new connection has arrived for the quiet time the traffic calls for,
-    /// within `floor` and `ceiling` from `began`; looks again only when the quiet time could
-    /// have passed, never on a tick.
+    /// within `floor` and `ceiling` from `began`. Looks again when the quiet time could have
+    /// passed, and a watch's rest after each arrival (what came during the rest is only in the
+    /// socket table); never on a tick.
     async fn until_quiet(
         &self,
         watch: &ArrivalWatch,
@@ -211,18 +211,25 @@ impl Drain<'_> {
         };
         let before = watch.arrivals().total();
         let mut peers = Peers::of(&self.masters, start, &self.plan.probe_ports);
+        let mut look = true;
         loop {
-            // epoll misses an arrival that a worker accepted before this process looked: the
-            // socket table, read at each look, tells of those still open or in TIME_WAIT.
-            let new_peers = peers.new_since_last_look();
-            if quiet::unseen_arrival(new_peers, watch.arrivals().last(), peers.looked) {
-                watch.record_now();
-            }
-            peers.looked = origin.elapsed();
-            let arrivals = watch.arrivals();
+            // epoll misses an arrival that a worker accepted before this process looked, or
+            // during the watch's rest: the socket table, read at each look, tells of those
+            // still open or in TIME_WAIT. An arrival epoll reported needs no look of its own.
             let now = origin.elapsed();
+            let mut unseen = None;
+            if look {
+                let new_peers = peers.new_since_last_look();
+                unseen = quiet::unseen_arrival(new_peers, watch.arrivals().last(), peers.looked, now);
+                if let Some(how) = unseen {
+                    watch.record_unseen(now, how);
+                }
+                peers.looked = now;
+            }
+            let arrivals = watch.arrivals();
             let quiet_for = arrivals.last().map(|last| now.saturating_sub(last));
             let quiet_needed = arrivals.quiet_needed();
+            let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
             let ended = |how| DelayEnd {
                 how,
                 lasted: began.elapsed(),
@@ -232,7 +239,16 @@ impl Drain<'_> {
             };
             let end = match quiet::verdict(&arrivals, bounds, now) {
                 Verdict::WaitUntil(at) => {
-                    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+                    let next =
+                        quiet::next_look(arrivals.last(), peers.looked).map_or(at, |look| look.min(at));
+                    tracing::debug!(
+                        arrivals = arrivals.total() - before,
+                        unseen = ?unseen,
+                        quiet_for_ms = ms(quiet_for),
+                        quiet_needed_ms = ms(quiet_needed),
+                        next_look_in_ms = ms(Some(next.saturating_sub(now))),
+                        "propagation delay: not quiet yet"
+                    );
                     self.phases.report_delay(serde_json::json!({
                         "state": "waiting",
                         "arrivals": arrivals.total() - before,
@@ -240,20 +256,15 @@ impl Drain<'_> {
                         "quiet_needed_ms": ms(quiet_needed),
                         "ceiling_in_ms": ms(Some(bounds.ceiling.saturating_sub(now))),
                     }));
-                    // Until the quiet time is known, each arrival may make it known.
-                    let unknown = quiet_needed.is_none();
-                    let until_arrival = async {
-                        match unknown {
-                            true => watch.arrival().await,
-                            false => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        cut = self.sleep_in_delay(origin + at, master_died) => if cut {
-                            return ended(DelayEnded::CutShort);
+                    // Each arrival may make the quiet time known, and calls for a look a
+                    // rest after it.
+                    look = tokio::select! {
+                        cut = self.sleep_in_delay(origin + next, master_died) => match cut {
+                            true => return ended(DelayEnded::CutShort),
+                            false => true,
                         },
-                        _ = until_arrival => {}
-                    }
+                        _ = watch.arrival() => false,
+                    };
                     continue;
                 }
                 Verdict::Quiet { .. } => ended(DelayEnded::Quiet),
@@ -540,10 +551,10 @@ impl Drain<'_> {
     }
 }
 
-/// The peers of nginx's connections at the last look, to find the arrivals epoll missed.
+/// nginx's connections at the last look, by cookie, to find the arrivals epoll missed.
 struct Peers {
     listeners: Listeners,
-    known: Option<HashSet<SocketAddr>>,
+    known: Option<HashSet<u64>>,
     /// When the last look was, from the arrival watch's origin.
     looked: Duration,
 }
@@ -553,7 +564,7 @@ impl Peers {
     fn of(masters: &[&PidFd], at: Duration, probe_ports: &[u16]) -> Self {
         let pids: Vec<i32> = masters.iter().map(|m| m.pid()).collect();
         let listeners = Listeners::of(&pids).without_ports(probe_ports);
-        let known = connections::peers_of(&listeners);
+        let known = connections::connections_to(&listeners);
         Self {
             listeners,
             known,
@@ -563,7 +574,7 @@ impl Peers {
 
     /// Looks again; true when a connection is there that the last look did not see.
     fn new_since_last_look(&mut self) -> bool {
-        let Some(now) = connections::peers_of(&self.listeners) else {
+        let Some(now) = connections::connections_to(&self.listeners) else {
             return false;
         };
         let new = self

@@ -30,10 +30,11 @@ use tokio::time::Instant;
 
 use super::pidfd::PidFd;
 use super::sock_diag::{self, Family, states};
-use crate::core::quiet::Arrivals;
+use crate::core::quiet::{self, Arrivals, Unseen};
 
-/// How long a listener's watch rests after a wake.
-pub const REST: Duration = Duration::from_millis(50);
+/// How long a listener's watch rests after a wake; the drain reads the socket table again
+/// then, for the connections that came meanwhile.
+pub const REST: Duration = quiet::LOOK_AFTER;
 
 /// The watch on every listening socket of the masters, and what it has seen. It can be paused
 /// (its copies closed) and resumed, keeping what it saw.
@@ -112,12 +113,13 @@ impl ArrivalWatch {
         self.arrivals.lock().expect("not poisoned").clone()
     }
 
-    /// Records an arrival now: one the drain learnt of another way.
-    pub fn record_now(&self) {
-        self.arrivals
-            .lock()
-            .expect("not poisoned")
-            .record(self.origin.elapsed());
+    /// Records an arrival at `at` (from the origin) that the drain learnt of another way.
+    pub fn record_unseen(&self, at: Duration, how: Unseen) {
+        let mut arrivals = self.arrivals.lock().expect("not poisoned");
+        match how {
+            Unseen::Dated => arrivals.record(at),
+            Unseen::Undated => arrivals.record_undated(at),
+        }
     }
 
     /// Resolves at the next arrival (or at once if one came since the last call).

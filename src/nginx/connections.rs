@@ -91,10 +91,11 @@ pub fn to_listeners(listeners: &Listeners) -> Option<usize> {
     Some(count)
 }
 
-/// The peers of every connection to `listeners`, in any state but listening (TIME_WAIT
-/// too: a connection nginx closed first stays there for a minute). `None` when the kernel's
-/// table cannot be read or no listener is known.
-pub fn peers_of(listeners: &Listeners) -> Option<HashSet<SocketAddr>> {
+/// Every connection to `listeners`, in any state but listening (TIME_WAIT too: a connection
+/// nginx closed first stays there for a minute), by the kernel's cookie: a client port reused
+/// for a new connection while the old one is in TIME_WAIT is a new cookie. `None` when the
+/// kernel's table cannot be read or no listener is known.
+pub fn connections_to(listeners: &Listeners) -> Option<HashSet<u64>> {
     if listeners.is_empty() {
         return None;
     }
@@ -109,7 +110,7 @@ pub fn peers_of(listeners: &Listeners) -> Option<HashSet<SocketAddr>> {
                 sockets
                     .iter()
                     .filter(|s| listeners.accepted(&s.local))
-                    .map(|s| s.remote),
+                    .map(|s| s.cookie),
             );
         }
     }
@@ -225,11 +226,11 @@ mod tests {
     }
 
     #[test]
-    fn the_peers_of_a_listener_include_connections_it_closed_first() {
+    fn the_connections_to_a_listener_include_those_it_closed_first() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let listeners = Listeners(vec![listener.local_addr().unwrap()]);
-        let before = peers_of(&listeners).unwrap();
-        let open = TcpStream::connect(listeners.0[0]).unwrap();
+        let before = connections_to(&listeners).unwrap();
+        let _open = TcpStream::connect(listeners.0[0]).unwrap();
         let closed = TcpStream::connect(listeners.0[0]).unwrap();
         let (_kept, _) = listener.accept().unwrap();
         // The server closes first, as nginx does after a `Connection: close` request: its end
@@ -238,10 +239,40 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(std::io::Read::read(&mut &closed, &mut buf).unwrap(), 0);
         drop(closed);
-        let after = peers_of(&listeners).unwrap();
+        let after = connections_to(&listeners).unwrap();
         let new: Vec<_> = after.difference(&before).collect();
         assert_eq!(new.len(), 2, "{after:?}");
-        assert!(after.contains(&open.local_addr().unwrap()));
-        assert_eq!(peers_of(&Listeners::default()), None);
+        assert_eq!(connections_to(&Listeners::default()), None);
+    }
+
+    #[test]
+    fn a_client_port_reused_while_in_time_wait_is_a_new_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = Listeners(vec![listener.local_addr().unwrap()]);
+        let first = connect_from(0, listeners.0[0]);
+        let port = first.local_addr().unwrap().port();
+        drop(listener.accept().unwrap());
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &first, &mut buf).unwrap(), 0);
+        drop(first);
+        let before = connections_to(&listeners).unwrap();
+        assert_eq!(before.len(), 1, "the server's end in TIME_WAIT");
+        // The same client port again: the kernel takes the SYN over the TIME_WAIT entry.
+        let again = connect_from(port, listeners.0[0]);
+        let (_server, peer) = listener.accept().unwrap();
+        assert_eq!(peer.port(), port);
+        let after = connections_to(&listeners).unwrap();
+        assert_eq!(after.difference(&before).count(), 1, "{before:?} {after:?}");
+        drop(again);
+    }
+
+    /// A connection from 127.0.0.1:`port` (any port for 0).
+    fn connect_from(port: u16, to: SocketAddr) -> TcpStream {
+        use rustix::net::{AddressFamily, SocketType, bind, connect, socket, sockopt};
+        let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        sockopt::set_socket_reuseaddr(&fd, true).unwrap();
+        bind(&fd, &SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+        connect(&fd, &to).unwrap();
+        TcpStream::from(fd)
     }
 }

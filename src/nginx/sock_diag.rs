@@ -39,6 +39,9 @@ pub struct TcpSocket {
     pub remote: SocketAddr,
     /// 0 for a socket in TIME_WAIT, which no file holds any more.
     pub inode: u64,
+    /// The kernel's id of the connection: kept into TIME_WAIT and never given to another, so it
+    /// tells a new connection from an old one on the same client port.
+    pub cookie: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,8 +190,8 @@ fn port_filter(ports: &[u16]) -> Vec<u8> {
 }
 
 /// struct inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid (ports in network
-/// order, source then destination, addresses as four 32-bit words), then expires, queues, uid,
-/// inode.
+/// order, source then destination, addresses as four 32-bit words, interface, cookie), then
+/// expires, queues, uid, inode.
 fn parse(body: &[u8]) -> Option<TcpSocket> {
     if body.len() < RESPONSE_LEN {
         return None;
@@ -201,11 +204,13 @@ fn parse(body: &[u8]) -> Option<TcpSocket> {
         })
     };
     let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-    let inode = u32::from_ne_bytes(body[68..72].try_into().ok()?);
+    let word = |at: usize| -> Option<u32> { Some(u32::from_ne_bytes(body[at..at + 4].try_into().ok()?)) };
     Some(TcpSocket {
         local: SocketAddr::new(address(8)?, port(4)),
         remote: SocketAddr::new(address(24)?, port(6)),
-        inode: u64::from(inode),
+        inode: u64::from(word(68)?),
+        // idiag_cookie[2], the low half first.
+        cookie: u64::from(word(44)?) | (u64::from(word(48)?) << 32),
     })
 }
 
@@ -229,6 +234,27 @@ mod tests {
         assert!(established.iter().any(|s| s.local == addr && s.remote == local));
         assert!(established.iter().any(|s| s.local == local && s.remote == addr));
         drop((client, server));
+    }
+
+    #[test]
+    fn a_connection_keeps_its_cookie_into_time_wait() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let on = || tcp_sockets(Family::V4, states::CONNECTIONS, &[addr.port()]).unwrap();
+        let open = on();
+        assert_eq!(open.len(), 1, "{open:?}");
+        // The server closes first: its end waits in TIME_WAIT, with no inode.
+        drop(server);
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &client, &mut buf).unwrap(), 0);
+        drop(client);
+        let closed = on();
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert_eq!(closed[0].inode, 0);
+        assert_ne!(open[0].cookie, 0);
+        assert_eq!(closed[0].cookie, open[0].cookie);
     }
 
     #[test]
