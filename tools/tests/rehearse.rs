@@ -58,6 +58,8 @@ fn nginx_graceful_drops_nothing_where_the_naive_recipe_drops_requests() {
 /// Service's lag: the endpoint goes a second before SIGQUIT.
 const DELAY_MS: u64 = 2000;
 const LAG_MS: u64 = 1000;
+/// The close spread the nginx-graceful pods take from their environment: within the delay.
+const SPREAD_MS: u64 = 1000;
 /// How long /slow takes in the tests' rehearsal config. Longer than the second between the
 /// endpoint removal and SIGQUIT: the terminated pod has requests in flight at its quit (about
 /// ten, from those that begin in the half second before the removal). Shorter than the delay
@@ -116,6 +118,7 @@ fn graceful_against_naive(
         .arg(work.join("work"))
         .args(extra)
         .env("NGINX_GRACEFUL_PROPAGATION_DELAY", format!("{DELAY_MS}ms"))
+        .env("NGINX_GRACEFUL_CLOSE_SPREAD", format!("{SPREAD_MS}ms"))
         .env("NGINX_GRACEFUL_LOG_FORMAT", "json")
         .output()
         .unwrap();
@@ -191,7 +194,7 @@ fn assert_terminated_pod_drained(work: &Path, graceful: &Value) {
     );
 
     let pod = work.join("work/nginx-graceful-1/pod-a");
-    let log = std::fs::read_to_string(pod.join("pod.log")).unwrap();
+    let log = std::fs::read_to_string(work.join("work/nginx-graceful-1/pod-a.log")).unwrap();
     let events: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let summary = events
         .iter()
@@ -218,7 +221,7 @@ fn assert_terminated_pod_drained(work: &Path, graceful: &Value) {
         .collect();
     assert!(too_quick.is_empty(), "/slow takes {SLOW_MS} ms: {too_quick:?}");
     // Served while the endpoint went away: new requests after the drain began (the log's times
-    // are whole milliseconds), every one told to close.
+    // are whole milliseconds); some told to close within the close spread, every one after it.
     let during: Vec<&Request> = requests
         .iter()
         .filter(|r| r.start > unready + 0.002 && r.start < quit)
@@ -229,10 +232,20 @@ fn assert_terminated_pod_drained(work: &Path, graceful: &Value) {
         during.len(),
         requests.len()
     );
-    let not_told: Vec<&&Request> = during.iter().filter(|r| !r.told_to_close).collect();
+    let spread_over = unready + SPREAD_MS as f64 / 1e3 + 0.002;
+    let (in_spread, after): (Vec<&Request>, Vec<&Request>) =
+        during.iter().partition(|r| r.start < spread_over);
+    let told_in_spread = in_spread.iter().filter(|r| r.told_to_close).count();
     assert!(
-        not_told.is_empty(),
-        "served during the drain without Connection: close: {not_told:?}"
+        told_in_spread > 0 && told_in_spread < in_spread.len(),
+        "{told_in_spread} of {} told to close within the spread",
+        in_spread.len()
+    );
+    let not_told: Vec<&&Request> = after.iter().filter(|r| !r.told_to_close).collect();
+    assert!(
+        !after.is_empty() && not_told.is_empty(),
+        "served after the close spread without Connection: close: {not_told:?} of {}",
+        after.len()
     );
     // In flight at SIGQUIT, and finished.
     let across: Vec<&Request> = requests

@@ -350,7 +350,9 @@ pub(crate) async fn start_pod(
     );
     chosen.name = variant.name;
     let probe = Probe::of(variant.preset, listen, health, settings.tls.as_ref());
-    let pod = Pod::start(name, listen, &chosen, &pod_dir.join("pod.log")).await?;
+    // Beside the pod's directory, not in it: nginx-graceful watches its runtime directory for
+    // config changes, and a log written there under load would wake it for every line.
+    let pod = Pod::start(name, listen, &chosen, &dir.join(format!("{name}.log"))).await?;
     Ok((pod, chosen, probe))
 }
 

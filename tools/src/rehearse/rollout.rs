@@ -257,7 +257,7 @@ pub(crate) async fn rollout(
                 return Err(Error::Rehearsal(format!(
                     "{} did not pass its readiness probe within {READY_WITHIN:?}: its log is {}",
                     life.name,
-                    dir.join(&life.name).join("pod.log").display()
+                    dir.join(format!("{}.log", life.name)).display()
                 )));
             }
             Some(News::EndpointAdded(index, at)) => {
