@@ -30,7 +30,7 @@ const RUN_AFTER_HELP: &str = "\
 THE DRAIN TIMELINE (on SIGTERM; times count from the signal):
   0s       the drain starts (readiness fails now with --unready-at start)
   0s..     keep-alive clients are told to close: responses carry `Connection: close`, on a
-           tenth of the connections more at a time over --close-spread (1s), then on all
+           tenth of the connections more at a time over --close-spread (2s), then on all
            (needs the snippet nginx-conf/graceful-drain.conf in your config)
   0s..     --pre-drain-exec hooks run in order, each within --pre-drain-timeout
   then     --propagation-delay: nginx keeps serving new connections while the endpoint removal
@@ -300,7 +300,7 @@ pub struct DrainArgs {
     /// drain's start, a tenth of the connections more at a time, so that they do not all
     /// reconnect to the other pods (with TLS, each with a handshake) at one instant. 0s: all
     /// at once. The propagation delay ends after it: a fixed one must be at least this long,
-    /// an adaptive one lasts at least --min-propagation-delay more. Default: 1s, at most half
+    /// an adaptive one lasts at least --min-propagation-delay more. Default: 2s, at most half
     /// a fixed --propagation-delay or what --max-propagation-delay leaves above the minimum.
     #[arg(value_name = "DURATION", long, env = "NGINX_GRACEFUL_CLOSE_SPREAD", value_parser = duration::parse)]
     pub close_spread: Option<Duration>,

@@ -78,7 +78,7 @@ fn new_connections_during_the_propagation_delay_are_served() {
 
     let mut served = 0;
     while supervisor.log.phases().last().map(String::as_str) == Some("propagation_delay") {
-        // Over the close spread (1 s by default) a tenth more of the connections is told each
+        // Over the close spread (half the fixed delay here: 1 s) a tenth more of the connections is told each
         // time; after it, every one.
         let all_told = supervisor.log.contains(ALL_TOLD);
         let reply = http::get(site.addr(), "/");

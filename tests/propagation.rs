@@ -261,7 +261,15 @@ fn probes_on_a_probe_port_are_not_traffic() {
     let probe_port = common::free_port();
     let site = Site::build(true, &format!("listen 127.0.0.1:{probe_port};"));
     let port = probe_port.to_string();
-    let extra = ["--probe-port", &port, "--max-propagation-delay", "6s"];
+    // The delay's floor (the close spread, then the minimum) ends before the traffic does.
+    let extra = [
+        "--probe-port",
+        &port,
+        "--max-propagation-delay",
+        "6s",
+        "--close-spread",
+        "400ms",
+    ];
     let mut supervisor = Supervisor::start_serving(&site, &extra);
     let stop = Arc::new(AtomicBool::new(false));
     let probes = {

@@ -11,7 +11,7 @@ pub const MIN_QUIT_WINDOW: Duration = Duration::from_secs(1);
 
 /// How long keep-alive clients are told to close over, a tenth more at a time, unless
 /// `--close-spread` says: so that they do not all reconnect to the other pods at one instant.
-pub const DEFAULT_CLOSE_SPREAD: Duration = Duration::from_secs(1);
+pub const DEFAULT_CLOSE_SPREAD: Duration = Duration::from_secs(2);
 
 /// What the operator asked of a drain; [`DrainPlan::new`] checks that it fits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,14 +339,14 @@ mod tests {
         };
         // (settings, --close-spread ms, the spread planned)
         let fits = [
-            (adaptive(30, 1, None), None, 1_000),
+            (adaptive(30, 1, None), None, 2_000),
             (adaptive(30, 1, None), Some(0), 0),
             (adaptive(30, 1, None), Some(5_000), 5_000),
             (adaptive(30, 1, Some(2)), Some(1_000), 1_000),
             // The default shrinks to fit, never refuses: what the ceiling leaves above the
             // floor, half a fixed delay.
             (adaptive(30, 1, Some(1)), None, 0),
-            (args(30, 5, 2, 0, 5), None, 1_000),
+            (args(30, 5, 2, 0, 5), None, 2_000),
             (args(30, 1, 2, 0, 5), None, 500),
             (args(30, 0, 2, 0, 5), None, 0),
             (args(30, 5, 2, 0, 5), Some(5_000), 5_000),

@@ -225,17 +225,17 @@ pub struct RehearseArgs {
     pub rollout: bool,
 
     /// With --rollout: the Deployment's replicas.
-    #[arg(long, value_name = "N", default_value = "4")]
+    #[arg(long, requires = "rollout", value_name = "N", default_value = "4")]
     pub replicas: usize,
 
     /// With --rollout: how many pods above --replicas may run, a count or a percentage
     /// (rounded up), as the Deployment's maxSurge.
-    #[arg(long, value_name = "N|P%", default_value = "25%")]
+    #[arg(long, requires = "rollout", value_name = "N|P%", default_value = "25%")]
     pub max_surge: IntOrPercent,
 
     /// With --rollout: how many of --replicas may be unready, a count or a percentage
     /// (rounded down), as the Deployment's maxUnavailable.
-    #[arg(long, value_name = "N|P%", default_value = "25%")]
+    #[arg(long, requires = "rollout", value_name = "N|P%", default_value = "25%")]
     pub max_unavailable: IntOrPercent,
 
     /// More flags for `nginx-graceful run` in the nginx-graceful pods, like

@@ -45,6 +45,9 @@ fn a_rollout_replaces_every_pod_in_order_and_nginx_graceful_drops_nothing_where_
         "1s",
         "--probe-period",
         "500ms",
+        // A load the machine carries beside four pods and the test's neighbours.
+        "--rate",
+        "300",
         "--work-dir",
         work.to_str().unwrap(),
     ]);
@@ -78,7 +81,8 @@ fn a_rollout_replaces_every_pod_in_order_and_nginx_graceful_drops_nothing_where_
             assert_eq!(gone["exit"], "exit 0", "{rehearsal}");
         }
         let last_exit = old.iter().map(|p| ms(p, "exited_ms")).max().unwrap();
-        assert_eq!(rollout["total_ms"].as_i64(), Some(last_exit));
+        let last_ready = new.iter().map(|p| ms(p, "ready_ms")).max().unwrap();
+        assert_eq!(rollout["total_ms"].as_i64(), Some(last_exit.max(last_ready)));
         // A surviving pod got new connections while each old pod drained.
         assert_eq!(rollout["bursts"].as_array().unwrap().len(), 2, "{rehearsal}");
     }
@@ -125,8 +129,8 @@ fn rollouts_that_cannot_run_are_refused_before_any_pod_starts() {
             &["400 pod addresses", "--replicas 122 or fewer"],
         ),
         (
-            &["--concurrency", "100000000"],
-            &["file descriptors", "ulimit -n", "--concurrency"],
+            &["--concurrency", "1000000000"],
+            &["file descriptors", "hard limit", "--concurrency"],
         ),
         (&["--topology", "local"], &["--topology local"]),
     ];
@@ -142,4 +146,58 @@ fn rollouts_that_cannot_run_are_refused_before_any_pod_starts() {
         }
         assert!(!work.exists(), "{args:?}: nothing was started, nor written");
     }
+}
+
+#[test]
+fn with_no_surge_each_old_pod_goes_before_its_replacement_starts() {
+    let dir = common::TempDir::new("rollout-no-surge");
+    let output = rehearse(&[
+        "--rollout",
+        "--replicas",
+        "3",
+        "--max-surge",
+        "0",
+        "--max-unavailable",
+        "1",
+        "--json",
+        "--warmup",
+        "1s",
+        "--tail",
+        "300ms",
+        "--grace-period",
+        "10s",
+        "--propagation-lag",
+        "500ms",
+        "--probe-period",
+        "300ms",
+        "--rate",
+        "200",
+        "--work-dir",
+        dir.0.join("work").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let rehearsal = &report["rehearsals"][0];
+    let (old, new) = pods(rehearsal).split_at(3);
+    for (gone, replacement) in old.iter().zip(new) {
+        // Never more than 3 pods counted: the replacement starts once the old one terminates.
+        assert!(
+            ms(replacement, "started_ms") >= ms(gone, "terminating_ms"),
+            "{rehearsal}"
+        );
+    }
+    for (next, replacement) in old[1..].iter().zip(new) {
+        // Never fewer than 2 ready: the next old pod goes once the last replacement is ready.
+        assert!(
+            ms(next, "terminating_ms") >= ms(replacement, "ready_ms"),
+            "{rehearsal}"
+        );
+    }
+    let total = rehearsal["rollout"]["total_ms"].as_i64().unwrap();
+    assert!(new.iter().all(|p| ms(p, "ready_ms") <= total), "{rehearsal}");
+    assert!(old.iter().all(|p| ms(p, "exited_ms") <= total), "{rehearsal}");
+    for mode in ["close", "keep-alive"] {
+        assert_eq!(rehearsal["modes"][mode]["failed"], 0, "{mode}: {rehearsal}");
+    }
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
 }

@@ -3,8 +3,9 @@
 //! Pure: the rollout ([`super::rollout`]) feeds it the pods' states and carries out its answer.
 //!
 //! The rules, as kube-controller-manager's deployment controller applies them:
-//! - `maxSurge` as a percentage rounds up, `maxUnavailable` rounds down; both 0 is refused
-//!   (the API server refuses it too).
+//! - `maxSurge` as a percentage rounds up, `maxUnavailable` rounds down; both given as 0 is
+//!   refused (the API server refuses it too), and when both only round to 0, one pod may be
+//!   unavailable (the controller's fencepost rule).
 //! - New pods start while old and new pods together (terminating ones not counted) are fewer
 //!   than replicas + maxSurge, until there are `replicas` new pods.
 //! - Old pods are terminated while the ready pods (old not terminating, new ready) stay at
@@ -42,6 +43,10 @@ impl fmt::Display for IntOrPercent {
 }
 
 impl IntOrPercent {
+    fn is_zero(self) -> bool {
+        matches!(self, IntOrPercent::Int(0) | IntOrPercent::Percent(0))
+    }
+
     fn resolve(self, replicas: usize, round_up: bool) -> usize {
         match self {
             IntOrPercent::Int(n) => n,
@@ -74,25 +79,31 @@ impl Limits {
         if replicas == 0 {
             return Err("--replicas 0 has nothing to roll: give 1 or more".into());
         }
-        let surge = max_surge.resolve(replicas, true);
-        let unavailable = max_unavailable.resolve(replicas, false).min(replicas);
-        if surge == 0 && unavailable == 0 {
+        if max_surge.is_zero() && max_unavailable.is_zero() {
             return Err(format!(
-                "--max-surge {max_surge} and --max-unavailable {max_unavailable} are both 0 for {replicas} replicas: \
+                "--max-surge {max_surge} and --max-unavailable {max_unavailable} are both 0: \
                  the rollout could neither start a pod nor stop one; make one of them 1 or more"
             ));
+        }
+        if let IntOrPercent::Percent(p) = max_unavailable
+            && p > 100
+        {
+            return Err(format!(
+                "--max-unavailable {max_unavailable} is more than every pod: give 100% or less"
+            ));
+        }
+        let surge = max_surge.resolve(replicas, true);
+        let mut unavailable = max_unavailable.resolve(replicas, false).min(replicas);
+        // Both rounded to 0: one pod may go, as the controller decides (surge might be
+        // impossible under a quota).
+        if surge == 0 && unavailable == 0 {
+            unavailable = 1;
         }
         Ok(Self {
             replicas,
             surge,
             unavailable,
         })
-    }
-
-    /// The most pods that run at once: every replica, the surge, and the old pods that are
-    /// still draining (at most `unavailable + surge` are terminated before a new one is ready).
-    pub fn most_pods_at_once(&self) -> usize {
-        2 * self.replicas + self.surge
     }
 }
 
@@ -151,6 +162,8 @@ mod tests {
             (3, "0", "1", (0, 1)),
             (5, "100%", "0%", (5, 0)),
             (2, "1", "5", (1, 2)),
+            // Both round to 0: one pod may be unavailable.
+            (3, "0", "25%", (0, 1)),
         ];
         for (replicas, surge, unavailable, expected) in cases {
             let l = limits(replicas, surge, unavailable).unwrap();
@@ -170,6 +183,7 @@ mod tests {
             "{both_zero}"
         );
         assert!(limits(0, "1", "1").unwrap_err().contains("--replicas 0"));
+        assert!(limits(4, "1", "101%").unwrap_err().contains("100% or less"));
         assert!("x%".parse::<IntOrPercent>().unwrap_err().contains("25%"));
         assert!("-1".parse::<IntOrPercent>().is_err());
     }

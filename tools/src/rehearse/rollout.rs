@@ -57,11 +57,12 @@ pub fn preflight(args: &RehearseArgs) -> Result<Limits, Error> {
             room / 2
         )));
     }
+    let last = pod_ip(pods - 1);
     for i in 0..pods {
         let ip = pod_ip(i);
         TcpListener::bind((ip, 0)).map_err(|e| {
             Error::Rehearsal(format!(
-                "cannot listen on {ip} ({e}): pods need 127.0.0.{FIRST_POD_HOST} to {ip} on the loopback interface (ip addr add 127.0.0.0/8 dev lo)"
+                "cannot listen on {ip} ({e}): the pods need 127.0.0.{FIRST_POD_HOST} to {last} on the loopback interface (ip addr add 127.0.0.0/8 dev lo)"
             ))
         })?;
     }
@@ -74,9 +75,9 @@ pub fn preflight(args: &RehearseArgs) -> Result<Limits, Error> {
     let limit = raise_open_files_limit();
     if needed > limit {
         return Err(Error::Rehearsal(format!(
-            "the rollout needs about {needed} file descriptors ({} modes x {} connections x 3, and the pods), and the limit is {limit}: raise it (ulimit -n {needed}) or lower --concurrency",
+            "the rollout needs about {needed} file descriptors ({} modes x {} connections x 3, and the pods), and the hard limit is {limit}: raise it (ulimit -Hn as root, LimitNOFILE= for a service) or lower --concurrency",
             args.modes.len(),
-            args.concurrency
+            args.concurrency.max(1)
         )));
     }
     Ok(limits)
@@ -97,7 +98,7 @@ fn raise_open_files_limit() -> u64 {
 enum News {
     /// The new pod `life` passed its first readiness probe.
     Ready(usize, Instant),
-    NeverReady(usize),
+    NeverReady(usize, Probe),
     /// The pod's endpoint change reached the Service.
     EndpointAdded(usize, Instant),
     EndpointRemoved(usize, Instant),
@@ -186,11 +187,12 @@ pub(crate) async fn rollout(
             kept.push(pod);
             counts.new += 1;
         }
+        // Pods terminated in one step start together.
+        let at = Instant::now();
         for _ in 0..step.terminate_old {
             let (index, mut pod, strategy) = old
                 .pop_front()
                 .expect("the controller terminates only old pods that run");
-            let at = Instant::now();
             lives[index].terminating = Some(at);
             events.push(Event::new(
                 at,
@@ -227,7 +229,7 @@ pub(crate) async fn rollout(
         match heard {
             None => {
                 return Err(Error::Rehearsal(format!(
-                    "the rollout did not finish within {:?} ({} of {} new pods ready, {draining} old pods still draining): the pods' files are in {}",
+                    "the rollout did not finish within {:?}: {} of {} new pods ready, {draining} old pods still draining, {endpoint_changes} endpoint changes pending; the pods' logs are in {}",
                     deadline - t0,
                     counts.new_ready,
                     limits.replicas,
@@ -252,11 +254,13 @@ pub(crate) async fn rollout(
                 counts.new_ready += 1;
                 endpoint_changes += 1;
             }
-            Some(News::NeverReady(index)) => {
+            Some(News::NeverReady(index, probe)) => {
                 let life = &lives[index];
                 return Err(Error::Rehearsal(format!(
-                    "{} did not pass its readiness probe within {READY_WITHIN:?}: its log is {}",
+                    "{} did not pass its readiness probe (GET {} on {}) within {READY_WITHIN:?}, and the rollout stalled: see why in {}",
                     life.name,
+                    probe.path,
+                    probe.addr,
                     dir.join(format!("{}.log", life.name)).display()
                 )));
             }
@@ -295,9 +299,11 @@ pub(crate) async fn rollout(
             }
         }
     }
-    let last_exit = lives
+    // Done when every new pod is ready and every old one has exited (Kubernetes calls the
+    // rollout complete at the first; the old pods' drains are part of what it costs).
+    let done = lives
         .iter()
-        .filter_map(|l| l.exited.as_ref().map(|(at, _)| *at))
+        .filter_map(|l| l.exited.as_ref().map(|(at, _)| *at).or(l.ready.filter(|_| l.new)))
         .max()
         .unwrap_or(t0);
     // Requests keep coming a little after the last change, to see what it left behind.
@@ -307,8 +313,8 @@ pub(crate) async fn rollout(
     drop(service);
     drop(kept);
     events.sort_by_key(|e| e.at_ms);
-    let facts = rollout_report::facts(limits, lives, &results, &routed, start, t0, last_exit);
-    let (exit, exit_after) = (facts.worst_exit(), last_exit - t0);
+    let facts = rollout_report::facts(limits, lives, &results, &routed, start, t0, done);
+    let (exit, exit_after) = (facts.worst_exit(), done - t0);
     Ok(Rehearsal {
         strategy: variant.name,
         repeat,
@@ -350,7 +356,7 @@ async fn until_ready(probe: Probe, period: Duration, index: usize, tell: mpsc::U
             return;
         }
     }
-    let _ = tell.send(News::NeverReady(index));
+    let _ = tell.send(News::NeverReady(index, probe));
 }
 
 #[cfg(test)]

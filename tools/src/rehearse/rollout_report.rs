@@ -3,7 +3,7 @@
 //! matched against the Service's connection log), and the reconnect burst: the most new
 //! connections a surviving pod received in 100 ms while an old pod drained.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -68,8 +68,8 @@ impl PodTimes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Burst {
     pub terminated: String,
-    /// The most new connections one surviving pod received in 100 ms, from the termination's
-    /// start to a second after the pod's exit; and which pod.
+    /// The most new connections one surviving pod received in any 100 ms, from the
+    /// termination's start to a second after the pod's exit; and which pod.
     pub peak: u32,
     pub on: String,
     /// Every surviving pod's own peak, highest first.
@@ -83,8 +83,9 @@ pub struct Facts {
     /// Failed requests by pod ("no endpoint" when the Service had none to give), by class.
     pub by_pod: BTreeMap<String, BTreeMap<Failure, u64>>,
     pub bursts: Vec<Burst>,
-    /// New connections per pod per 100 ms in the second before the rollout, for scale.
-    pub before_per_pod: f64,
+    /// The most new connections one pod received in any 100 ms of the second before the
+    /// rollout, for scale: the same measure as a burst.
+    pub before: u32,
     pub total: Duration,
 }
 
@@ -119,22 +120,22 @@ pub fn facts(
     routed: &[Routed],
     start: Instant,
     t0: Instant,
-    last_exit: Instant,
+    done: Instant,
 ) -> Facts {
     let ms = |at: Instant| signed_ms(at, t0);
     let names: HashMap<SocketAddr, &str> = lives.iter().map(|l| (l.addr, l.name.as_str())).collect();
     let records = results.iter().flat_map(|(_, records)| records.iter());
     let by_pod = failures_by_pod(records, routed, start, &names);
-    let bursts = bursts(&lives, routed, t0);
-    // The steady rate of the last second before the rollout (the first connections of a
-    // keep-alive load open at its start).
-    let old = limits.replicas as f64;
+    let bursts = bursts(&lives, routed);
+    let arrivals = arrivals_by_pod(routed);
     let since = t0.checked_sub(BEFORE).unwrap_or(start).max(start);
-    let before = routed
+    let before = lives
         .iter()
-        .filter(|r| r.at >= since && r.at < t0 && r.backend.is_some())
-        .count() as f64;
-    let buckets_before = (t0 - since).as_secs_f64() / BUCKET.as_secs_f64();
+        .filter(|l| !l.new)
+        .filter_map(|l| arrivals.get(&l.addr))
+        .map(|times| busiest(times, since, t0))
+        .max()
+        .unwrap_or(0);
     let pods = lives
         .into_iter()
         .map(|l| PodTimes {
@@ -156,12 +157,8 @@ pub fn facts(
         pods,
         by_pod,
         bursts,
-        before_per_pod: if buckets_before > 0.0 {
-            before / old / buckets_before
-        } else {
-            0.0
-        },
-        total: last_exit.saturating_duration_since(t0),
+        before,
+        total: done.saturating_duration_since(t0),
     }
 }
 
@@ -181,12 +178,15 @@ fn failures_by_pod<'a>(
     start: Instant,
     names: &HashMap<SocketAddr, &str>,
 ) -> BTreeMap<String, BTreeMap<Failure, u64>> {
+    let failed: Vec<&Record> = records.filter(|r| r.failure.is_some()).collect();
+    // Only the ports of failed requests are looked up: the log holds every connection.
+    let ports: HashSet<u16> = failed.iter().map(|r| r.port).collect();
     let mut by_port: HashMap<u16, Vec<&Routed>> = HashMap::new();
-    for r in routed {
+    for r in routed.iter().filter(|r| ports.contains(&r.client_port)) {
         by_port.entry(r.client_port).or_default().push(r);
     }
     let mut by_pod: BTreeMap<String, BTreeMap<Failure, u64>> = BTreeMap::new();
-    for record in records {
+    for record in failed {
         let Some(failure) = record.failure else { continue };
         let seen = start + record.at + record.latency;
         let connection = by_port
@@ -208,35 +208,51 @@ fn failures_by_pod<'a>(
     by_pod
 }
 
-/// Per old pod's termination: the most new connections any other pod that was not draining
-/// received in one 100 ms bucket, from the termination's start to a second after the exit.
-fn bursts(lives: &[PodLife], routed: &[Routed], t0: Instant) -> Vec<Burst> {
-    let step = BUCKET.as_millis() as i64;
-    let mut per_pod: HashMap<SocketAddr, BTreeMap<i64, u32>> = HashMap::new();
+/// Each pod's new connections, in the order the Service routed them.
+fn arrivals_by_pod(routed: &[Routed]) -> HashMap<SocketAddr, Vec<Instant>> {
+    let mut per_pod: HashMap<SocketAddr, Vec<Instant>> = HashMap::new();
     for r in routed {
         if let Some(addr) = r.backend {
-            *per_pod
-                .entry(addr)
-                .or_default()
-                .entry(signed_ms(r.at, t0).div_euclid(step))
-                .or_default() += 1;
+            per_pod.entry(addr).or_default().push(r.at);
         }
     }
+    per_pod
+}
+
+/// The most of `times` (in order) that fall in any one 100 ms inside `from..until`.
+fn busiest(times: &[Instant], from: Instant, until: Instant) -> u32 {
+    let first = times.partition_point(|t| *t < from);
+    let end = times.partition_point(|t| *t < until);
+    let inside = &times[first..end];
+    let mut most = 0;
+    let mut tail = 0;
+    for (head, at) in inside.iter().enumerate() {
+        while *at - inside[tail] >= BUCKET {
+            tail += 1;
+        }
+        most = most.max(head + 1 - tail);
+    }
+    most as u32
+}
+
+/// Per old pod's termination: the most new connections another pod received in any 100 ms,
+/// from the termination's start to a second after the exit, counting each other pod only
+/// until its own termination began (a draining pod is no survivor).
+fn bursts(lives: &[PodLife], routed: &[Routed]) -> Vec<Burst> {
+    let arrivals = arrivals_by_pod(routed);
     let mut bursts = Vec::new();
     for gone in lives {
         let (Some(from), Some((exited, _))) = (gone.terminating, &gone.exited) else {
             continue;
         };
-        let first = signed_ms(from, t0).div_euclid(step);
-        let last = signed_ms(*exited + Duration::from_secs(1), t0).div_euclid(step);
-        let survivors = lives
+        let until = *exited + Duration::from_secs(1);
+        let mut peaks: Vec<(String, u32)> = lives
             .iter()
-            .filter(|l| l.addr != gone.addr && l.terminating.is_none_or(|t| t > from));
-        let mut peaks: Vec<(String, u32)> = survivors
+            .filter(|l| l.addr != gone.addr && l.terminating.is_none_or(|t| t > from))
             .filter_map(|l| {
-                let buckets = per_pod.get(&l.addr)?;
-                let most = buckets.range(first..=last).map(|(_, n)| *n).max()?;
-                Some((l.name.clone(), most))
+                let times = arrivals.get(&l.addr)?;
+                let most = busiest(times, from, l.terminating.map_or(until, |t| t.min(until)));
+                (most > 0).then(|| (l.name.clone(), most))
             })
             .collect();
         peaks.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -286,8 +302,8 @@ pub fn text(facts: &Facts, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "  in the second before the rollout: {:.1} new connections per pod per 100 ms",
-        facts.before_per_pod
+        "  in the second before the rollout: at most {} new connections in 100 ms on a pod",
+        facts.before
     );
     if !facts.by_pod.is_empty() {
         let per_pod: Vec<String> = facts
@@ -303,7 +319,7 @@ pub fn text(facts: &Facts, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "  rollout: {} pods replaced in {:.2} s (until the last old pod exited)",
+        "  rollout: {} pods replaced in {:.2} s (until every new pod was ready and every old pod had exited)",
         facts.limits.replicas,
         facts.total.as_secs_f64()
     );
@@ -315,7 +331,7 @@ pub fn to_json(facts: &Facts) -> Value {
         "max_surge": facts.limits.surge,
         "max_unavailable": facts.limits.unavailable,
         "total_ms": facts.total.as_millis() as u64,
-        "before_per_pod_per_100ms": (facts.before_per_pod * 10.0).round() / 10.0,
+        "before_per_100ms": facts.before,
         "pods": facts.pods.iter().map(|p| json!({
             "name": p.name, "new": p.new, "started_ms": p.started_ms, "ready_ms": p.ready_ms,
             "terminating_ms": p.terminating_ms, "exited_ms": p.exited_ms, "drain_ms": p.drain_ms(),
@@ -428,6 +444,54 @@ mod tests {
     }
 
     #[test]
+    fn the_busiest_100_ms_is_found_wherever_it_falls() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Five at 150..190 and five at 210..240: ten within 100 ms, across a 200 ms mark.
+        let times: Vec<Instant> = [150, 160, 170, 180, 190, 210, 220, 230, 240, 245, 400]
+            .into_iter()
+            .map(at)
+            .collect();
+        assert_eq!(busiest(&times, t0, at(1000)), 10);
+        // Only within the window asked for.
+        assert_eq!(busiest(&times, at(200), at(1000)), 5);
+        assert_eq!(busiest(&times, t0, at(150)), 0);
+    }
+
+    #[test]
+    fn pods_terminated_together_are_not_each_others_survivors() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let exit = || {
+            Some((
+                at(2000),
+                PodExit::Ended(nginx_graceful::os::reaper::Exit::Code(0)),
+            ))
+        };
+        let mut a = PodLife::new("v1-a", addr(11), false, t0);
+        let mut b = PodLife::new("v1-b", addr(12), false, t0);
+        (a.terminating, a.exited) = (Some(at(1000)), exit());
+        (b.terminating, b.exited) = (Some(at(1000)), exit());
+        // v1-c is terminated later: what it gets after that does not count.
+        let mut c = PodLife::new("v1-c", addr(13), false, t0);
+        c.terminating = Some(at(1500));
+        let routed: Vec<Routed> = [(1100, 12), (1100, 12), (1200, 13), (1600, 13), (1600, 13)]
+            .into_iter()
+            .map(|(ms, host)| Routed {
+                at: at(ms),
+                client_port: 1,
+                backend: Some(addr(host)),
+            })
+            .collect();
+        let bursts = bursts(&[a, b, c], &routed);
+        let peaks: Vec<(&str, &str, u32)> = bursts
+            .iter()
+            .map(|b| (b.terminated.as_str(), b.on.as_str(), b.peak))
+            .collect();
+        assert_eq!(peaks, [("v1-a", "v1-c", 1), ("v1-b", "v1-c", 1)]);
+    }
+
+    #[test]
     fn the_burst_is_the_busiest_100_ms_of_a_survivor_while_the_pod_drains() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -457,7 +521,7 @@ mod tests {
         connect(2500, 12, 4);
         connect(1200, 13, 30);
         connect(3500, 12, 40); // more than a second after the exit
-        let bursts = bursts(&[gone, survivor, draining], &routed, t0);
+        let bursts = bursts(&[gone, survivor, draining], &routed);
         assert_eq!(
             bursts,
             [Burst {

@@ -88,9 +88,9 @@ impl Service {
         })
     }
 
-    /// Every connection routed so far.
+    /// Every connection routed so far, handed over (the log starts afresh).
     pub fn routed(&self) -> Vec<Routed> {
-        self.endpoints.routed.lock().expect("not poisoned").clone()
+        std::mem::take(&mut *self.endpoints.routed.lock().expect("not poisoned"))
     }
 
     /// Takes `endpoint` out of rotation after `lag`, the time the removal needs to reach every

@@ -527,8 +527,22 @@ impl Metered {
                 SocketAddr::V6(_) => (tokio::net::TcpSocket::new_v6()?, Ipv6Addr::UNSPECIFIED.into()),
             };
             socket.bind(SocketAddr::new(any, 0))?;
-            *port = socket.local_addr()?.port();
-            socket.connect(load.addr).await
+            let bound = socket.local_addr()?.port();
+            let connected = socket.connect(load.addr).await;
+            // Only a connection that was made can be traced: a reset means the handshake was
+            // done and the other end cut it at once; a refusal or a timeout leaves 0.
+            if connected.as_ref().map_or_else(
+                |e| {
+                    matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                    )
+                },
+                |_| true,
+            ) {
+                *port = bound;
+            }
+            connected
         };
         let stream = match tokio::time::timeout(load.connect_timeout, connect).await {
             Err(_) => return Err(Failure::ConnectTimeout),
