@@ -276,12 +276,7 @@ async fn rehearse(
     // The kubelet's termination of one pod, beside the endpoint removal it set off.
     let t0 = Instant::now();
     let pod = &mut pods[TERMINATED];
-    let mut events = vec![Event::new(
-        start,
-        t0,
-        EventKind::LoadStart,
-        "the load starts".into(),
-    )];
+    let mut events = vec![Event::load_start(start, t0)];
     events.push(Event::new(
         t0,
         t0,

@@ -125,12 +125,25 @@ pub struct Event {
 
 impl Event {
     pub fn new(at: Instant, t0: Instant, kind: EventKind, detail: String) -> Self {
-        let at_ms = if at >= t0 {
-            (at - t0).as_millis() as i64
-        } else {
-            -((t0 - at).as_millis() as i64)
-        };
-        Self { at_ms, kind, detail }
+        Self {
+            at_ms: signed_ms(at, t0),
+            kind,
+            detail,
+        }
+    }
+
+    /// The load began at `start`, before the times' origin `t0`.
+    pub fn load_start(start: Instant, t0: Instant) -> Self {
+        Self::new(start, t0, EventKind::LoadStart, "the load starts".into())
+    }
+}
+
+/// `at` in ms from `t0`, negative before it.
+pub fn signed_ms(at: Instant, t0: Instant) -> i64 {
+    if at >= t0 {
+        (at - t0).as_millis() as i64
+    } else {
+        -((t0 - at).as_millis() as i64)
     }
 }
 

@@ -147,12 +147,7 @@ pub(crate) async fn rollout(
     tokio::time::sleep(args.warmup).await;
 
     let t0 = Instant::now();
-    let mut events = vec![Event::new(
-        start,
-        t0,
-        EventKind::LoadStart,
-        "the load starts".into(),
-    )];
+    let mut events = vec![Event::load_start(start, t0)];
     events.push(Event::new(
         t0,
         t0,
@@ -163,17 +158,15 @@ pub(crate) async fn rollout(
         ),
     ));
     let (tell, mut news) = mpsc::unbounded_channel();
-    let mut counts = Counts {
-        old: limits.replicas,
-        ..Counts::default()
-    };
-    let (mut draining, mut endpoint_changes) = (0usize, 0usize);
+    // Endpoint changes scheduled and not yet heard of: the rollout waits for them too.
+    let mut endpoint_changes = 0usize;
     let deadline = t0 + per_pod * limits.replicas as u32 + Duration::from_secs(30);
     loop {
-        let step = limits.step(counts);
-        for _ in 0..step.start_new {
+        let before = counts(&lives);
+        let step = limits.step(before);
+        for new in before.new..before.new + step.start_new {
             let index = lives.len();
-            let name = pod_name("v2", counts.new);
+            let name = pod_name("v2", new);
             let (pod, _, probe) = start_pod(settings, variant, dir, &name, pod_ip(index)).await?;
             let started = Instant::now();
             events.push(Event::new(
@@ -185,7 +178,6 @@ pub(crate) async fn rollout(
             lives.push(PodLife::new(&name, pod.addr, true, started));
             tokio::spawn(until_ready(probe, args.probe_period, index, tell.clone()));
             kept.push(pod);
-            counts.new += 1;
         }
         // Pods terminated in one step start together.
         let at = Instant::now();
@@ -215,10 +207,9 @@ pub(crate) async fn rollout(
                 let ended = terminate(&mut pod, &strategy, grace, t0).await;
                 let _ = done.send(News::Terminated(index, Box::new(pod), ended));
             });
-            counts.old -= 1;
-            draining += 1;
             endpoint_changes += 1;
         }
+        let (counts, draining) = (counts(&lives), draining(&lives));
         if limits.done(counts) && draining == 0 && endpoint_changes == 0 {
             break;
         }
@@ -251,7 +242,6 @@ pub(crate) async fn rollout(
                     let _ = addition.await;
                     let _ = heard.send(News::EndpointAdded(index, Instant::now()));
                 });
-                counts.new_ready += 1;
                 endpoint_changes += 1;
             }
             Some(News::NeverReady(index, probe)) => {
@@ -285,7 +275,6 @@ pub(crate) async fn rollout(
                 ));
             }
             Some(News::Terminated(index, pod, ended)) => {
-                draining -= 1;
                 let (exit, exited_at, kubelet) = ended?;
                 let name = &pod.name;
                 events.extend(kubelet.into_iter().map(|mut e| {
@@ -326,6 +315,24 @@ pub(crate) async fn rollout(
         exit_after,
         rollout: Some(facts),
     })
+}
+
+/// The controller's counts, read off the pods' lives.
+fn counts(lives: &[PodLife]) -> Counts {
+    let new = || lives.iter().filter(|l| l.new);
+    Counts {
+        old: lives.iter().filter(|l| !l.new && l.terminating.is_none()).count(),
+        new: new().count(),
+        new_ready: new().filter(|l| l.ready.is_some()).count(),
+    }
+}
+
+/// Old pods terminated and not yet exited.
+fn draining(lives: &[PodLife]) -> usize {
+    lives
+        .iter()
+        .filter(|l| l.terminating.is_some() && l.exited.is_none())
+        .count()
 }
 
 /// `v1-a`, `v1-b`, ... `v1-z`, `v1-aa`, ...: the version, and a letter per pod.

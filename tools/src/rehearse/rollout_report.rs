@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::deployment::Limits;
 use super::pod::PodExit;
-use super::report::{ModeResult, Rehearsal};
+use super::report::{ModeResult, Rehearsal, signed_ms};
 use super::service::Routed;
 use crate::soak::classify::Failure;
 use crate::soak::client::Record;
@@ -126,8 +126,8 @@ pub fn facts(
     let names: HashMap<SocketAddr, &str> = lives.iter().map(|l| (l.addr, l.name.as_str())).collect();
     let records = results.iter().flat_map(|(_, records)| records.iter());
     let by_pod = failures_by_pod(records, routed, start, &names);
-    let bursts = bursts(&lives, routed);
     let arrivals = arrivals_by_pod(routed);
+    let bursts = bursts(&lives, &arrivals);
     let since = t0.checked_sub(BEFORE).unwrap_or(start).max(start);
     let before = lives
         .iter()
@@ -159,14 +159,6 @@ pub fn facts(
         bursts,
         before,
         total: done.saturating_duration_since(t0),
-    }
-}
-
-fn signed_ms(at: Instant, t0: Instant) -> i64 {
-    if at >= t0 {
-        (at - t0).as_millis() as i64
-    } else {
-        -((t0 - at).as_millis() as i64)
     }
 }
 
@@ -238,8 +230,7 @@ fn busiest(times: &[Instant], from: Instant, until: Instant) -> u32 {
 /// Per old pod's termination: the most new connections another pod received in any 100 ms,
 /// from the termination's start to a second after the exit, counting each other pod only
 /// until its own termination began (a draining pod is no survivor).
-fn bursts(lives: &[PodLife], routed: &[Routed]) -> Vec<Burst> {
-    let arrivals = arrivals_by_pod(routed);
+fn bursts(lives: &[PodLife], arrivals: &HashMap<SocketAddr, Vec<Instant>>) -> Vec<Burst> {
     let mut bursts = Vec::new();
     for gone in lives {
         let (Some(from), Some((exited, _))) = (gone.terminating, &gone.exited) else {
@@ -483,7 +474,7 @@ mod tests {
                 backend: Some(addr(host)),
             })
             .collect();
-        let bursts = bursts(&[a, b, c], &routed);
+        let bursts = bursts(&[a, b, c], &arrivals_by_pod(&routed));
         let peaks: Vec<(&str, &str, u32)> = bursts
             .iter()
             .map(|b| (b.terminated.as_str(), b.on.as_str(), b.peak))
@@ -521,7 +512,7 @@ mod tests {
         connect(2500, 12, 4);
         connect(1200, 13, 30);
         connect(3500, 12, 40); // more than a second after the exit
-        let bursts = bursts(&[gone, survivor, draining], &routed);
+        let bursts = bursts(&[gone, survivor, draining], &arrivals_by_pod(&routed));
         assert_eq!(
             bursts,
             [Burst {
